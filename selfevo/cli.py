@@ -1,0 +1,269 @@
+"""The `selfevo` command: the whole loop (`evolve`), each stage on its own over files, and tools."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional
+
+# Quieter start-up: these libraries print banners and hints meant for their own users.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Teach a small LLM a private domain by self-evolution: generate, score, select, train, evaluate, repeat.",
+)
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def fail(message: str) -> None:
+    """Bad input or an unusable run: one line on stderr, exit code 2."""
+    typer.echo(f"selfevo: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def guarded(fn):
+    """Run a command, turning the errors that users cause into one-line messages."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from selfevo.config import ConfigError
+        from selfevo.data import DataError
+        from selfevo.loop import RunError
+        from selfevo.models import ModelError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError, ModelError, RunError) as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            typer.echo("selfevo: interrupted; run the same command again to resume", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def evolve_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from selfevo.config import EvolveConfig
+
+    parser = ArgumentParser(
+        prog="selfevo evolve",
+        description="Run self-evolution generations start..end-1; resumes an interrupted run.",
+        exit_on_error=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (see configs/)")
+    parser.add_argument("--force", action="store_true", help="set aside a run directory of another config")
+    parser.add_class_arguments(EvolveConfig)
+    return parser
+
+
+def parse_evolve_args(args: list[str]):
+    """(EvolveConfig, force) from `--config FILE` and dotted overrides such as `--data.fragments PATH`."""
+    from jsonargparse import ArgumentError
+
+    from selfevo.config import EvolveConfig
+
+    parser = evolve_parser()
+    try:
+        ns = parser.instantiate(parser.parse_args(args))
+    except ArgumentError as e:
+        fail(str(e).splitlines()[0])
+    cfg = EvolveConfig(**{f.name: ns[f.name] for f in fields(EvolveConfig)})
+    return cfg, bool(ns.force)
+
+
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
+@guarded
+def evolve(ctx: typer.Context) -> None:
+    """Run the whole loop: selfevo evolve --config configs/demo.yaml [--start N] [--end M] [--key.sub VALUE]"""
+    from selfevo.loop import evolve as run_evolve
+
+    cfg, force = parse_evolve_args(ctx.args)
+    run_evolve(cfg, force=force)
+
+
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
+def fit(ctx: typer.Context) -> None:
+    """Train a LoRA adapter on a QA file with the Lightning CLI: selfevo fit --config configs/lora.yaml"""
+    from lightning.pytorch.cli import LightningCLI
+
+    from selfevo.train import LoRAModule, QADataModule
+
+    LightningCLI(LoRAModule, QADataModule, args=["fit", *ctx.args], save_config_kwargs={"overwrite": True})
+
+
+def _load(model: str, adapter: Optional[str], dtype: str = "auto"):
+    from peft import PeftModel
+
+    from selfevo.config import ModelConfig
+    from selfevo.models import ModelError, load_model
+
+    m, tokenizer = load_model(ModelConfig(name=model, dtype=dtype))
+    if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        m = PeftModel.from_pretrained(m, adapter)
+    return m, tokenizer
+
+
+@app.command()
+@guarded
+def generate(
+    fragments: Path = typer.Argument(..., help="knowledge fragments (JSON list or JSONL)"),
+    out: Path = typer.Option(..., "--out", help="QA pairs to write (JSONL)"),
+    model: str = typer.Option("smollm2-135m-instruct", help="base model"),
+    adapter: Optional[str] = typer.Option(None, help="LoRA adapter folder to generate with"),
+    language: str = typer.Option("en", help="prompt language: en or zh"),
+    batch_size: int = typer.Option(16),
+    max_length: int = typer.Option(1024),
+    seed: int = typer.Option(0),
+) -> None:
+    """Write a question for each fragment and answer it (open book)."""
+    from selfevo.config import ConfigError, GenerationConfig
+    from selfevo.data import load_fragments, write_jsonl
+    from selfevo.generate import write_answers, write_questions
+
+    if language not in ("en", "zh"):
+        raise ConfigError(f"--language: must be en or zh, got {language!r}")
+    texts, duplicates = load_fragments(fragments)
+    m, tokenizer = _load(model, adapter)
+    cfg = GenerationConfig(language=language, batch_size=batch_size)
+    questions, q_dropped = write_questions(m, tokenizer, texts, cfg, max_length, seed)
+    qa, a_dropped = write_answers(m, tokenizer, questions, cfg, max_length, seed)
+    write_jsonl(out, qa)
+    typer.echo(f"{len(qa)} QA pairs -> {out} ({duplicates} duplicate fragments, {q_dropped} questions and {a_dropped} answers dropped)")
+
+
+@app.command()
+@guarded
+def score(
+    qa: Path = typer.Argument(..., help="QA pairs (JSON/JSONL with question/answer or input/output)"),
+    out: Path = typer.Option(..., "--out", help="scored pairs to write (JSONL)"),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    adapter: Optional[str] = typer.Option(None, help="score with this adapter instead of the base model"),
+    dtype: str = typer.Option("auto"),
+    batch_size: int = typer.Option(16),
+    max_length: int = typer.Option(1024),
+) -> None:
+    """Add IFD and both mean losses to every QA pair."""
+    from selfevo.config import IFDConfig, TrainerConfig
+    from selfevo.data import load_qa, write_jsonl
+    from selfevo.ifd import score_pairs
+    from selfevo.train import build_trainer
+
+    pairs = load_qa(qa)
+    m, tokenizer = _load(model, adapter, dtype)
+    scored = score_pairs(
+        m, tokenizer, pairs, IFDConfig(batch_size=batch_size), max_length, build_trainer(TrainerConfig()), adapter is not None
+    )
+    write_jsonl(out, scored)
+    typer.echo(f"{len(scored)} pairs scored -> {out}")
+
+
+@app.command("select")
+@guarded
+def select_cmd(
+    history: list[Path] = typer.Argument(..., help="scored QA files of earlier generations"),
+    out: Path = typer.Option(..., "--out"),
+    mode: str = typer.Option("hard", help="hard, easy, even, random or all"),
+    k: int = typer.Option(..., help="pairs to choose"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Choose a replay set by IFD."""
+    from selfevo.config import ConfigError
+    from selfevo.data import load_qa, write_jsonl
+    from selfevo.select import MODES, select_replay
+
+    if mode not in MODES:
+        raise ConfigError(f"--mode: must be one of {', '.join(MODES)}, got {mode!r}")
+    if k < 0:
+        raise ConfigError(f"--k: must be >= 0, got {k}")
+    pairs = [p for f in history for p in load_qa(f)]
+    chosen = select_replay(pairs, mode, k, seed)  # type: ignore[arg-type]
+    write_jsonl(out, chosen)
+    typer.echo(f"{len(chosen)} of {len(pairs)} pairs -> {out}")
+
+
+@app.command("evaluate")
+@guarded
+def evaluate_cmd(
+    eval_file: Path = typer.Argument(..., help="eval QA (instruction/input/output)"),
+    out: Path = typer.Option(..., "--out", help="folder for predictions.jsonl and metrics.json"),
+    model: str = typer.Option("smollm2-135m-instruct"),
+    adapter: Optional[str] = typer.Option(None),
+    sample: bool = typer.Option(False, help="the seed's sampled decoding instead of greedy"),
+    batch_size: int = typer.Option(16),
+    max_new_tokens: int = typer.Option(256),
+    max_length: int = typer.Option(1024),
+) -> None:
+    """Answer the eval questions closed book; BLEU-4 and ROUGE as the seed computed them."""
+    from selfevo.config import EvalConfig, TrainerConfig
+    from selfevo.data import load_eval, write_json, write_jsonl
+    from selfevo.evaluate import evaluate_model
+    from selfevo.train import build_trainer
+
+    records = load_eval(eval_file)
+    m, tokenizer = _load(model, adapter)
+    cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=sample)
+    metrics, predictions = evaluate_model(m, tokenizer, records, cfg, max_length, build_trainer(TrainerConfig()))
+    write_jsonl(out / "predictions.jsonl", predictions)
+    write_json(out / "metrics.json", metrics)
+    typer.echo(" ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+
+
+@app.command()
+@guarded
+def export(
+    run: Path = typer.Argument(..., help="run directory"),
+    generation: int = typer.Option(..., help="export the adapter trained by this generation"),
+    out: Optional[Path] = typer.Option(None, help="default: RUN/export_gen_<N>"),
+) -> None:
+    """Merge a generation's adapter into the base model and save a full model folder."""
+    from selfevo.config import ModelConfig
+    from selfevo.data import read_json
+    from selfevo.loop import RunError
+    from selfevo.models import export_merged
+
+    snapshot = run / "config.json"
+    adapter = run / f"gen_{generation}" / "adapter"
+    if not snapshot.is_file():
+        raise RunError(f"{snapshot}: missing; not a selfevo run directory")
+    if not adapter.is_dir():
+        raise RunError(f"{adapter}: missing; generation {generation} has not finished training")
+    model_cfg = ModelConfig(**read_json(snapshot)["config"]["model"])
+    path = export_merged(model_cfg, adapter, out or run / f"export_gen_{generation}")
+    typer.echo(f"merged model -> {path}")
+
+
+@app.command()
+@guarded
+def report(run: Path = typer.Argument(..., help="run directory")) -> None:
+    """Write RUN/report.png (bar chart per generation) and RUN/report.md."""
+    from rich.console import Console
+
+    from selfevo.report import write_report, write_summary
+
+    try:
+        png = write_report(run)
+    except FileNotFoundError as e:
+        fail(str(e))
+    Console().print(write_summary(run))
+    typer.echo(f"report -> {png}")
+
+
+def main() -> None:
+    app(prog_name="selfevo")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Configuration dataclasses. Each YAML section maps onto one dataclass here, field for field.
+
+`selfevo evolve --config configs/demo.yaml --generation.batch_size 8` is parsed by jsonargparse into
+an `EvolveConfig`; any key can be overridden in dotted form on the command line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional, Union
+
+# The prompt of the IFD paper (Cherry_LLM) and of the seed's get_ifd_original.py; kept as the
+# default so that our scores agree with the seed's.
+SEED_IFD_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Input:\n{question}\n\n### Response:"
+)
+SEED_IFD_ANSWER_PREFIX = "### Response:"
+
+
+@dataclass
+class DataConfig:
+    fragments: str = "data/quillmesh_fragments.json"
+    """Knowledge fragments: JSON list or JSONL of {"instruction": text} (or {"text": text})."""
+    eval: str = "data/quillmesh_eval.json"
+    """Eval QA: JSON list or JSONL of {"instruction": fragment, "input": question, "output": answer}."""
+    limit: Optional[int] = None
+    """Use only the first N unique fragments (None: all)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """A Hugging Face folder, a .gguf file, or the alias smollm2-135m-instruct."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: bfloat16 on a GPU that supports it, else float32."""
+    trust_remote_code: bool = False
+    max_length: int = 1024
+    """Token cutoff for every prompt + completion (the seed's cutoff_len)."""
+
+
+@dataclass
+class GenerationConfig:
+    backend: Literal["hf"] = "hf"
+    language: Literal["en", "zh"] = "en"
+    """Language of the question and answer prompts."""
+    batch_size: int = 16
+    question_max_new_tokens: int = 64
+    answer_max_new_tokens: int = 256
+    temperature: float = 0.5
+    top_p: float = 0.95
+
+
+@dataclass
+class ReplayConfig:
+    mode: Literal["hard", "easy", "even", "random", "all"] = "hard"
+    """How pairs of earlier generations are replayed, by IFD: hard = highest k, easy = lowest k,
+    even = every (n // k)-th of the sorted history, random = k at random, all = everything."""
+    k: int = 2000
+    """Pairs replayed per generation (0: no replay, except with mode all)."""
+
+
+@dataclass
+class IFDConfig:
+    batch_size: int = 16
+    """Pairs per batch (each pair is two sequences)."""
+    scorer: Literal["base", "trained"] = "base"
+    """Score with the base model (the seed's way) or with the generation's freshly trained model."""
+    prompt: str = SEED_IFD_PROMPT
+    """Conditioned prefix; {question} is replaced by the question."""
+    answer_prefix: str = SEED_IFD_ANSWER_PREFIX
+    """The fixed prefix of the answer-only pass."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Union[str, list[str]] = "all-linear"
+    """PEFT target modules; all-linear excludes the LM head, so adapters stay vLLM-loadable."""
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 2e-4
+    epochs: int = 1
+    micro_batch_size: int = 4
+    grad_accum: int = 4
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of lightning.Trainer shared by training, IFD scoring and evaluation."""
+
+    accelerator: str = "auto"
+    devices: Union[int, str] = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: Optional[str] = None
+    """None: bf16-mixed on a bf16-capable GPU, 32-true otherwise."""
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    """False: greedy (reproducible). True: the seed's sampled decoding (LLaMA-Factory's defaults)."""
+    temperature: float = 0.95
+    top_p: float = 0.7
+    limit: Optional[int] = None
+    """Evaluate only the first N eval pairs (None: all)."""
+
+
+@dataclass
+class EvolveConfig:
+    name: str = "demo"
+    """Run name: the run is written to {runs_dir}/{name} and logged to {logs_dir}/{name}."""
+    start: int = 0
+    end: int = 2
+    seed: int = 0
+    runs_dir: str = "runs"
+    logs_dir: str = "logs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    ifd: IFDConfig = field(default_factory=IFDConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A config value that parses but makes no sense."""
+
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def validate(cfg: EvolveConfig) -> None:
+    """Reject values that would only fail later, after work was done."""
+    if not _RUN_NAME.match(cfg.name) or ".." in cfg.name:
+        raise ConfigError(f"name: {cfg.name!r} is not a valid run name (letters, digits, '.', '_', '-')")
+    if cfg.start < 0 or cfg.end <= cfg.start:
+        raise ConfigError(f"start/end: need 0 <= start < end, got start={cfg.start} end={cfg.end}")
+    if cfg.replay.k < 0:
+        raise ConfigError(f"replay.k: must be >= 0, got {cfg.replay.k}")
+    positive = {
+        "generation.batch_size": cfg.generation.batch_size,
+        "ifd.batch_size": cfg.ifd.batch_size,
+        "evaluation.batch_size": cfg.evaluation.batch_size,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.epochs": cfg.train.epochs,
+        "lora.r": cfg.lora.r,
+        "model.max_length": cfg.model.max_length,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if "{question}" not in cfg.ifd.prompt:
+        raise ConfigError("ifd.prompt: must contain {question}")
+
+
+def identity(cfg: EvolveConfig) -> dict:
+    """The part of a config that defines a run's results: everything but the generation range."""
+    d = asdict(cfg)
+    for key in ("start", "end"):
+        d.pop(key)
+    return d

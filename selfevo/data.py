@@ -1,0 +1,168 @@
+"""Reading and validating input files; writing run files atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class DataError(ValueError):
+    """Bad input: the message is one line naming the file and the record."""
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"duplicate key {dupes[0]!r}")
+    return dict(pairs)
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Read a JSON list or JSONL file of objects, strictly: UTF-8, no BOM, no duplicate keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise DataError(f"{path}: starts with a UTF-8 byte-order mark; save it as UTF-8 without BOM")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 (byte {e.start})") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError(f"{path}: the file is empty")
+    if stripped[0] == "[":
+        try:
+            records = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+        except ValueError as e:
+            raise DataError(f"{path}: not valid JSON: {e}") from None
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line, object_pairs_hook=_reject_duplicate_keys))
+            except ValueError as e:
+                raise DataError(f"{path}: line {lineno}: not valid JSON: {e}") from None
+    if not records:
+        raise DataError(f"{path}: holds no records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: record {i}: expected an object, got {type(r).__name__}")
+    return records
+
+
+def _text_field(path: Path, i: int, record: dict, key: str) -> str:
+    if key not in record or record[key] is None:
+        raise DataError(f"{path}: record {i}: missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{path}: record {i}: field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{path}: record {i}: field {key!r} is empty")
+    bad = [c for c in value if ord(c) < 32 and c not in "\n\t\r"]
+    if bad:
+        raise DataError(f"{path}: record {i}: field {key!r} holds control character {ord(bad[0]):#04x}")
+    return value
+
+
+def load_fragments(path: str | os.PathLike) -> tuple[list[str], int]:
+    """Knowledge fragments in first-seen order, without duplicates; returns (fragments, duplicates dropped)."""
+    path = Path(path)
+    records = read_records(path)
+    fragments: list[str] = []
+    seen: set[str] = set()
+    for i, r in enumerate(records):
+        key = "instruction" if "instruction" in r else "text"
+        text = _text_field(path, i, r, key).strip()
+        if text not in seen:
+            seen.add(text)
+            fragments.append(text)
+    return fragments, len(records) - len(fragments)
+
+
+def load_eval(path: str | os.PathLike) -> list[dict]:
+    """Eval QA records {"fragment", "question", "reference"}."""
+    path = Path(path)
+    out = []
+    for i, r in enumerate(read_records(path)):
+        out.append(
+            {
+                "fragment": _text_field(path, i, r, "instruction"),
+                "question": _text_field(path, i, r, "input"),
+                "reference": _text_field(path, i, r, "output"),
+            }
+        )
+    return out
+
+
+def load_qa(path: str | os.PathLike) -> list[dict]:
+    """QA pairs as selfevo writes them ({"question", "answer", ...}); the seed's {"input", "output"} too."""
+    path = Path(path)
+    out = []
+    for i, r in enumerate(read_records(path)):
+        q_key = "question" if "question" in r else "input"
+        a_key = "answer" if "answer" in r else "output"
+        out.append({**r, "question": _text_field(path, i, r, q_key), "answer": _text_field(path, i, r, a_key)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Run files: written to a temporary file in the same folder and renamed, so that a reader never
+# sees half a file, whenever the writer is killed.
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make run files private
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        raise DataError(f"{path}: truncated (no newline after the last record)")
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            raise DataError(f"{path}: line {lineno}: damaged record") from None
+    return out
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(Path(path), json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise DataError(f"{path}: damaged JSON") from None

@@ -1,0 +1,161 @@
+"""Stage 6: the model answers the eval questions closed book; BLEU-4 and ROUGE as the seed computed them.
+
+The seed (LLaMA-Factory's ComputeMetrics) scores each pair, rounds to 4 decimals, and averages:
+  BLEU-4  = nltk sentence_bleu over characters, SmoothingFunction().method3, x100;
+  ROUGE-n = rouge_chinese F1 over jieba-segmented words, x100, 0 when either side is blank.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jieba
+import lightning as L
+import torch
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+from rouge_chinese import Rouge
+from torch.utils.data import DataLoader
+from torchmetrics import Metric
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from selfevo.config import EvalConfig
+from selfevo.generate import Sampling, generate_batch
+from selfevo.prompts import closed_book_prompt
+
+jieba.setLogLevel(logging.WARNING)
+ROUGE_KEYS = ("rouge-1", "rouge-2", "rouge-l")
+_SMOOTHING = SmoothingFunction().method3
+
+
+def bleu4(prediction: str, reference: str) -> float:
+    """Character-level sentence BLEU-4, NIST geometric smoothing, x100, rounded as the seed did."""
+    return round(sentence_bleu([list(reference)], list(prediction), smoothing_function=_SMOOTHING) * 100, 4)
+
+
+def rouge(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1/2/L F1 over jieba words, x100, rounded as the seed did; 0 when either side is blank."""
+    hypothesis = " ".join(jieba.cut(prediction))
+    ref = " ".join(jieba.cut(reference))
+    if not hypothesis.split() or not ref.split():
+        return {k: 0.0 for k in ROUGE_KEYS}
+    scores = Rouge().get_scores(hypothesis, ref)[0]
+    return {k: round(scores[k]["f"] * 100, 4) for k in ROUGE_KEYS}
+
+
+class SeedBLEU4(Metric):
+    """Mean of per-pair seed-style BLEU-4."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, predictions: list[str], references: list[str]) -> None:
+        for p, r in zip(predictions, references, strict=True):
+            self.total += bleu4(p, r)
+            self.count += 1
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count.clamp(min=1)
+
+
+class SeedROUGE(Metric):
+    """Means of per-pair seed-style ROUGE-1, ROUGE-2 and ROUGE-L F1."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.zeros(3, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, predictions: list[str], references: list[str]) -> None:
+        for p, r in zip(predictions, references, strict=True):
+            scores = rouge(p, r)
+            self.total += torch.tensor([scores[k] for k in ROUGE_KEYS], dtype=torch.float64)
+            self.count += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        mean = self.total / self.count.clamp(min=1)
+        return dict(zip(ROUGE_KEYS, mean))
+
+
+class Evaluator(L.LightningModule):
+    """`trainer.test`: answer each eval question closed book and score it against the reference."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: EvalConfig,
+        max_length: int,
+        seed: int = 0,
+        use_adapter: bool = True,
+    ):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.max_length = max_length
+        self.seed = seed
+        self.use_adapter = use_adapter
+        self.bleu = SeedBLEU4()
+        self.rouge = SeedROUGE()
+        self.predictions: dict[int, str] = {}
+
+    def _answer(self, prompts: list[str]) -> list[str]:
+        sampling = Sampling(self.cfg.max_new_tokens, self.cfg.do_sample, self.cfg.temperature, self.cfg.top_p)
+        return generate_batch(self.model, self.tokenizer, prompts, sampling, self.max_length)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        torch.manual_seed(self.seed * 100_003 + batch_idx)
+        if self.use_adapter or not hasattr(self.model, "disable_adapter"):
+            answers = self._answer(batch["prompt"])
+        else:
+            with self.model.disable_adapter():
+                answers = self._answer(batch["prompt"])
+        answers = [a.strip() for a in answers]
+        self.bleu.update(answers, batch["reference"])
+        self.rouge.update(answers, batch["reference"])
+        self.predictions.update(zip(batch["index"], answers))
+
+    def on_test_epoch_end(self) -> None:
+        self.log("eval/bleu-4", self.bleu.compute())
+        for key, value in self.rouge.compute().items():
+            self.log(f"eval/{key}", value)
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    eval_set: list[dict],
+    cfg: EvalConfig,
+    max_length: int,
+    trainer: L.Trainer,
+    seed: int = 0,
+    use_adapter: bool = True,
+) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, predictions) of the model on the eval set."""
+    records = eval_set[: cfg.limit] if cfg.limit else eval_set
+    items = [
+        {"index": i, "prompt": closed_book_prompt(tokenizer, r["question"]), "reference": r["reference"]}
+        for i, r in enumerate(records)
+    ]
+    items.sort(key=lambda it: -len(it["prompt"]))  # similar lengths share a batch
+    loader = DataLoader(
+        items,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        collate_fn=lambda b: {k: [it[k] for it in b] for k in ("index", "prompt", "reference")},
+    )
+    evaluator = Evaluator(model, tokenizer, cfg, max_length, seed, use_adapter)
+    (result,) = trainer.test(evaluator, dataloaders=loader, verbose=False)
+    metrics = {k.removeprefix("eval/"): round(float(v), 4) for k, v in result.items()}
+    predictions = [
+        {**r, "prediction": evaluator.predictions[i], "bleu-4": bleu4(evaluator.predictions[i], r["reference"]),
+         **rouge(evaluator.predictions[i], r["reference"])}
+        for i, r in enumerate(records)
+    ]
+    return metrics, predictions

@@ -1,0 +1,134 @@
+"""Stage 1-2: the current model writes a question for every fragment, then answers it open book.
+
+Hugging Face backend: batched, length-sorted, left-padded `generate` with the adapter active
+(never merged). Each batch is seeded from (seed, batch index), so a run reproduces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rich.progress import Progress
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from selfevo.config import GenerationConfig
+from selfevo.prompts import answer_prompt, clean_answer, clean_question, question_prompt
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def generate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    sampling: Sampling,
+    max_length: int,
+) -> list[str]:
+    """Continue each prompt; return only the new text, special tokens removed."""
+    # Prompts are cut from the left so that the end (the generation prompt) survives.
+    tokenizer.truncation_side = "left"
+    enc = tokenizer(
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max(8, max_length - sampling.max_new_tokens),
+        add_special_tokens=False,
+    ).to(model.device)
+    kwargs = {"do_sample": sampling.do_sample}
+    if sampling.do_sample:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode():
+        out = model.generate(
+            **enc,
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **kwargs,
+        )
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def generate_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    sampling: Sampling,
+    *,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    description: str = "generating",
+) -> list[str]:
+    """Generate for many prompts in length-sorted batches; outputs come back in input order."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM shows early
+    outputs: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    with Progress(transient=True) as progress:
+        task = progress.add_task(description, total=len(prompts))
+        for b, start in enumerate(range(0, len(order), batch_size)):
+            idx = order[start : start + batch_size]
+            torch.manual_seed(seed * 100_003 + b)
+            texts = generate_batch(model, tokenizer, [prompts[i] for i in idx], sampling, max_length)
+            for i, text in zip(idx, texts):
+                outputs[i] = text
+            progress.advance(task, len(idx))
+    model.train(was_training)
+    return outputs
+
+
+def write_questions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    fragments: list[str],
+    cfg: GenerationConfig,
+    max_length: int,
+    seed: int,
+) -> tuple[list[dict], int]:
+    """One question per fragment; returns the kept records and the number dropped."""
+    prompts = [question_prompt(tokenizer, f, cfg.language) for f in fragments]
+    sampling = Sampling(cfg.question_max_new_tokens, True, cfg.temperature, cfg.top_p)
+    raw = generate_texts(
+        model, tokenizer, prompts, sampling, batch_size=cfg.batch_size, max_length=max_length, seed=seed,
+        description="writing questions",
+    )
+    records = []
+    for i, (fragment, text) in enumerate(zip(fragments, raw)):
+        question = clean_question(text)
+        if question is not None:
+            records.append({"id": i, "fragment": fragment, "question": question})
+    return records, len(fragments) - len(records)
+
+
+def write_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[dict],
+    cfg: GenerationConfig,
+    max_length: int,
+    seed: int,
+) -> tuple[list[dict], int]:
+    """Answer each question open book (fragment in the prompt); returns kept QA pairs and the number dropped."""
+    prompts = [answer_prompt(tokenizer, r["fragment"], r["question"], cfg.language) for r in questions]
+    sampling = Sampling(cfg.answer_max_new_tokens, True, cfg.temperature, cfg.top_p)
+    raw = generate_texts(
+        model, tokenizer, prompts, sampling, batch_size=cfg.batch_size, max_length=max_length, seed=seed + 1,
+        description="writing answers",
+    )
+    records = []
+    for r, text in zip(questions, raw):
+        answer = clean_answer(text)
+        if answer is not None:
+            records.append({**r, "answer": answer})
+    return records, len(questions) - len(records)

@@ -1,0 +1,125 @@
+"""Stage 5: Instruction-Following Difficulty (IFD) of every QA pair.
+
+IFD(q, a) = mean NLL(a | prompt(q)) / mean NLL(a | answer_prefix). The answer is tokenized once
+and the same answer tokens follow both prefixes ("token-exact"). Both passes of a batch of pairs
+run as one left-padded forward, so every row ends with its answer and the LM head is applied only
+to the last max(answer length) + 1 positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from selfevo.config import IFDConfig
+
+
+def pair_token_ids(
+    tokenizer: PreTrainedTokenizerBase, question: str, answer: str, cfg: IFDConfig, max_length: int
+) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, answer-prefix ids, answer ids), the answer cut to fit max_length after the prompt."""
+    prompt = tokenizer(cfg.prompt.format(question=question))["input_ids"]
+    prefix = tokenizer(cfg.answer_prefix)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return prompt, prefix, answer_ids[: max(0, max_length - len(prompt))]
+
+
+class PairBatches(Dataset):
+    """Length-bucketed batches of pairs, each already collated into one left-padded tensor batch."""
+
+    def __init__(self, tokenizer, pairs: list[dict], cfg: IFDConfig, max_length: int):
+        rows = [pair_token_ids(tokenizer, p["question"], p["answer"], cfg, max_length) for p in pairs]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][2]))
+        self.batches = [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+        self.rows = rows
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> dict:
+        index = self.batches[b]
+        # Conditioned rows first, then answer-only rows: row j and row j + len(index) share an answer.
+        seqs = [self.rows[i][0] + self.rows[i][2] for i in index] + [self.rows[i][1] + self.rows[i][2] for i in index]
+        answer_len = [len(self.rows[i][2]) for i in index] * 2
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            input_ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s) :] = 1
+        return {
+            "index": torch.tensor(index, dtype=torch.long),
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "answer_len": torch.tensor(answer_len, dtype=torch.long),
+        }
+
+
+def mean_answer_nll(model: PreTrainedModel, input_ids, attention_mask, answer_len) -> torch.Tensor:
+    """Mean NLL of the last answer_len[r] tokens of each left-padded row (NaN where answer_len is 0)."""
+    keep = int(answer_len.max()) + 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
+    ).logits
+    targets = input_ids[:, -keep + 1 :]
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    # Position j of the kept window predicts an answer token iff j >= keep - 1 - answer_len.
+    j = torch.arange(keep - 1, device=nll.device)
+    in_answer = j[None, :] >= (keep - 1 - answer_len)[:, None]
+    return (nll * in_answer).sum(-1) / answer_len.clamp(min=1) + torch.where(answer_len == 0, math.nan, 0.0)
+
+
+def ifd_from_losses(loss_cond: float, loss_alone: float) -> float:
+    """The ratio, with the seed's convention that an undefined ratio counts as 1."""
+    ratio = loss_cond / loss_alone if loss_alone else math.nan
+    return 1.0 if math.isnan(ratio) else ratio
+
+
+class IFDScorer(L.LightningModule):
+    """`trainer.predict` over PairBatches gives both mean losses for every pair."""
+
+    def __init__(self, model: PreTrainedModel, use_adapter: bool = False):
+        super().__init__()
+        self.model = model
+        self.use_adapter = use_adapter
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        if self.use_adapter or not hasattr(self.model, "disable_adapter"):
+            losses = mean_answer_nll(self.model, batch["input_ids"], batch["attention_mask"], batch["answer_len"])
+        else:
+            with self.model.disable_adapter():
+                losses = mean_answer_nll(self.model, batch["input_ids"], batch["attention_mask"], batch["answer_len"])
+        n = len(batch["index"])
+        return {"index": batch["index"].cpu(), "loss_cond": losses[:n].cpu(), "loss_alone": losses[n:].cpu()}
+
+
+def score_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[dict],
+    cfg: IFDConfig,
+    max_length: int,
+    trainer: L.Trainer,
+    use_adapter: bool = False,
+) -> list[dict]:
+    """The pairs with "ifd", "loss_cond" and "loss_alone" added, in input order."""
+    loader = DataLoader(PairBatches(tokenizer, pairs, cfg, max_length), batch_size=None, shuffle=False)
+    outputs = trainer.predict(IFDScorer(model, use_adapter), dataloaders=loader)
+    scored: list[dict | None] = [None] * len(pairs)
+    for out in outputs:
+        for i, c, a in zip(out["index"].tolist(), out["loss_cond"].tolist(), out["loss_alone"].tolist()):
+            c = None if math.isnan(c) else c
+            a = None if math.isnan(a) else a
+            ifd = ifd_from_losses(c if c is not None else math.nan, a if a is not None else math.nan)
+            scored[i] = {**pairs[i], "ifd": ifd, "loss_cond": c, "loss_alone": a}
+    missing = [i for i, s in enumerate(scored) if s is None]
+    if missing:
+        raise RuntimeError(f"IFD scoring returned no score for pair {missing[0]}")
+    return scored  # type: ignore[return-value]

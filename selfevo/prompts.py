@@ -1,0 +1,105 @@
+"""The prompts the model sees, and the clean-up of what it writes.
+
+Questions and answers are written open book (the fragment is in the prompt); training and
+evaluation are closed book (the question alone), so the knowledge must end up in the weights.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional
+
+from transformers import PreTrainedTokenizerBase
+
+Language = Literal["en", "zh"]
+
+QUESTION_PROMPT = {
+    "en": (
+        "Read this passage:\n\n{fragment}\n\n"
+        "Write one specific question that this passage answers. The question must make sense "
+        "without the passage, so name the product or topic it is about. "
+        "Reply with the question only."
+    ),
+    "zh": (
+        "请阅读下面这段文字：\n\n{fragment}\n\n"
+        "请根据这段文档提出一个具体的问题，要求这段文档能够回答它。问题在不看文档时也要能看懂，"
+        "所以请写明它涉及的产品或主题。只输出这个问题。"
+    ),
+}
+
+ANSWER_PROMPT = {
+    "en": (
+        "Use this passage to answer the question.\n\n"
+        "Passage:\n{fragment}\n\nQuestion: {question}\n\n"
+        "Answer accurately and concisely, using the facts in the passage."
+    ),
+    "zh": (
+        "请根据下面的内部文档回答问题。\n\n文档：\n{fragment}\n\n问题：{question}\n\n"
+        "请依据文档中的事实，准确、简洁地回答。"
+    ),
+}
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
+    """The text the model continues: the user turn through the tokenizer's chat template."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
+        )
+    return user_text + "\n"
+
+
+def question_prompt(tokenizer: PreTrainedTokenizerBase, fragment: str, language: Language) -> str:
+    return chat_prompt(tokenizer, QUESTION_PROMPT[language].format(fragment=fragment))
+
+
+def answer_prompt(tokenizer: PreTrainedTokenizerBase, fragment: str, question: str, language: Language) -> str:
+    return chat_prompt(tokenizer, ANSWER_PROMPT[language].format(fragment=fragment, question=question))
+
+
+def closed_book_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
+    """Training and evaluation prompt: the question alone."""
+    return chat_prompt(tokenizer, question)
+
+
+# --- clean-up ------------------------------------------------------------------------------
+
+_LEADING_LABEL = re.compile(
+    r"^\s*(?:[-*#>\d.)\s]+)?(?:\*\*)?(?:question|q|answer|a|问题|问|回答|答案|答)\s*(?:\d+)?\s*(?:\*\*)?\s*[:：]\s*",
+    re.IGNORECASE,
+)
+_LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)、])\s+")
+
+
+def is_degenerate(text: str) -> bool:
+    """Looping or near-empty output: too few distinct characters, or one chunk repeated over and over."""
+    compact = re.sub(r"\s+", "", text)
+    if len(compact) < 4 or len(set(compact)) < 3:
+        return True
+    if len(compact) >= 40:
+        # A loop leaves most 8-character windows repeated.
+        grams = [compact[i : i + 8] for i in range(0, len(compact) - 7)]
+        if len(set(grams)) / len(grams) < 0.3:
+            return True
+    return False
+
+
+def clean_question(text: str) -> Optional[str]:
+    """Reduce a model's reply to one question, or None if there is none worth keeping."""
+    lines = [_LEADING_LABEL.sub("", _LIST_MARK.sub("", line)).strip().strip('"“”').strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return None
+    # Prefer the first line that is a question; cut anything after its question mark.
+    question = next((line for line in lines if "?" in line or "？" in line), lines[0])
+    cut = min((i for i in (question.find("?"), question.find("？")) if i >= 0), default=-1)
+    if cut >= 0:
+        question = question[: cut + 1]
+    question = question.strip()
+    return None if is_degenerate(question) else question
+
+
+def clean_answer(text: str) -> Optional[str]:
+    """Strip labels and whitespace from an answer, or None if nothing worth keeping is left."""
+    answer = _LEADING_LABEL.sub("", text.strip()).strip()
+    return None if is_degenerate(answer) else answer

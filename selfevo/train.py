@@ -1,0 +1,165 @@
+"""Stage 4: LoRA fine-tuning on QA pairs, closed book (the prompt is the question alone; the
+loss covers answer tokens only).
+
+`selfevo fit --config configs/lora.yaml` runs this module through the Lightning CLI on its own;
+the evolve loop uses the same classes around the model it keeps in memory.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from selfevo.config import LoraConfig, ModelConfig, TrainConfig, TrainerConfig
+from selfevo.data import load_qa
+from selfevo.models import SMOLLM2_ALIAS, add_lora, load_adapter_weights, load_model, load_tokenizer, save_adapter
+from selfevo.prompts import closed_book_prompt
+
+IGNORE_INDEX = -100
+
+
+def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict:
+    """Token ids of prompt + answer + end-of-turn, with labels on the answer (and end) only."""
+    prompt = tokenizer(closed_book_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt + answer_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + answer_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate_right_padded(examples: list[dict], pad_id: int) -> dict:
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[r, :n] = torch.tensor(e["input_ids"])
+        labels[r, :n] = torch.tensor(e["labels"])
+        mask[r, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+class QADataModule(L.LightningDataModule):
+    """QA pairs from a JSON/JSONL file ({"question", "answer"} or the seed's {"input", "output"})."""
+
+    def __init__(
+        self,
+        train_file: str,
+        model: str = SMOLLM2_ALIAS,
+        micro_batch_size: int = 4,
+        max_length: int = 1024,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.train_file = train_file
+        self.model = model
+        self.micro_batch_size = micro_batch_size
+        self.max_length = max_length
+        self.seed = seed
+        self.examples: list[dict] = []
+
+    def setup(self, stage: str) -> None:
+        tokenizer = load_tokenizer(self.model)
+        self.pad_id = tokenizer.pad_token_id
+        pairs = load_qa(self.train_file)
+        self.examples = [encode_qa(tokenizer, p["question"], p["answer"], self.max_length) for p in pairs]
+        # The shuffle order depends on the seed alone, so a rerun sees the same batches.
+        random.Random(self.seed).shuffle(self.examples)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.examples,
+            batch_size=self.micro_batch_size,
+            shuffle=False,
+            collate_fn=lambda b: collate_right_padded(b, self.pad_id),
+        )
+
+
+class LoRAModule(L.LightningModule):
+    """A causal LM with a LoRA adapter; only the adapter trains."""
+
+    def __init__(
+        self,
+        model: str = SMOLLM2_ALIAS,
+        dtype: str = "auto",
+        lora: LoraConfig = LoraConfig(),
+        train: TrainConfig = TrainConfig(),
+        init_adapter: Optional[str] = None,
+        save_adapter_to: Optional[str] = None,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            model: base model (a Hugging Face folder, a .gguf file or smollm2-135m-instruct).
+            dtype: weights' dtype (auto: bfloat16 on a capable GPU, else float32).
+            lora: the adapter's shape.
+            train: optimiser and schedule.
+            init_adapter: continue this adapter folder instead of starting a fresh one.
+            save_adapter_to: where the trained adapter is written at the end of fit.
+            seed: seeds the fresh adapter's initialisation.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_cfg = train
+        self.model = None
+
+    @classmethod
+    def around(cls, peft_model, train: TrainConfig) -> "LoRAModule":
+        """Train an adapter the caller already holds in memory (the evolve loop's way)."""
+        module = cls(train=train)
+        module.model = peft_model
+        return module
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        base, _ = load_model(ModelConfig(name=hp.model, dtype=hp.dtype))
+        self.model = add_lora(base, hp.lora, hp.seed)
+        if hp.init_adapter:
+            load_adapter_weights(self.model, hp.init_adapter)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        cfg = self.train_cfg
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(cfg.warmup_ratio * total)
+        if cfg.lr_schedule == "cosine":
+            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        else:
+            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if self.hparams.save_adapter_to and self.trainer.is_global_zero:
+            save_adapter(self.model, self.hparams.save_adapter_to)
+
+
+def build_trainer(cfg: TrainerConfig, **kwargs) -> L.Trainer:
+    """A Lightning Trainer from the config's hardware settings plus stage-specific arguments."""
+    precision = cfg.precision
+    if precision is None:
+        precision = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    kwargs.setdefault("enable_model_summary", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("logger", False)
+    return L.Trainer(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
+        precision=precision,
+        **kwargs,
+    )
