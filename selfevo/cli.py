@@ -95,11 +95,9 @@ def evolve(ctx: typer.Context) -> None:
 @app.command(context_settings=PASSTHROUGH, add_help_option=False)
 def fit(ctx: typer.Context) -> None:
     """Train a LoRA adapter on a QA file with the Lightning CLI: selfevo fit --config configs/lora.yaml"""
-    from lightning.pytorch.cli import LightningCLI
+    from selfevo.train import LoRACLI, LoRAModule, QADataModule
 
-    from selfevo.train import LoRAModule, QADataModule
-
-    LightningCLI(LoRAModule, QADataModule, args=["fit", *ctx.args], save_config_kwargs={"overwrite": True})
+    LoRACLI(LoRAModule, QADataModule, args=["fit", *ctx.args], save_config_kwargs={"overwrite": True})
 
 
 def _load(model: str, adapter: Optional[str], dtype: str = "auto"):

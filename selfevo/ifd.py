@@ -68,7 +68,7 @@ def mean_answer_nll(model: PreTrainedModel, input_ids, attention_mask, answer_le
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
     ).logits
-    targets = input_ids[:, -keep + 1 :]
+    targets = input_ids[:, input_ids.shape[1] - keep + 1 :]
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
     # Position j of the kept window predicts an answer token iff j >= keep - 1 - answer_len.
     j = torch.arange(keep - 1, device=nll.device)

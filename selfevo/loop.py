@@ -35,7 +35,7 @@ from selfevo.data import load_eval, load_fragments, read_json, read_jsonl, write
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import write_answers, write_questions
 from selfevo.ifd import score_pairs
-from selfevo.models import add_lora, load_adapter_weights, load_model, save_adapter
+from selfevo.models import add_lora, load_adapter_weights, load_model, resolve_model, save_adapter
 from selfevo.report import write_report, write_summary
 from selfevo.select import select_replay
 from selfevo.train import LoRAModule, QADataModule, build_trainer
@@ -70,6 +70,10 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
     """Create runs/NAME with a config snapshot, or check that an existing one holds this config."""
     run_dir = Path(cfg.runs_dir) / cfg.name
     snapshot = run_dir / "config.json"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
     if snapshot.exists():
         old = read_json(snapshot)
         if old.get("config") != identity(cfg):
@@ -134,6 +138,7 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     if cfg.data.limit:
         fragments = fragments[: cfg.data.limit]
     eval_set = load_eval(cfg.data.eval)
+    resolve_model(cfg.model.name, cfg.model.trust_remote_code)  # a bad model path fails before anything is written
     console.print(
         f"[bold]{len(fragments)}[/] fragments ({duplicates} duplicates dropped), [bold]{len(eval_set)}[/] eval pairs"
     )

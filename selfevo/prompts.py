@@ -65,10 +65,11 @@ def closed_book_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str
 # --- clean-up ------------------------------------------------------------------------------
 
 _LEADING_LABEL = re.compile(
-    r"^\s*(?:[-*#>\d.)\s]+)?(?:\*\*)?(?:question|q|answer|a|问题|问|回答|答案|答)\s*(?:\d+)?\s*(?:\*\*)?\s*[:：]\s*",
+    r"^\s*(?:[-*#>\d.)\s]+)?(?:\*\*)?(?:question|q|answer|a|问题|问|回答|答案|答)\s*(?:\d+)?\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*",
     re.IGNORECASE,
 )
 _LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)、])\s+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def is_degenerate(text: str) -> bool:
@@ -86,6 +87,7 @@ def is_degenerate(text: str) -> bool:
 
 def clean_question(text: str) -> Optional[str]:
     """Reduce a model's reply to one question, or None if there is none worth keeping."""
+    text = _CONTROL.sub("", text)
     lines = [_LEADING_LABEL.sub("", _LIST_MARK.sub("", line)).strip().strip('"“”').strip() for line in text.splitlines()]
     lines = [line for line in lines if line]
     if not lines:
@@ -101,5 +103,5 @@ def clean_question(text: str) -> Optional[str]:
 
 def clean_answer(text: str) -> Optional[str]:
     """Strip labels and whitespace from an answer, or None if nothing worth keeping is left."""
-    answer = _LEADING_LABEL.sub("", text.strip()).strip()
+    answer = _LEADING_LABEL.sub("", _CONTROL.sub("", text).strip()).strip()
     return None if is_degenerate(answer) else answer

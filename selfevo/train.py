@@ -12,6 +12,7 @@ from typing import Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -106,6 +107,7 @@ class LoRAModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        self.lora_cfg = lora
         self.train_cfg = train
         self.model = None
 
@@ -117,13 +119,16 @@ class LoRAModule(L.LightningModule):
         return module
 
     def configure_model(self) -> None:
+        # Hugging Face loads models in eval mode; the adapter trains in train mode.
         if self.model is not None:
+            self.model.train()
             return
         hp = self.hparams
         base, _ = load_model(ModelConfig(name=hp.model, dtype=hp.dtype))
-        self.model = add_lora(base, hp.lora, hp.seed)
+        self.model = add_lora(base, self.lora_cfg, hp.seed)
         if hp.init_adapter:
             load_adapter_weights(self.model, hp.init_adapter)
+        self.model.train()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss
@@ -163,3 +168,10 @@ def build_trainer(cfg: TrainerConfig, **kwargs) -> L.Trainer:
         precision=precision,
         **kwargs,
     )
+
+
+class LoRACLI(LightningCLI):
+    """`selfevo fit`: the Lightning CLI over LoRAModule and QADataModule, one model name for both."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model", "data.model")

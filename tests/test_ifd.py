@@ -1,0 +1,98 @@
+import json
+import math
+import statistics
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfevo.config import IFDConfig, ModelConfig, TrainerConfig
+from selfevo.ifd import ifd_from_losses, pair_token_ids, score_pairs
+from selfevo.models import add_lora, load_model
+from selfevo.config import LoraConfig
+from selfevo.train import build_trainer
+from tests.conftest import SHARED
+
+PAIRS = [
+    {"question": "Which port does qmeshd use for peers?", "answer": "TCP port 7741, set by listen_port."},
+    {"question": "What is Quillmesh?", "answer": "A peer-to-peer sync protocol by Halvard Labs."},
+    {"question": "How long may a handshake take?", "answer": "8 seconds."},
+    {"question": "故障时先看什么？", "answer": "先看日志。"},
+    {"question": "What does Q-409 mean, and what should an operator do when the daemon reports it twice?",
+     "answer": "A conflict between two edits; qmeshd keeps both copies and renames one."},
+]
+
+
+def unbatched_mean_nll(model, prefix_ids, answer_ids):
+    """The plain way: one unpadded sequence, loss over the answer tokens."""
+    ids = torch.tensor([prefix_ids + answer_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    n = len(answer_ids)
+    return F.cross_entropy(logits[-n - 1 : -1], ids[0, -n:]).item()
+
+
+def test_batched_scores_equal_unbatched_per_pair(tiny_model):
+    model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    model.eval()
+    cfg = IFDConfig(batch_size=2)  # several batches, mixed lengths, left padding
+    scored = score_pairs(model, tokenizer, PAIRS, cfg, 1024, build_trainer(TrainerConfig(), logger=False))
+    for pair, out in zip(PAIRS, scored):
+        prompt, prefix, answer = pair_token_ids(tokenizer, pair["question"], pair["answer"], cfg, 1024)
+        cond = unbatched_mean_nll(model, prompt, answer)
+        alone = unbatched_mean_nll(model, prefix, answer)
+        assert out["question"] == pair["question"]
+        assert out["loss_cond"] == pytest.approx(cond, rel=1e-4)
+        assert out["loss_alone"] == pytest.approx(alone, rel=1e-4)
+        assert out["ifd"] == pytest.approx(cond / alone, rel=1e-4)
+
+
+def test_base_scorer_ignores_the_adapter(tiny_model):
+    base, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    plain = score_pairs(base, tokenizer, PAIRS[:2], IFDConfig(), 1024, build_trainer(TrainerConfig()))
+    model = add_lora(base, LoraConfig(), seed=0)
+    with torch.no_grad():  # make the adapter change the model's outputs
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)
+    as_base = score_pairs(model, tokenizer, PAIRS[:2], IFDConfig(), 1024, build_trainer(TrainerConfig()))
+    with_adapter = score_pairs(
+        model, tokenizer, PAIRS[:2], IFDConfig(), 1024, build_trainer(TrainerConfig()), use_adapter=True
+    )
+    assert [p["ifd"] for p in as_base] == pytest.approx([p["ifd"] for p in plain], rel=1e-5)
+    assert [p["loss_cond"] for p in with_adapter] != pytest.approx([p["loss_cond"] for p in plain], rel=1e-3)
+
+
+def test_answer_cut_off_by_max_length_counts_as_one(tiny_model):
+    model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    cfg = IFDConfig()
+    prompt_len = len(pair_token_ids(tokenizer, PAIRS[0]["question"], PAIRS[0]["answer"], cfg, 1024)[0])
+    (out,) = score_pairs(model, tokenizer, PAIRS[:1], cfg, prompt_len, build_trainer(TrainerConfig()))
+    assert out["ifd"] == 1.0 and out["loss_cond"] is None
+    assert ifd_from_losses(math.nan, 2.0) == 1.0 and ifd_from_losses(1.0, 0.0) == 1.0
+
+
+REFERENCE = SHARED / "bench" / "seed_ifd_reference.py"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REFERENCE.exists(), reason="../shared/bench not present")
+def test_agrees_with_seed_reference_on_aiops_with_smollm2():
+    """The issue's bound on the AIOps eval pairs (fp32, CPU, SmolLM2); a subset keeps CI fast,
+    benchmarks/ifd_agreement.py measures all 100 pairs."""
+    from scipy.stats import spearmanr
+
+    sys.path.insert(0, str(REFERENCE.parent))
+    import seed_ifd_reference as seed
+
+    model, tokenizer = load_model(ModelConfig(dtype="float32"))
+    model.eval()
+    records = json.loads((SHARED / "data" / "AIOps_eval_data.json").read_text(encoding="utf-8"))[:24]
+    pairs = [{"question": r["input"], "answer": r["output"]} for r in records]
+    ours = [p["ifd"] for p in score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=8), 1024,
+                                          build_trainer(TrainerConfig()))]
+    theirs = [seed.ifd(tokenizer, model, p["question"], p["answer"], 1024, "cpu")[0] for p in pairs]
+    rel = [abs(a - b) / b for a, b in zip(ours, theirs)]
+    assert spearmanr(ours, theirs).statistic >= 0.99
+    assert statistics.median(rel) <= 0.01

@@ -1,0 +1,137 @@
+"""End to end: `selfevo evolve` over 2 generations on the tiny model; resume; config checks."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import selfevo.loop
+from selfevo.cli import app
+
+DATA_FILES = ("questions.jsonl", "answers.jsonl", "replay.jsonl", "train.jsonl", "qa.jsonl", "predictions.jsonl")
+
+
+def evolve_args(tiny_model, toy_inputs, root: Path, name="t", *extra):
+    fragments, eval_file = toy_inputs
+    return [
+        "evolve", "--name", name, "--end", "2", "--runs_dir", str(root / "runs"), "--logs_dir", str(root / "logs"),
+        "--data.fragments", str(fragments), "--data.eval", str(eval_file),
+        "--model.name", tiny_model, "--model.dtype", "float32", "--model.max_length", "256",
+        "--generation.question_max_new_tokens", "12", "--generation.answer_max_new_tokens", "16",
+        "--evaluation.max_new_tokens", "12", "--replay.k", "3", "--ifd.batch_size", "4",
+        "--train.micro_batch_size", "2", "--train.grad_accum", "1", "--train.learning_rate", "1e-3",
+        *extra,
+    ]
+
+
+def run(args):
+    result = CliRunner().invoke(app, args)
+    return result
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every data file and metric of a run (timings excluded: they differ between runs)."""
+    out = {}
+    for gen in sorted(run_dir.glob("gen_*")) + [run_dir / "base"]:
+        for name in DATA_FILES:
+            if (gen / name).exists():
+                out[f"{gen.name}/{name}"] = (gen / name).read_bytes()
+        metrics = json.loads((gen / "metrics.json").read_text())
+        metrics.pop("seconds")
+        out[f"{gen.name}/metrics"] = json.dumps(metrics, sort_keys=True).encode()
+        if (gen / "adapter").exists():
+            out[f"{gen.name}/adapter"] = (gen / "adapter" / "adapter_model.safetensors").read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evolve")
+    fragments = json.loads((Path(__file__).parents[1] / "data" / "quillmesh_fragments.json").read_text())[:6]
+    eval_set = json.loads((Path(__file__).parents[1] / "data" / "quillmesh_eval.json").read_text())[:4]
+    (root / "fragments.json").write_text(json.dumps(fragments + fragments[:1]))  # one duplicate
+    (root / "eval.json").write_text(json.dumps(eval_set))
+    inputs = (root / "fragments.json", root / "eval.json")
+    result = run(evolve_args(tiny_model, inputs, root))
+    assert result.exit_code == 0, result.output
+    return root, inputs
+
+
+def test_two_generations_write_every_artifact(finished_run):
+    root, _ = finished_run
+    run_dir = root / "runs" / "t"
+    snap = json.loads((run_dir / "config.json").read_text())
+    assert snap["config"]["replay"]["k"] == 3 and "torch" in snap["versions"] and snap["seed"] == 0
+    for i in (0, 1):
+        gen = run_dir / f"gen_{i}"
+        for name in (*DATA_FILES, "metrics.json", "stages.json"):
+            assert (gen / name).is_file(), f"{gen}/{name}"
+        assert (gen / "adapter" / "adapter_model.safetensors").is_file()
+        qa = [json.loads(line) for line in (gen / "qa.jsonl").read_text().splitlines()]
+        assert qa and all({"ifd", "loss_cond", "loss_alone", "question", "answer", "fragment"} <= set(p) for p in qa)
+        metrics = json.loads((gen / "metrics.json").read_text())
+        assert {"bleu-4", "rouge-1", "rouge-2", "rouge-l"} <= set(metrics)
+    # gen_1 replays the 3 highest-IFD pairs of gen_0
+    replay = [json.loads(line) for line in (run_dir / "gen_1" / "replay.jsonl").read_text().splitlines()]
+    gen0 = sorted((json.loads(line) for line in (run_dir / "gen_0" / "qa.jsonl").read_text().splitlines()),
+                  key=lambda p: -p["ifd"])
+    assert [p["ifd"] for p in replay] == [p["ifd"] for p in gen0[:3]]
+    assert (run_dir / "base" / "metrics.json").is_file()
+    assert (run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert [r["model"] for r in json.loads((run_dir / "summary.json").read_text())] == ["base", "gen_0", "gen_1"]
+    events = {p.parent.name for p in (root / "logs" / "t").rglob("events.out.tfevents.*")}
+    assert {"evolve", "train_gen_0", "train_gen_1"} <= events
+
+
+def test_tensorboard_holds_eval_scalars_histograms_text_and_timings(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _ = finished_run
+    acc = EventAccumulator(str(root / "logs" / "t" / "evolve"), size_guidance={"tensors": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"eval/bleu-4", "eval/rouge-l", "seconds/train", "seconds/questions"} <= set(tags["scalars"])
+    assert [e.step for e in acc.Scalars("eval/bleu-4")] == [0, 1, 2]
+    assert "ifd" in tags["histograms"]
+    assert any(t.startswith("samples") for t in tags["tensors"])
+    train = EventAccumulator(str(root / "logs" / "t" / "train_gen_0"))
+    train.Reload()
+    assert "train/loss" in train.Tags()["scalars"]
+    assert any(t.startswith("lr-") for t in train.Tags()["scalars"])
+
+
+def test_resume_after_crash_redoes_nothing_and_matches(finished_run, tiny_model, tmp_path, monkeypatch):
+    root, inputs = finished_run
+    reference = snapshot(root / "runs" / "t")
+    calls = {"n": 0}
+    real_train = selfevo.loop.train_adapter
+
+    def crash_in_second_training(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as Ctrl-C would, in the middle of generation 1
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(selfevo.loop, "train_adapter", crash_in_second_training)
+    first = run(evolve_args(tiny_model, inputs, tmp_path))
+    assert first.exit_code == 130
+    run_dir = tmp_path / "runs" / "t"
+    assert not (run_dir / "gen_1" / "adapter").exists() and (run_dir / "gen_1" / "answers.jsonl").exists()
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+    monkeypatch.setattr(selfevo.loop, "train_adapter", real_train)
+    second = run(evolve_args(tiny_model, inputs, tmp_path))
+    assert second.exit_code == 0, second.output
+    unchanged = [p for p, t in before.items() if p.exists() and p.stat().st_mtime_ns == t]
+    assert run_dir / "gen_0" / "qa.jsonl" in unchanged and run_dir / "gen_1" / "answers.jsonl" in unchanged
+    assert snapshot(run_dir) == reference
+
+
+def test_different_config_is_refused_unless_forced(finished_run, tiny_model):
+    root, inputs = finished_run
+    refused = run(evolve_args(tiny_model, inputs, root, "t", "--replay.k", "5"))
+    assert refused.exit_code == 2
+    assert "replay.k: 3 -> 5" in refused.output and "--force" in refused.output
+    # more generations of the same config are not a different config
+    assert "different config" not in run(evolve_args(tiny_model, inputs, root, "t", "--start", "2", "--end", "2")).output

@@ -1,0 +1,49 @@
+import math
+
+import pytest
+
+from selfevo.select import select_replay
+
+
+def history(n=10):
+    return [{"id": i, "ifd": i / 10} for i in range(n)]
+
+
+def ids(pairs):
+    return [p["id"] for p in pairs]
+
+
+def test_hard_takes_highest_ifd_and_easy_lowest():
+    assert ids(select_replay(history(), "hard", 3, 0)) == [9, 8, 7]
+    assert ids(select_replay(history(), "easy", 3, 0)) == [0, 1, 2]
+
+
+def test_even_takes_every_n_over_k_th_of_sorted_history():
+    assert ids(select_replay(history(), "even", 3, 0)) == [0, 3, 6]
+    assert ids(select_replay(history(), "even", 5, 0)) == [0, 2, 4, 6, 8]
+
+
+def test_random_is_seeded_and_all_takes_everything():
+    a = select_replay(history(), "random", 4, seed=1)
+    assert a == select_replay(history(), "random", 4, seed=1)
+    assert len({p["id"] for p in a}) == 4
+    assert ids(select_replay(history(), "all", 2, 0)) == list(range(10))
+
+
+def test_missing_or_nan_ifd_counts_as_one():
+    pairs = [{"id": 0, "ifd": 0.5}, {"id": 1}, {"id": 2, "ifd": math.nan}, {"id": 3, "ifd": 1.5}, {"id": 4, "ifd": None}]
+    assert ids(select_replay(pairs, "hard", 4, 0)) == [3, 1, 2, 4]
+    assert ids(select_replay(pairs, "easy", 1, 0)) == [0]
+
+
+def test_k_larger_than_history_and_zero():
+    assert len(select_replay(history(3), "hard", 10, 0)) == 3
+    assert len(select_replay(history(3), "random", 10, 0)) == 3
+    assert select_replay(history(3), "hard", 0, 0) == []
+    assert select_replay([], "hard", 5, 0) == []
+
+
+@pytest.mark.parametrize("mode, k", [("hardest", 1), ("hard", -1)])
+def test_bad_arguments_raise(mode, k):
+    with pytest.raises(ValueError):
+        select_replay(history(), mode, k, 0)

@@ -1,0 +1,71 @@
+import json
+
+import torch
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from selfevo.cli import app
+from selfevo.config import LoraConfig, ModelConfig, TrainConfig, TrainerConfig
+from selfevo.models import add_lora, load_model, load_tokenizer, save_adapter
+from selfevo.train import IGNORE_INDEX, LoRAModule, QADataModule, build_trainer, encode_qa
+from tests.conftest import ROOT, write_records
+
+QA = [{"question": f"What is fact {i} of Quillmesh?", "answer": f"Fact {i}: qmeshd uses port {7700 + i}."} for i in range(8)]
+
+
+def test_labels_cover_the_answer_and_end_of_turn_only(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    example = encode_qa(tokenizer, "Which port?", "Port 7741.", 1024)
+    answer_ids = tokenizer("Port 7741.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    labelled = [t for t in example["labels"] if t != IGNORE_INDEX]
+    assert labelled == answer_ids
+    assert example["input_ids"][-len(answer_ids):] == answer_ids
+    assert "Which port?" in tokenizer.decode(example["input_ids"][: -len(answer_ids)])
+
+
+def answer_loss(model, tokenizer):
+    batch = [encode_qa(tokenizer, p["question"], p["answer"], 1024) for p in QA]
+    with torch.no_grad():
+        return sum(
+            model(input_ids=torch.tensor([b["input_ids"]]), labels=torch.tensor([b["labels"]])).loss.item() for b in batch
+        ) / len(batch)
+
+
+def test_training_lowers_answer_loss_and_touches_only_the_adapter(tiny_model, tmp_path):
+    base, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    model = add_lora(base, LoraConfig(r=8, alpha=16), seed=0)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if "lora_" not in n}
+    before = answer_loss(model, tokenizer)
+    train_file = write_records(tmp_path / "qa.json", QA)
+    data = QADataModule(str(train_file), tiny_model, micro_batch_size=4, max_length=256)
+    trainer = build_trainer(TrainerConfig(), max_epochs=30, logger=False)
+    trainer.fit(LoRAModule.around(model, TrainConfig(learning_rate=3e-3, warmup_ratio=0.0, lr_schedule="constant")), datamodule=data)
+    assert answer_loss(model, tokenizer) < 0.85 * before
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_saved_adapter_is_plain_peft_safetensors_without_modules_to_save(tiny_model, tmp_path):
+    base, _ = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    model = add_lora(base, LoraConfig(), seed=0)
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None and config["r"] == 8
+    assert not list((tmp_path / "adapter").glob("*.bin"))
+    targets = set(config["target_modules"])
+    assert targets and not targets & {"lm_head", "embed_tokens"}
+    fresh, _ = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    assert isinstance(PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")), PeftModel)
+
+
+def test_lightning_cli_fit_with_the_shipped_config(tiny_model, tmp_path):
+    train_file = write_records(tmp_path / "qa.json", [{"input": p["question"], "output": p["answer"]} for p in QA])
+    adapter = tmp_path / "adapter"
+    result = CliRunner().invoke(
+        app,
+        ["fit", "--config", str(ROOT / "configs" / "lora.yaml"), "--model.model", tiny_model,
+         "--data.train_file", str(train_file), "--model.save_adapter_to", str(adapter),
+         "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.default_root_dir", str(tmp_path)],
+    )
+    assert result.exit_code == 0, result.output
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert list((tmp_path / "logs" / "lora").glob("version_*/events.out.tfevents.*"))
