@@ -9,11 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from rich.console import Console
 from rich.progress import Progress
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import GenerationConfig
 from selfevo.prompts import answer_prompt, clean_answer, clean_question, question_prompt
+
+
+console = Console(stderr=True)
 
 
 @dataclass
@@ -24,6 +28,11 @@ class Sampling:
     top_p: float = 1.0
 
 
+def prompt_limit(sampling: Sampling, max_length: int) -> int:
+    """Prompt tokens that fit before the new tokens within max_length."""
+    return max(8, max_length - sampling.max_new_tokens)
+
+
 def generate_batch(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -32,14 +41,12 @@ def generate_batch(
     max_length: int,
 ) -> list[str]:
     """Continue each prompt; return only the new text, special tokens removed."""
-    # Prompts are cut from the left so that the end (the generation prompt) survives.
-    tokenizer.truncation_side = "left"
     enc = tokenizer(
         prompts,
         return_tensors="pt",
         padding=True,
         truncation=True,
-        max_length=max(8, max_length - sampling.max_new_tokens),
+        max_length=prompt_limit(sampling, max_length),
         add_special_tokens=False,
     ).to(model.device)
     kwargs = {"do_sample": sampling.do_sample}
@@ -71,6 +78,12 @@ def generate_texts(
 ) -> list[str]:
     """Generate for many prompts in length-sorted batches; outputs come back in input order."""
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    too_long = sum(n > prompt_limit(sampling, max_length) for n in lengths)
+    if too_long:
+        console.print(
+            f"[yellow]warning: {too_long} of {len(prompts)} prompts exceed {prompt_limit(sampling, max_length)} "
+            f"tokens (model.max_length {max_length} minus new tokens) and were cut from the left[/]"
+        )
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM shows early
     outputs: list[str] = [""] * len(prompts)
     was_training = model.training

@@ -96,6 +96,7 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> Path:
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(name, trust_remote_code), trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"  # generation appends to the right end of every row
+    tokenizer.truncation_side = "left"  # a prompt too long loses its start, never its generation prompt
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
