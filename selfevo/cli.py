@@ -23,6 +23,17 @@ app = typer.Typer(
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
+@app.callback()
+def quiet_libraries() -> None:
+    """Keep the terminal for selfevo's own progress: drop the libraries' banners and tips."""
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
+
+
 def fail(message: str) -> None:
     """Bad input or an unusable run: one line on stderr, exit code 2."""
     typer.echo(f"selfevo: error: {message}", err=True)
