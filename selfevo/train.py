@@ -56,9 +56,20 @@ class QADataModule(L.LightningDataModule):
         micro_batch_size: int = 4,
         max_length: int = 1024,
         seed: int = 0,
+        group_by_length: bool = True,
     ):
+        """
+        Args:
+            train_file: the QA pairs.
+            model: the model whose tokenizer encodes them.
+            micro_batch_size: pairs per forward pass.
+            max_length: token cutoff per pair.
+            seed: fixes the shuffle, so a rerun sees the same batches.
+            group_by_length: batch pairs of similar length together (less padding), batches in random order.
+        """
         super().__init__()
         self.train_file = train_file
+        self.group_by_length = group_by_length
         self.model = model
         self.micro_batch_size = micro_batch_size
         self.max_length = max_length
@@ -70,14 +81,24 @@ class QADataModule(L.LightningDataModule):
         self.pad_id = tokenizer.pad_token_id
         pairs = load_qa(self.train_file)
         self.examples = [encode_qa(tokenizer, p["question"], p["answer"], self.max_length) for p in pairs]
-        # The shuffle order depends on the seed alone, so a rerun sees the same batches.
-        random.Random(self.seed).shuffle(self.examples)
+        self.batches = self.plan_batches([len(e["input_ids"]) for e in self.examples])
+
+    def plan_batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices of each micro-batch, in training order; fixed by the seed."""
+        rng = random.Random(self.seed)
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        if self.group_by_length:
+            order.sort(key=lambda i: lengths[i])  # stable: equal lengths keep the shuffled order
+        batches = [order[s : s + self.micro_batch_size] for s in range(0, len(order), self.micro_batch_size)]
+        if self.group_by_length:
+            rng.shuffle(batches)
+        return batches
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self.examples,
-            batch_size=self.micro_batch_size,
-            shuffle=False,
+            batch_sampler=self.batches,
             collate_fn=lambda b: collate_right_padded(b, self.pad_id),
         )
 

@@ -69,3 +69,23 @@ def test_lightning_cli_fit_with_the_shipped_config(tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert (adapter / "adapter_model.safetensors").is_file()
     assert list((tmp_path / "logs" / "lora").glob("version_*/events.out.tfevents.*"))
+
+
+def test_length_grouped_batches_cover_every_pair_once_with_less_padding(tiny_model, tmp_path):
+    qa = [{"question": "q" * (1 + (i * 7) % 23), "answer": "a " * (1 + (i * 5) % 17)} for i in range(40)]
+    train_file = write_records(tmp_path / "qa.json", qa)
+    plans = {}
+    for grouped in (True, False):
+        data = QADataModule(str(train_file), tiny_model, micro_batch_size=4, group_by_length=grouped)
+        data.setup("fit")
+        plans[grouped] = data
+        assert sorted(i for b in data.batches for i in b) == list(range(40))
+
+    def padding(data):
+        return sum(len(b) * max(len(data.examples[i]["input_ids"]) for i in b)
+                   - sum(len(data.examples[i]["input_ids"]) for i in b) for b in data.batches)
+
+    assert padding(plans[True]) < padding(plans[False]) / 2
+    again = QADataModule(str(train_file), tiny_model, micro_batch_size=4)
+    again.setup("fit")
+    assert again.batches == plans[True].batches  # same seed, same plan

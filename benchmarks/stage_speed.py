@@ -1,0 +1,186 @@
+"""Speed of each stage, selfevo's way beside the seed's way, in one run on one device.
+
+    python benchmarks/stage_speed.py --model smollm2-135m-instruct --out results.json          # GPU
+    python benchmarks/stage_speed.py --cpu-sizes --out results.json                            # CPU variant
+
+Data: the seed's AIOps set (../shared/data). Pairs are the 100 eval QA, repeated to --pairs;
+generation prompts are the AIOps fragments' question prompts. Prints a markdown table and writes
+the JSON of every figure. Seed-style baselines:
+  IFD        ../shared/bench/seed_ifd_reference.py, one pair at a time (on --seed-pairs pairs);
+  generation plain model.generate, batch 128, unsorted, 256 sampled new tokens (on --seed-prompts);
+  training   micro-batch 4 x accumulation 4, padded, fp16 autocast (the seed's LLaMA-Factory setup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from selfevo.config import GenerationConfig, IFDConfig, LoraConfig, ModelConfig, TrainConfig, TrainerConfig
+from selfevo.generate import Sampling, generate_texts
+from selfevo.ifd import score_pairs
+from selfevo.models import add_lora, load_model
+from selfevo.prompts import question_prompt
+from selfevo.train import LoRAModule, QADataModule, build_trainer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t
+
+
+def bench_ifd(model, tokenizer, pairs, seed_pairs, batch_sizes, device) -> list[dict]:
+    sys.path.insert(0, str(SHARED / "bench"))
+    import seed_ifd_reference as seed
+
+    rows = []
+    seed.ifd(tokenizer, model, pairs[0]["question"], pairs[0]["answer"], 1024, device)  # warm-up
+    _, secs = timed(lambda: [seed.ifd(tokenizer, model, p["question"], p["answer"], 1024, device)
+                             for p in pairs[:seed_pairs]])
+    rows.append({"stage": "ifd", "way": "seed (per pair)", "items": seed_pairs, "seconds": secs,
+                 "pairs_per_s": seed_pairs / secs})
+    trainer = build_trainer(TrainerConfig(), enable_progress_bar=False)
+    for bs in batch_sizes:
+        score_pairs(model, tokenizer, pairs[: 2 * bs], IFDConfig(batch_size=bs), 1024, trainer)  # warm-up
+        _, secs = timed(lambda: score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=bs), 1024, trainer))
+        rows.append({"stage": "ifd", "way": f"selfevo batch {bs}", "items": len(pairs), "seconds": secs,
+                     "pairs_per_s": len(pairs) / secs})
+    return rows
+
+
+def count_new_tokens(tokenizer, texts: list[str]) -> int:
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def bench_generation(model, tokenizer, prompts, seed_prompts, batch_sizes, new_tokens) -> list[dict]:
+    rows = []
+    sampling = Sampling(new_tokens, True, 0.5, 0.95)
+    # The seed's way: fixed batches of 128 in file order (no length sorting), 256 new tokens.
+    seed_sampling = Sampling(256, True, 0.5, 0.95)
+    subset = prompts[:seed_prompts]
+
+    def seed_way():
+        from selfevo.generate import generate_batch
+
+        out = []
+        for s in range(0, len(subset), 128):
+            out += generate_batch(model, tokenizer, subset[s : s + 128], seed_sampling, 2048)
+        return out
+
+    texts, secs = timed(seed_way)
+    n = count_new_tokens(tokenizer, texts)
+    rows.append({"stage": "generation", "way": "seed (batch 128, unsorted)", "items": len(subset), "seconds": secs,
+                 "new_tokens": n, "new_tokens_per_s": n / secs})
+    for bs in batch_sizes:
+        texts, secs = timed(lambda: generate_texts(model, tokenizer, prompts, sampling, batch_size=bs,
+                                                   max_length=2048, seed=0))
+        n = count_new_tokens(tokenizer, texts)
+        rows.append({"stage": "generation", "way": f"selfevo batch {bs}, sorted", "items": len(prompts),
+                     "seconds": secs, "new_tokens": n, "new_tokens_per_s": n / secs})
+    return rows
+
+
+def bench_training(model_name, qa_file, steps, ways) -> list[dict]:
+    rows = []
+    for name, micro, accum, precision, dtype in ways:
+        base, tokenizer = load_model(ModelConfig(name=model_name, dtype=dtype))
+        model = add_lora(base, LoraConfig(), seed=0)
+        data = QADataModule(str(qa_file), model_name, micro_batch_size=micro, max_length=1024,
+                            group_by_length=not name.startswith("seed"))
+        data.setup("fit")
+        batches = steps * accum
+        tokens = sum(len(e["input_ids"]) for e in data.examples[: batches * micro])
+        trainer = build_trainer(TrainerConfig(precision=precision), max_steps=steps, accumulate_grad_batches=accum,
+                                enable_progress_bar=False, logger=False)
+        module = LoRAModule.around(model, TrainConfig(learning_rate=2e-4))
+        _, secs = timed(lambda: trainer.fit(module, datamodule=data))
+        loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+        rows.append({"stage": "train", "way": name, "items": batches * micro, "seconds": secs,
+                     "tokens_per_s": tokens / secs, "final_loss": loss,
+                     "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None})
+        del model, base, module, trainer
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--pairs", type=int, default=4000)
+    p.add_argument("--seed-pairs", type=int, default=100)
+    p.add_argument("--ifd-batch-sizes", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--prompts", type=int, default=4000)
+    p.add_argument("--seed-prompts", type=int, default=256)
+    p.add_argument("--gen-batch-sizes", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--cpu-sizes", action="store_true", help="small sizes for a 2-core CPU")
+    p.add_argument("--stages", nargs="+", default=["ifd", "generation", "train"])
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    if args.cpu_sizes:
+        args.pairs, args.seed_pairs, args.ifd_batch_sizes = 48, 16, [4, 16]
+        args.prompts, args.seed_prompts, args.gen_batch_sizes, args.new_tokens = 32, 16, [16, 32], 64
+        args.train_steps = 3
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(ModelConfig(name=args.model, dtype=args.dtype))
+    model.to(device).eval()
+    eval_set = json.loads((SHARED / "data" / "AIOps_eval_data.json").read_text(encoding="utf-8"))
+    pairs = [{"question": r["input"], "answer": r["output"]} for r in eval_set]
+    pairs = (pairs * (args.pairs // len(pairs) + 1))[: args.pairs]
+    fragments = [r["instruction"] for r in json.loads((SHARED / "data" / "AIOps_data.json").read_text("utf-8"))]
+    prompts = [question_prompt(tokenizer, f, "zh") for f in fragments[: args.prompts]]
+
+    rows = []
+    if "ifd" in args.stages:
+        rows += bench_ifd(model, tokenizer, pairs, args.seed_pairs, args.ifd_batch_sizes, device)
+        print(json.dumps(rows[-1]), flush=True)
+    if "generation" in args.stages:
+        rows += bench_generation(model, tokenizer, prompts, args.seed_prompts, args.gen_batch_sizes, args.new_tokens)
+        print(json.dumps(rows[-1]), flush=True)
+    if "train" in args.stages:
+        qa_file = Path("/tmp/selfevo_bench_qa.json")
+        qa_file.write_text(json.dumps([{"question": p["question"], "answer": p["answer"]} for p in pairs],
+                                      ensure_ascii=False))
+        fp16 = "16-mixed" if device == "cuda" else "32-true"
+        bf16 = "bf16-mixed" if device == "cuda" else "32-true"
+        del model
+        ways = [("seed (4 x 4, padded, fp32 weights, fp16 autocast)", 4, 4, fp16, "float32"),
+                ("selfevo (16 x 1, length-grouped, bf16)", 16, 1, bf16, args.dtype)]
+        rows += bench_training(args.model, qa_file, args.train_steps, ways)
+
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "date": date.today().isoformat(), "command": " ".join(sys.argv)}
+    print("\n| stage | way | items | seconds | rate |\n|---|---|---|---|---|")
+    for r in rows:
+        rate = next(f"{r[k]:,.0f} {k.replace('_per_s', '/s')}" for k in ("pairs_per_s", "new_tokens_per_s", "tokens_per_s")
+                    if k in r)
+        print(f"| {r['stage']} | {r['way']} | {r['items']} | {r['seconds']:.1f} | {rate} |")
+    print(json.dumps(env))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
