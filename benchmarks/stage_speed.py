@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -30,7 +31,7 @@ from selfevo.models import add_lora, load_model
 from selfevo.prompts import question_prompt
 from selfevo.train import LoRAModule, QADataModule, build_trainer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(os.environ.get("SELFEVO_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 
 
 def sync() -> None:

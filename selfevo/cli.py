@@ -115,14 +115,14 @@ def _load(model: str, adapter: Optional[str], dtype: str = "auto"):
     from peft import PeftModel
 
     from selfevo.config import ModelConfig
-    from selfevo.models import ModelError, load_model
+    from selfevo.models import ModelError, accelerator_device, load_model
 
     m, tokenizer = load_model(ModelConfig(name=model, dtype=dtype))
     if adapter:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
         m = PeftModel.from_pretrained(m, adapter)
-    return m, tokenizer
+    return m.to(accelerator_device()), tokenizer
 
 
 @app.command()

@@ -74,7 +74,7 @@ class SeedROUGE(Metric):
     def update(self, predictions: list[str], references: list[str]) -> None:
         for p, r in zip(predictions, references, strict=True):
             scores = rouge(p, r)
-            self.total += torch.tensor([scores[k] for k in ROUGE_KEYS], dtype=torch.float64)
+            self.total += torch.tensor([scores[k] for k in ROUGE_KEYS], dtype=torch.float64, device=self.total.device)
             self.count += 1
 
     def compute(self) -> dict[str, torch.Tensor]:

@@ -2,8 +2,8 @@
 
 IFD(q, a) = mean NLL(a | prompt(q)) / mean NLL(a | answer_prefix). The answer is tokenized once
 and the same answer tokens follow both prefixes ("token-exact"). Both passes of a batch of pairs
-run as one left-padded forward, so every row ends with its answer and the LM head is applied only
-to the last max(answer length) + 1 positions.
+run as one left-padded forward, so every row ends with its answer; the LM head is applied only at
+the positions that predict answer tokens, in chunks, with the log-softmax in fp32.
 """
 
 from __future__ import annotations
@@ -61,19 +61,37 @@ class PairBatches(Dataset):
         }
 
 
-def mean_answer_nll(model: PreTrainedModel, input_ids, attention_mask, answer_len) -> torch.Tensor:
-    """Mean NLL of the last answer_len[r] tokens of each left-padded row (NaN where answer_len is 0)."""
+def mean_answer_nll(
+    model: PreTrainedModel, input_ids, attention_mask, answer_len, chunk: int = 4096
+) -> torch.Tensor:
+    """Mean NLL of the last answer_len[r] tokens of each left-padded row (NaN where answer_len is 0).
+
+    The LM head runs only on the hidden states that predict answer tokens, `chunk` positions at a
+    time, so memory stays at chunk x vocabulary whatever the batch.
+    """
     keep = int(answer_len.max()) + 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
-    ).logits
-    targets = input_ids[:, input_ids.shape[1] - keep + 1 :]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-    # Position j of the kept window predicts an answer token iff j >= keep - 1 - answer_len.
-    j = torch.arange(keep - 1, device=nll.device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
+    width = input_ids.shape[1]
+    # Position j of the last `keep` positions predicts an answer token iff j >= keep - 1 - answer_len.
+    j = torch.arange(keep - 1, device=input_ids.device)
     in_answer = j[None, :] >= (keep - 1 - answer_len)[:, None]
-    return (nll * in_answer).sum(-1) / answer_len.clamp(min=1) + torch.where(answer_len == 0, math.nan, 0.0)
+    states = hidden[:, width - keep : width - 1][in_answer]
+    targets = input_ids[:, width - keep + 1 :][in_answer]
+    rows = in_answer.nonzero()[:, 0]
+    lm_head = base.get_output_embeddings()
+    nll = torch.cat(
+        [
+            F.cross_entropy(lm_head(states[s : s + chunk]).float(), targets[s : s + chunk], reduction="none")
+            for s in range(0, len(targets), chunk)
+        ]
+        or [hidden.new_zeros(0, dtype=torch.float32)]
+    )
+    sums = torch.zeros(len(answer_len), device=nll.device, dtype=torch.float32).index_add_(0, rows, nll)
+    return sums / answer_len.clamp(min=1) + torch.where(answer_len == 0, math.nan, 0.0)
 
 
 def ifd_from_losses(loss_cond: float, loss_alone: float) -> float:

@@ -35,7 +35,7 @@ from selfevo.data import load_eval, load_fragments, read_json, read_jsonl, write
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import write_answers, write_questions
 from selfevo.ifd import score_pairs
-from selfevo.models import add_lora, load_adapter_weights, load_model, resolve_model, save_adapter
+from selfevo.models import accelerator_device, add_lora, load_adapter_weights, load_model, resolve_model, save_adapter
 from selfevo.report import write_report, write_summary
 from selfevo.select import select_replay
 from selfevo.train import LoRAModule, QADataModule, build_trainer
@@ -182,6 +182,8 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
         folder = run_dir / f"gen_{i}"
         stages = Stages(folder, writer, i + 1)
         seed = cfg.seed * 1000 + i
+        # Lightning hands the model back on the CPU after each stage; generation runs outside it.
+        model.to(accelerator_device(cfg.trainer.accelerator))
         # M_i: the adapter trained by generation i-1, or the fresh one (= the base model) at i = 0.
         if i == 0:
             set_peft_model_state_dict(model, fresh_adapter)

@@ -108,6 +108,13 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def accelerator_device(accelerator: str = "auto") -> torch.device:
+    """Where work outside a Lightning Trainer (generation) runs: the GPU when there is one and it is allowed."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     folder = resolve_model(cfg.name, cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
