@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from selfevo.config import GenerationConfig, IFDConfig, LoraConfig, ModelConfig, TrainConfig, TrainerConfig
+from selfevo.config import IFDConfig, LoraConfig, ModelConfig, TrainConfig, TrainerConfig
 from selfevo.generate import Sampling, generate_texts
 from selfevo.ifd import score_pairs
 from selfevo.models import add_lora, load_model
@@ -116,7 +116,7 @@ def bench_training(model_name, qa_file, steps, ways) -> list[dict]:
         rows.append({"stage": "train", "way": name, "items": batches * micro, "seconds": secs,
                      "tokens_per_s": tokens / secs, "final_loss": loss,
                      "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None})
-        del model, base, module, trainer
+        del model, base
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -104,6 +104,7 @@ def evolve(ctx: typer.Context) -> None:
 
 
 @app.command(context_settings=PASSTHROUGH, add_help_option=False)
+@guarded
 def fit(ctx: typer.Context) -> None:
     """Train a LoRA adapter on a QA file with the Lightning CLI: selfevo fit --config configs/lora.yaml"""
     from selfevo.train import LoRACLI, LoRAModule, QADataModule
@@ -133,8 +134,8 @@ def generate(
     model: str = typer.Option("smollm2-135m-instruct", help="base model"),
     adapter: Optional[str] = typer.Option(None, help="LoRA adapter folder to generate with"),
     language: str = typer.Option("en", help="prompt language: en or zh"),
-    batch_size: int = typer.Option(16),
-    max_length: int = typer.Option(1024),
+    batch_size: int = typer.Option(16, min=1),
+    max_length: int = typer.Option(1024, min=16),
     seed: int = typer.Option(0),
 ) -> None:
     """Write a question for each fragment and answer it (open book)."""
@@ -160,16 +161,18 @@ def score(
     out: Path = typer.Option(..., "--out", help="scored pairs to write (JSONL)"),
     model: str = typer.Option("smollm2-135m-instruct"),
     adapter: Optional[str] = typer.Option(None, help="score with this adapter instead of the base model"),
-    dtype: str = typer.Option("auto"),
-    batch_size: int = typer.Option(16),
-    max_length: int = typer.Option(1024),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16"),
+    batch_size: int = typer.Option(16, min=1),
+    max_length: int = typer.Option(1024, min=16),
 ) -> None:
     """Add IFD and both mean losses to every QA pair."""
-    from selfevo.config import IFDConfig, TrainerConfig
+    from selfevo.config import ConfigError, IFDConfig, TrainerConfig
     from selfevo.data import load_qa, write_jsonl
     from selfevo.ifd import score_pairs
     from selfevo.train import build_trainer
 
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype: must be auto, float32, bfloat16 or float16, got {dtype!r}")
     pairs = load_qa(qa)
     m, tokenizer = _load(model, adapter, dtype)
     scored = score_pairs(
@@ -211,9 +214,9 @@ def evaluate_cmd(
     model: str = typer.Option("smollm2-135m-instruct"),
     adapter: Optional[str] = typer.Option(None),
     sample: bool = typer.Option(False, help="the seed's sampled decoding instead of greedy"),
-    batch_size: int = typer.Option(16),
-    max_new_tokens: int = typer.Option(256),
-    max_length: int = typer.Option(1024),
+    batch_size: int = typer.Option(16, min=1),
+    max_new_tokens: int = typer.Option(256, min=1),
+    max_length: int = typer.Option(1024, min=16),
 ) -> None:
     """Answer the eval questions closed book; BLEU-4 and ROUGE as the seed computed them."""
     from selfevo.config import EvalConfig, TrainerConfig

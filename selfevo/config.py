@@ -114,6 +114,7 @@ class EvalConfig:
     """False: greedy (reproducible). True: the seed's sampled decoding (LLaMA-Factory's defaults)."""
     temperature: float = 0.95
     top_p: float = 0.7
+    top_k: int = 50
     limit: Optional[int] = None
     """Evaluate only the first N eval pairs (None: all)."""
 
@@ -163,11 +164,34 @@ def validate(cfg: EvolveConfig) -> None:
         "lora.r": cfg.lora.r,
         "model.max_length": cfg.model.max_length,
     }
+    positive.update({
+        "generation.question_max_new_tokens": cfg.generation.question_max_new_tokens,
+        "generation.answer_max_new_tokens": cfg.generation.answer_max_new_tokens,
+        "generation.temperature": cfg.generation.temperature,
+        "evaluation.max_new_tokens": cfg.evaluation.max_new_tokens,
+        "evaluation.temperature": cfg.evaluation.temperature,
+        "data.limit": 1 if cfg.data.limit is None else cfg.data.limit,
+        "evaluation.limit": 1 if cfg.evaluation.limit is None else cfg.evaluation.limit,
+    })
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
+    for key, value in {"generation.top_p": cfg.generation.top_p, "evaluation.top_p": cfg.evaluation.top_p}.items():
+        if not 0 < value <= 1:
+            raise ConfigError(f"{key}: must be in (0, 1], got {value}")
     if "{question}" not in cfg.ifd.prompt:
         raise ConfigError("ifd.prompt: must contain {question}")
+    try:
+        cfg.ifd.prompt.format(question="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"ifd.prompt: only {{question}} may stand in braces ({e!r})") from None
+    if not cfg.ifd.answer_prefix.strip():
+        raise ConfigError("ifd.answer_prefix: must not be empty")
+    if cfg.trainer.devices not in (1, "1") or cfg.trainer.num_nodes != 1:
+        raise ConfigError(
+            "trainer.devices/num_nodes: the evolve loop runs on one device for now; "
+            "use `selfevo fit` for multi-device training"
+        )
 
 
 def identity(cfg: EvolveConfig) -> dict:

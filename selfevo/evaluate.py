@@ -106,7 +106,8 @@ class Evaluator(L.LightningModule):
         self.predictions: dict[int, str] = {}
 
     def _answer(self, prompts: list[str]) -> list[str]:
-        sampling = Sampling(self.cfg.max_new_tokens, self.cfg.do_sample, self.cfg.temperature, self.cfg.top_p)
+        cfg = self.cfg
+        sampling = Sampling(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k)
         return generate_batch(self.model, self.tokenizer, prompts, sampling, self.max_length)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:

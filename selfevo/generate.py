@@ -26,6 +26,7 @@ class Sampling:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
 
 
 def prompt_limit(sampling: Sampling, max_length: int) -> int:
@@ -51,7 +52,7 @@ def generate_batch(
     ).to(model.device)
     kwargs = {"do_sample": sampling.do_sample}
     if sampling.do_sample:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     with torch.inference_mode():

@@ -19,6 +19,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from selfevo.config import IFDConfig
 
 
+# Config keys of models whose forward rescales the LM head's output (Gemma 2, Cohere, Granite).
+RESCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
 def pair_token_ids(
     tokenizer: PreTrainedTokenizerBase, question: str, answer: str, cfg: IFDConfig, max_length: int
 ) -> tuple[list[int], list[int], list[int]]:
@@ -72,8 +76,11 @@ def mean_answer_nll(
     keep = int(answer_len.max()) + 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rescaled = [k for k in RESCALED_LOGITS if getattr(base.config, k, None)]
+    if rescaled:
+        raise ValueError(f"IFD scoring applies the LM head itself and does not support {rescaled[0]} models")
     hidden = base.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     width = input_ids.shape[1]
     # Position j of the last `keep` positions predicts an answer token iff j >= keep - 1 - answer_len.
@@ -128,15 +135,16 @@ def score_pairs(
     use_adapter: bool = False,
 ) -> list[dict]:
     """The pairs with "ifd", "loss_cond" and "loss_alone" added, in input order."""
+    if not pairs:
+        return []
     loader = DataLoader(PairBatches(tokenizer, pairs, cfg, max_length), batch_size=None, shuffle=False)
     outputs = trainer.predict(IFDScorer(model, use_adapter), dataloaders=loader)
     scored: list[dict | None] = [None] * len(pairs)
     for out in outputs:
         for i, c, a in zip(out["index"].tolist(), out["loss_cond"].tolist(), out["loss_alone"].tolist()):
-            c = None if math.isnan(c) else c
-            a = None if math.isnan(a) else a
-            ifd = ifd_from_losses(c if c is not None else math.nan, a if a is not None else math.nan)
-            scored[i] = {**pairs[i], "ifd": ifd, "loss_cond": c, "loss_alone": a}
+            # JSON has no NaN: an undefined loss is stored as null.
+            scored[i] = {**pairs[i], "ifd": ifd_from_losses(c, a),
+                         "loss_cond": None if math.isnan(c) else c, "loss_alone": None if math.isnan(a) else a}
     missing = [i for i, s in enumerate(scored) if s is None]
     if missing:
         raise RuntimeError(f"IFD scoring returned no score for pair {missing[0]}")

@@ -14,10 +14,8 @@ already exists, so an interrupted run resumes at the first unfinished stage.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -83,9 +81,11 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
                     f"{run_dir} holds a run of a different config ({diff}); "
                     "pass --force to set it aside and start over, or choose another --name"
                 )
-            aside = run_dir.with_name(f"{run_dir.name}.replaced-{datetime.now():%Y%m%d-%H%M%S}")
-            shutil.move(run_dir, aside)
-            console.print(f"[yellow]moved the old run aside to {aside}[/]")
+            stamp = f"replaced-{datetime.now():%Y%m%d-%H%M%S}"
+            for folder in (run_dir, Path(cfg.logs_dir) / cfg.name):
+                if folder.exists():
+                    shutil.move(folder, folder.with_name(f"{folder.name}.{stamp}"))
+            console.print(f"[yellow]moved the old run and its logs aside (*.{stamp})[/]")
     if not snapshot.exists():
         write_json(
             snapshot,
@@ -150,7 +150,7 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     console.print(f"loading {cfg.model.name} ...")
     base, tokenizer = load_model(cfg.model)
     model = add_lora(base, cfg.lora, cfg.seed)
-    fresh_adapter = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    fresh_adapter = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}  # A_0
     max_length = cfg.model.max_length
     log_dir = Path(cfg.logs_dir) / cfg.name
     writer = SummaryWriter(log_dir / "evolve")
@@ -208,7 +208,10 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
             qa = stages.jsonl("answers", "answers.jsonl", make_answers)
             replay = stages.jsonl("replay", "replay.jsonl", make_replay)
             if not qa and not replay:
-                raise RunError(f"{folder}: generation {i} produced no usable QA pairs; nothing to train on")
+                raise RunError(
+                    f"{folder}: generation {i} kept no QA pairs and has nothing to replay; see the dropped counts "
+                    f"in {folder}/stages.json, then delete {folder} and run again with other generation settings"
+                )
             t = time.perf_counter()
             train_adapter(cfg, model, qa + replay, folder, log_dir, seed)
             stages.record("train", time.perf_counter() - t, pairs=len(qa) + len(replay))
@@ -220,13 +223,13 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
             scored = score_pairs(
                 model, tokenizer, qa, cfg.ifd, max_length, trainer(), use_adapter=cfg.ifd.scorer == "trained"
             )
+            if scored:
+                writer.add_histogram("ifd", torch.tensor([p["ifd"] for p in scored]), i + 1)
+                samples = "\n\n".join(f"**Q:** {p['question']}\n\n**A:** {p['answer']}" for p in scored[:3])
+                writer.add_text("samples", samples, i + 1)
             return scored, {"pairs": len(scored)}
 
-        scored = stages.jsonl("score", "qa.jsonl", make_scores)
-        if scored:
-            writer.add_histogram("ifd", torch.tensor([p["ifd"] for p in scored]), i + 1)
-            samples = "\n\n".join(f"**Q:** {p['question']}\n\n**A:** {p['answer']}" for p in scored[:3])
-            writer.add_text("samples", samples, i + 1)
+        stages.jsonl("score", "qa.jsonl", make_scores)
         evaluate_into(folder, i + 1, use_adapter=True)
         write_summary(run_dir)
         writer.flush()
@@ -245,7 +248,8 @@ def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log
     train_file = folder / "train.jsonl"
     write_jsonl(train_file, [{"question": p["question"], "answer": p["answer"]} for p in pairs])
     data = QADataModule(
-        str(train_file), cfg.model.name, cfg.train.micro_batch_size, cfg.model.max_length, seed
+        str(train_file), cfg.model.name, cfg.train.micro_batch_size, cfg.model.max_length, seed,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
     logger = TensorBoardLogger(save_dir=str(log_dir), name="", version=f"train_gen_{folder.name.split('_')[-1]}")
     trainer = build_trainer(

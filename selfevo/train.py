@@ -46,6 +46,41 @@ def collate_right_padded(examples: list[dict], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+class PlannedBatches:
+    """Micro-batches of example indices, reshuffled each epoch from (seed, epoch) so reruns match.
+
+    With group_by_length, examples of similar length share a batch (less padding) and the batches
+    come in random order; Lightning calls set_epoch before each epoch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        if self.group_by_length:
+            order.sort(key=lambda i: self.lengths[i])  # stable: equal lengths keep the shuffled order
+        batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        if self.group_by_length:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        return iter(self.plan())
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+
 class QADataModule(L.LightningDataModule):
     """QA pairs from a JSON/JSONL file ({"question", "answer"} or the seed's {"input", "output"})."""
 
@@ -57,6 +92,7 @@ class QADataModule(L.LightningDataModule):
         max_length: int = 1024,
         seed: int = 0,
         group_by_length: bool = True,
+        trust_remote_code: bool = False,
     ):
         """
         Args:
@@ -66,10 +102,12 @@ class QADataModule(L.LightningDataModule):
             max_length: token cutoff per pair.
             seed: fixes the shuffle, so a rerun sees the same batches.
             group_by_length: batch pairs of similar length together (less padding), batches in random order.
+            trust_remote_code: let the tokenizer run code from the model folder.
         """
         super().__init__()
         self.train_file = train_file
         self.group_by_length = group_by_length
+        self.trust_remote_code = trust_remote_code
         self.model = model
         self.micro_batch_size = micro_batch_size
         self.max_length = max_length
@@ -77,23 +115,13 @@ class QADataModule(L.LightningDataModule):
         self.examples: list[dict] = []
 
     def setup(self, stage: str) -> None:
-        tokenizer = load_tokenizer(self.model)
+        tokenizer = load_tokenizer(self.model, self.trust_remote_code)
         self.pad_id = tokenizer.pad_token_id
         pairs = load_qa(self.train_file)
         self.examples = [encode_qa(tokenizer, p["question"], p["answer"], self.max_length) for p in pairs]
-        self.batches = self.plan_batches([len(e["input_ids"]) for e in self.examples])
-
-    def plan_batches(self, lengths: list[int]) -> list[list[int]]:
-        """Indices of each micro-batch, in training order; fixed by the seed."""
-        rng = random.Random(self.seed)
-        order = list(range(len(lengths)))
-        rng.shuffle(order)
-        if self.group_by_length:
-            order.sort(key=lambda i: lengths[i])  # stable: equal lengths keep the shuffled order
-        batches = [order[s : s + self.micro_batch_size] for s in range(0, len(order), self.micro_batch_size)]
-        if self.group_by_length:
-            rng.shuffle(batches)
-        return batches
+        self.batches = PlannedBatches(
+            [len(e["input_ids"]) for e in self.examples], self.micro_batch_size, self.seed, self.group_by_length
+        )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

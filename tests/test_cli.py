@@ -42,6 +42,10 @@ def assert_clean_failure(result, tmp_path, *needles):
         (["--start", "2", "--end", "2"], "start"),
         (["--name", "../escape"], "name"),
         (["--generation.batch_size", "0"], "generation.batch_size"),
+        (["--generation.top_p", "1.5"], "generation.top_p"),
+        (["--trainer.devices", "2"], "trainer.devices"),
+        (["--ifd.prompt", "Q: {question} {other}"], "ifd.prompt"),
+        (["--data.limit", "-3"], "data.limit"),
     ],
 )
 def test_bad_config_values(tmp_path, toy_inputs, tiny_model, extra, needle):

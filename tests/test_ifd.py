@@ -96,3 +96,8 @@ def test_agrees_with_seed_reference_on_aiops_with_smollm2():
     rel = [abs(a - b) / b for a, b in zip(ours, theirs)]
     assert spearmanr(ours, theirs).statistic >= 0.99
     assert statistics.median(rel) <= 0.01
+
+
+def test_no_pairs_score_to_nothing(tiny_model):
+    model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    assert score_pairs(model, tokenizer, [], IFDConfig(), 1024, build_trainer(TrainerConfig())) == []

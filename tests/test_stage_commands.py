@@ -2,7 +2,6 @@
 
 import json
 
-from peft import PeftModel
 from typer.testing import CliRunner
 
 from selfevo.cli import app
