@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import EvalConfig
 from selfevo.generate import Sampling, generate_batch
+from selfevo.models import halving_batch_on_oom
 from selfevo.prompts import closed_book_prompt
 
 jieba.setLogLevel(logging.WARNING)
@@ -145,14 +146,19 @@ def evaluate_model(
         for i, r in enumerate(records)
     ]
     items.sort(key=lambda it: -len(it["prompt"]))  # similar lengths share a batch
-    loader = DataLoader(
-        items,
-        batch_size=cfg.batch_size,
-        shuffle=False,
-        collate_fn=lambda b: {k: [it[k] for it in b] for k in ("index", "prompt", "reference")},
-    )
-    evaluator = Evaluator(model, tokenizer, cfg, max_length, seed, use_adapter)
-    (result,) = trainer.test(evaluator, dataloaders=loader, verbose=False)
+
+    def run(size: int):
+        loader = DataLoader(
+            items,
+            batch_size=size,
+            shuffle=False,
+            collate_fn=lambda b: {k: [it[k] for it in b] for k in ("index", "prompt", "reference")},
+        )
+        evaluator = Evaluator(model, tokenizer, cfg, max_length, seed, use_adapter)
+        (result,) = trainer.test(evaluator, dataloaders=loader, verbose=False)
+        return evaluator, result
+
+    evaluator, result = halving_batch_on_oom(run, cfg.batch_size, "evaluation")
     metrics = {k.removeprefix("eval/"): round(float(v), 4) for k, v in result.items()}
     predictions = [
         {**r, "prediction": evaluator.predictions[i], "bleu-4": bleu4(evaluator.predictions[i], r["reference"]),

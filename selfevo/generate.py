@@ -14,6 +14,7 @@ from rich.progress import Progress
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import GenerationConfig
+from selfevo.models import halving_batch_on_oom
 from selfevo.prompts import answer_prompt, clean_answer, clean_question, question_prompt
 
 
@@ -89,17 +90,23 @@ def generate_texts(
     outputs: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
-    with Progress(transient=True) as progress:
-        task = progress.add_task(description, total=len(prompts))
-        for b, start in enumerate(range(0, len(order), batch_size)):
-            idx = order[start : start + batch_size]
-            torch.manual_seed(seed * 100_003 + b)
-            texts = generate_batch(model, tokenizer, [prompts[i] for i in idx], sampling, max_length)
-            for i, text in zip(idx, texts):
-                outputs[i] = text
-            progress.advance(task, len(idx))
-    model.train(was_training)
-    return outputs
+
+    def run(size: int) -> list[str]:
+        with Progress(transient=True) as progress:
+            task = progress.add_task(description, total=len(prompts))
+            for b, start in enumerate(range(0, len(order), size)):
+                idx = order[start : start + size]
+                torch.manual_seed(seed * 100_003 + b)
+                texts = generate_batch(model, tokenizer, [prompts[i] for i in idx], sampling, max_length)
+                for i, text in zip(idx, texts):
+                    outputs[i] = text
+                progress.advance(task, len(idx))
+        return outputs
+
+    try:
+        return halving_batch_on_oom(run, batch_size, description)
+    finally:
+        model.train(was_training)
 
 
 def write_questions(

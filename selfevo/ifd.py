@@ -9,6 +9,7 @@ the positions that predict answer tokens, in chunks, with the log-softmax in fp3
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import lightning as L
 import torch
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import IFDConfig
+from selfevo.models import halving_batch_on_oom
 
 
 # Config keys of models whose forward rescales the LM head's output (Gemma 2, Cohere, Granite).
@@ -38,7 +40,8 @@ class PairBatches(Dataset):
 
     def __init__(self, tokenizer, pairs: list[dict], cfg: IFDConfig, max_length: int):
         rows = [pair_token_ids(tokenizer, p["question"], p["answer"], cfg, max_length) for p in pairs]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][2]))
+        # Longest first: an out-of-memory error shows at the first batch.
+        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][2])))
         self.batches = [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
         self.rows = rows
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -137,8 +140,13 @@ def score_pairs(
     """The pairs with "ifd", "loss_cond" and "loss_alone" added, in input order."""
     if not pairs:
         return []
-    loader = DataLoader(PairBatches(tokenizer, pairs, cfg, max_length), batch_size=None, shuffle=False)
-    outputs = trainer.predict(IFDScorer(model, use_adapter), dataloaders=loader)
+
+    def run(size: int) -> list[dict]:
+        batches = PairBatches(tokenizer, pairs, replace(cfg, batch_size=size), max_length)
+        loader = DataLoader(batches, batch_size=None, shuffle=False)
+        return trainer.predict(IFDScorer(model, use_adapter), dataloaders=loader)
+
+    outputs = halving_batch_on_oom(run, cfg.batch_size, "IFD scoring")
     scored: list[dict | None] = [None] * len(pairs)
     for out in outputs:
         for i, c, a in zip(out["index"].tolist(), out["loss_cond"].tolist(), out["loss_alone"].tolist()):

@@ -6,8 +6,10 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -113,6 +115,27 @@ def accelerator_device(accelerator: str = "auto") -> torch.device:
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+T = TypeVar("T")
+
+
+def halving_batch_on_oom(run: Callable[[int], T], batch_size: int, what: str) -> T:
+    """run(batch_size), retried with half the batch after each CUDA out-of-memory error.
+
+    Callers order their work longest first, so an out-of-memory error comes at the start, before
+    much is lost to the retry.
+    """
+    while True:
+        try:
+            return run(batch_size)
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"out of GPU memory in {what}: retrying with batch size {batch_size}", file=sys.stderr, flush=True)
 
 
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -1,0 +1,77 @@
+"""Out of GPU memory in generation, scoring or evaluation: the batch is halved and the work goes on.
+
+The error is injected (these machines have no GPU): a stage function raises torch.OutOfMemoryError
+for batches above a size, as CUDA would.
+"""
+
+import pytest
+import torch
+
+import selfevo.evaluate
+import selfevo.generate
+import selfevo.ifd
+from selfevo.config import EvalConfig, IFDConfig, ModelConfig, TrainerConfig
+from selfevo.evaluate import evaluate_model
+from selfevo.generate import Sampling, generate_texts
+from selfevo.ifd import score_pairs
+from selfevo.models import halving_batch_on_oom, load_model
+from selfevo.prompts import chat_prompt
+from selfevo.train import build_trainer
+
+
+def failing_above(fn, limit, rows_of):
+    def wrapper(*args, **kwargs):
+        if rows_of(*args, **kwargs) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.fixture()
+def tiny(tiny_model):
+    return load_model(ModelConfig(name=tiny_model, dtype="float32"))
+
+
+def test_generation_halves_and_says_so(tiny, monkeypatch, capsys):
+    model, tokenizer = tiny
+    prompts = [chat_prompt(tokenizer, f"prompt number {i}") for i in range(6)]
+    greedy = Sampling(max_new_tokens=6)
+    expected = generate_texts(model, tokenizer, prompts, greedy, batch_size=2, max_length=128, seed=0)
+    monkeypatch.setattr(selfevo.generate, "generate_batch",
+                        failing_above(selfevo.generate.generate_batch, 2, lambda m, t, p, *a: len(p)))
+    assert generate_texts(model, tokenizer, prompts, greedy, batch_size=8, max_length=128, seed=0) == expected
+    err = capsys.readouterr().err
+    assert "retrying with batch size 4" in err and "retrying with batch size 2" in err
+
+
+def test_scoring_halves_with_equal_scores(tiny, monkeypatch):
+    model, tokenizer = tiny
+    pairs = [{"question": f"Which port is number {i}?", "answer": f"Port {7700 + i}."} for i in range(6)]
+    trainer = build_trainer(TrainerConfig(), enable_progress_bar=False)
+    expected = score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=1), 128, trainer)
+    monkeypatch.setattr(selfevo.ifd, "mean_answer_nll",
+                        failing_above(selfevo.ifd.mean_answer_nll, 2, lambda m, ids, *a: ids.shape[0]))
+    got = score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=8), 128, trainer)
+    assert [p["ifd"] for p in got] == pytest.approx([p["ifd"] for p in expected], rel=1e-5)
+
+
+def test_evaluation_halves_with_equal_predictions(tiny, toy_inputs, monkeypatch):
+    from selfevo.data import load_eval
+
+    model, tokenizer = tiny
+    eval_set = load_eval(toy_inputs[1])
+    cfg = EvalConfig(batch_size=1, max_new_tokens=6)
+    expected = evaluate_model(model, tokenizer, eval_set, cfg, 256, build_trainer(TrainerConfig()))
+    monkeypatch.setattr(selfevo.evaluate, "generate_batch",
+                        failing_above(selfevo.evaluate.generate_batch, 1, lambda m, t, p, *a: len(p)))
+    cfg.batch_size = 4
+    assert evaluate_model(model, tokenizer, eval_set, cfg, 256, build_trainer(TrainerConfig())) == expected
+
+
+def test_batch_of_one_that_does_not_fit_is_an_error():
+    def never_fits(size):
+        raise torch.OutOfMemoryError("injected")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        halving_batch_on_oom(never_fits, 4, "test")
