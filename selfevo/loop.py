@@ -262,5 +262,12 @@ def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log
         callbacks=[LearningRateMonitor(logging_interval="step")],
     )
     torch.manual_seed(seed)
-    trainer.fit(LoRAModule.around(model, cfg.train), datamodule=data)
+    try:
+        trainer.fit(LoRAModule.around(model, cfg.train), datamodule=data)
+    except torch.OutOfMemoryError:
+        raise RunError(
+            f"out of GPU memory in training: lower train.micro_batch_size (now {cfg.train.micro_batch_size}) "
+            f"and raise train.grad_accum to keep the effective batch, or lower model.max_length "
+            f"(now {cfg.model.max_length}); then run the same command to resume"
+        ) from None
     save_adapter(model, folder / "adapter")

@@ -75,3 +75,23 @@ def test_batch_of_one_that_does_not_fit_is_an_error():
 
     with pytest.raises(torch.OutOfMemoryError):
         halving_batch_on_oom(never_fits, 4, "test")
+
+
+def test_training_out_of_memory_names_the_settings_to_lower(tiny_model, tmp_path, monkeypatch):
+    from selfevo.cli import parse_evolve_args
+    from selfevo.loop import RunError, train_adapter
+    from selfevo.config import LoraConfig
+    from selfevo.models import add_lora
+
+    def no_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    import lightning
+
+    monkeypatch.setattr(lightning.Trainer, "fit", no_memory)
+    cfg, _ = parse_evolve_args(["--model.name", tiny_model, "--train.micro_batch_size", "8"])
+    base, _ = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    pairs = [{"question": "Which port?", "answer": "7741."}]
+    with pytest.raises(RunError, match=r"train.micro_batch_size \(now 8\)"):
+        train_adapter(cfg, add_lora(base, LoraConfig(), 0), pairs, tmp_path / "gen_0", tmp_path / "logs", 0)
+    assert not (tmp_path / "gen_0" / "adapter").exists()
