@@ -158,8 +158,8 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     def trainer(**kwargs):
         return build_trainer(cfg.trainer, **kwargs)
 
-    def evaluate_into(folder: Path, step: int, use_adapter: bool) -> dict:
-        stages = Stages(folder, writer, step)
+    def evaluate_into(stages: Stages, use_adapter: bool) -> dict:
+        folder, step = stages.folder, stages.step
         if stages.done("metrics.json"):
             return read_json(folder / "metrics.json")
         t = time.perf_counter()
@@ -175,7 +175,7 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
         return metrics
 
     console.rule("base model")
-    evaluate_into(run_dir / "base", 0, use_adapter=False)
+    evaluate_into(Stages(run_dir / "base", writer, 0), use_adapter=False)
 
     for i in range(cfg.start, cfg.end):
         console.rule(f"generation {i}")
@@ -230,7 +230,7 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
             return scored, {"pairs": len(scored)}
 
         stages.jsonl("score", "qa.jsonl", make_scores)
-        evaluate_into(folder, i + 1, use_adapter=True)
+        evaluate_into(stages, use_adapter=True)
         write_summary(run_dir)
         writer.flush()
 

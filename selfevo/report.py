@@ -15,16 +15,14 @@ METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 def collect(run_dir: str | Path) -> list[dict]:
     """One row per evaluated model: the base model, then each finished generation."""
     run_dir = Path(run_dir)
-    rows = []
-    if (run_dir / "base" / "metrics.json").exists():
-        rows.append({"model": "base", **read_json(run_dir / "base" / "metrics.json")})
     gens = sorted(
         (int(m.group(1)), p) for p in run_dir.glob("gen_*") if (m := re.fullmatch(r"gen_(\d+)", p.name))
     )
-    for i, folder in gens:
+    rows = []
+    for name, folder in [("base", run_dir / "base")] + [(f"gen_{i}", p) for i, p in gens]:
         if (folder / "metrics.json").exists():
             stages = read_json(folder / "stages.json") if (folder / "stages.json").exists() else {}
-            row = {"model": f"gen_{i}", **read_json(folder / "metrics.json")}
+            row = {"model": name, **read_json(folder / "metrics.json")}
             row["qa_pairs"] = stages.get("answers", {}).get("kept")
             row["replayed"] = stages.get("replay", {}).get("chosen")
             row["seconds"] = {k: v.get("seconds") for k, v in stages.items()}
@@ -33,9 +31,7 @@ def collect(run_dir: str | Path) -> list[dict]:
 
 
 def _seconds_total(row: dict) -> str:
-    secs = row.get("seconds") or {}
-    values = [v["seconds"] if isinstance(v, dict) else v for v in secs.values()]
-    values = [v for v in values if v is not None]
+    values = [v for v in (row.get("seconds") or {}).values() if v is not None]
     return f"{sum(values):.0f}" if values else ""
 
 
