@@ -37,6 +37,8 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto: bfloat16 on a GPU that supports it, else float32."""
     trust_remote_code: bool = False
+    quantization: Literal["none", "nf4"] = "none"
+    """nf4: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes (CUDA only; pip install "selfevo[qlora]")."""
     max_length: int = 1024
     """Token cutoff for every prompt + completion (the seed's cutoff_len)."""
 

@@ -33,7 +33,9 @@ from selfevo.data import load_eval, load_fragments, read_json, read_jsonl, write
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import write_answers, write_questions
 from selfevo.ifd import score_pairs
-from selfevo.models import accelerator_device, add_lora, load_adapter_weights, load_model, resolve_model, save_adapter
+from selfevo.models import (
+    accelerator_device, add_lora, load_adapter_weights, load_model, nf4_quantization, resolve_model, save_adapter,
+)
 from selfevo.report import write_report, write_summary
 from selfevo.select import select_replay
 from selfevo.train import LoRAModule, QADataModule, build_trainer
@@ -139,6 +141,8 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
         fragments = fragments[: cfg.data.limit]
     eval_set = load_eval(cfg.data.eval)
     resolve_model(cfg.model.name, cfg.model.trust_remote_code)  # a bad model path fails before anything is written
+    if cfg.model.quantization == "nf4":
+        nf4_quantization()  # likewise a missing GPU or bitsandbytes
     console.print(
         f"[bold]{len(fragments)}[/] fragments ({duplicates} duplicates dropped), [bold]{len(eval_set)}[/] eval pairs"
     )
