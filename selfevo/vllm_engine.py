@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from selfevo.config import ConfigError, GenerationConfig, ModelConfig
 from selfevo.generate import Sampling, prompt_limit
-from selfevo.models import resolve_dtype
+from selfevo.models import ModelError, resolve_dtype
 
 console = Console(stderr=True)
 
@@ -46,6 +46,17 @@ def engine_lora_rank(r: int) -> int:
     raise ConfigError(f"lora.r: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}, got {r}")
 
 
+def startup_memory_fraction() -> float:
+    """The gpu_memory_utilization to pass: vLLM refuses to start unless the device's free memory is at
+    least that fraction of its total. The KV cache is sized in bytes instead, so the fraction only has
+    to let vLLM start beside the run's Hugging Face model, whatever that holds."""
+    if not torch.cuda.is_available():
+        return 0.9  # on a CPU, vLLM skips this check when the KV cache size is given
+    torch.cuda.empty_cache()  # the blocks that training and evaluation left cached
+    free, total = torch.cuda.mem_get_info()
+    return round(0.9 * free / total, 3)
+
+
 class VLLMEngine:
     """A vLLM `LLM` over the base model, with LoRA enabled; `use_adapter` picks what generates."""
 
@@ -54,21 +65,25 @@ class VLLMEngine:
         # In-process engine: no worker processes to spawn (which would need a __main__ guard in every
         # entry point), and the run's other stages keep the same process. Set it to 1 to override.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # selfevo reports the stages itself
         from vllm import LLM
 
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        longest_new = max(generation.question_max_new_tokens, generation.answer_max_new_tokens)
         self.llm = LLM(
             model=str(folder),
             tokenizer=str(folder),
             dtype=str(resolve_dtype(model.dtype)).removeprefix("torch."),
             trust_remote_code=model.trust_remote_code,
-            max_model_len=model.max_length,
+            # prompts are cut to fit max_length with the new tokens, but never below 8 tokens
+            max_model_len=max(model.max_length, 8 + longest_new),
             seed=seed,
             enable_lora=True,
             max_loras=1,
             max_lora_rank=engine_lora_rank(lora_r),
             # A fixed KV cache, not a fraction of the device: the run's training shares the device.
             kv_cache_memory_bytes=int(generation.vllm_kv_cache_gib * 2**30),
+            gpu_memory_utilization=startup_memory_fraction(),
             # The model's generation_config.json would add its own stop tokens and defaults; the
             # Hugging Face backend stops at the tokenizer's EOS only, and so must this one.
             generation_config="vllm",
@@ -90,7 +105,7 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
 
         if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+            raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
         self._last_lora_id += 1  # a new id: vLLM caches adapters by id, and this one's weights are new
         self.lora_request = LoRARequest(f"adapter-{self._last_lora_id}", self._last_lora_id, str(adapter))
 
@@ -124,7 +139,7 @@ class VLLMEngine:
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate(
-            [{"prompt_token_ids": x[-limit:]} for x in ids], params, lora_request=self.lora_request, use_tqdm=False
+            [{"prompt_token_ids": x[-limit:]} for x in ids], params, lora_request=self.lora_request
         )
         return tokenizer.batch_decode([list(o.outputs[0].token_ids) for o in outputs], skip_special_tokens=True)
 
