@@ -71,6 +71,30 @@ def count_new_tokens(tokenizer, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
+def bench_vllm_generation(model_name, model, tokenizer, prompts, new_tokens, kv_cache_gib) -> list[dict]:
+    """selfevo's vLLM backend on the same prompts, serving a LoRA adapter as generations >= 1 do."""
+    import tempfile
+
+    from selfevo.config import GenerationConfig
+    from selfevo.models import resolve_model, save_adapter
+    from selfevo.vllm_engine import VLLMEngine
+
+    adapter = Path(tempfile.mkdtemp()) / "adapter"
+    save_adapter(model, adapter)
+    gen_cfg = GenerationConfig(backend="vllm", question_max_new_tokens=new_tokens, answer_max_new_tokens=new_tokens,
+                               vllm_kv_cache_gib=kv_cache_gib)
+    (engine, up) = timed(lambda: VLLMEngine(resolve_model(model_name), ModelConfig(name=model_name), gen_cfg, 8, 0))
+    engine.use_adapter(adapter)
+    sampling = Sampling(new_tokens, True, 0.5, 0.95)
+    engine.generate(tokenizer, prompts[:64], sampling, max_length=2048, seed=1)  # warm-up
+    texts, secs = timed(lambda: engine.generate(tokenizer, prompts, sampling, max_length=2048, seed=0))
+    engine.close()
+    n = count_new_tokens(tokenizer, texts)
+    return [{"stage": "generation", "way": f"selfevo vLLM backend, LoRA adapter, KV cache {kv_cache_gib:g} GiB",
+             "items": len(prompts), "seconds": secs, "engine_start_s": up, "new_tokens": n,
+             "new_tokens_per_s": n / secs}]
+
+
 def bench_generation(model, tokenizer, prompts, seed_prompts, batch_sizes, new_tokens) -> list[dict]:
     rows = []
     sampling = Sampling(new_tokens, True, 0.5, 0.95)
@@ -172,6 +196,7 @@ def main() -> None:
     p.add_argument("--gen-batch-sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--vllm-kv-cache-gib", type=float, default=0, help="> 0: also time the vLLM backend")
     p.add_argument("--cpu-sizes", action="store_true", help="small sizes for a 2-core CPU")
     p.add_argument("--stages", nargs="+", default=["ifd", "generation", "train"])
     p.add_argument("--out", default="")
@@ -197,6 +222,12 @@ def main() -> None:
     if "generation" in args.stages:
         rows += bench_generation(model, tokenizer, prompts, args.seed_prompts, args.gen_batch_sizes, args.new_tokens)
         print(json.dumps(rows[-1]), flush=True)
+        if args.vllm_kv_cache_gib > 0:
+            lora_model = add_lora(model, LoraConfig(), seed=0)
+            rows += bench_vllm_generation(args.model, lora_model, tokenizer, prompts, args.new_tokens,
+                                          args.vllm_kv_cache_gib)
+            print(json.dumps(rows[-1]), flush=True)
+            model = lora_model.unload()
     if "train" in args.stages:
         qa_file = Path("/tmp/selfevo_bench_qa.json")
         qa_file.write_text(json.dumps([{"question": p["question"], "answer": p["answer"]} for p in pairs],
