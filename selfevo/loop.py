@@ -39,7 +39,7 @@ from selfevo.models import (
 from selfevo.report import write_report, write_summary
 from selfevo.select import select_replay
 from selfevo.train import LoRAModule, QADataModule, build_trainer
-from selfevo.vllm_engine import VLLMEngine, require_vllm
+from selfevo.vllm_engine import VLLMEngine, engine_lora_rank, require_vllm
 
 console = Console(stderr=True)
 LIBRARIES = ("selfevo", "torch", "transformers", "peft", "lightning", "torchmetrics", "nltk", "jieba", "rouge-chinese")
@@ -137,7 +137,8 @@ class Stages:
 def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     """Run generations cfg.start .. cfg.end-1; returns the run directory."""
     validate(cfg)
-    if cfg.generation.backend == "vllm":
+    if cfg.generation.backend == "vllm":  # fail now, not after the base model's evaluation
+        engine_lora_rank(cfg.lora.r)
         require_vllm()
     fragments, duplicates = load_fragments(cfg.data.fragments)
     if cfg.data.limit:

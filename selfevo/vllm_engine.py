@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from rich.console import Console
+from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedTokenizerBase
 
 from selfevo.config import ConfigError, GenerationConfig, ModelConfig
@@ -84,7 +85,7 @@ class VLLMEngine:
             # A fixed KV cache, not a fraction of the device: the run's training shares the device.
             kv_cache_memory_bytes=int(generation.vllm_kv_cache_gib * 2**30),
             gpu_memory_utilization=startup_memory_fraction(),
-            # The model's generation_config.json would add its own stop tokens and defaults; the
+            # Not the stop tokens and sampling defaults of the model's generation_config.json: the
             # Hugging Face backend stops at the tokenizer's EOS only, and so must this one.
             generation_config="vllm",
         )
@@ -92,6 +93,9 @@ class VLLMEngine:
         # serving process; in this one, the training and scoring that follow need their threads back.
         torch.set_num_threads = set_threads
         torch.set_num_threads(threads)
+        # The Hugging Face backend's `generate` also applies the model's own repetition penalty.
+        defaults = HFGenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
+        self.repetition_penalty = (defaults and defaults.repetition_penalty) or 1.0
         self.lora_request = None  # None: the base model (generation 0's fresh adapter is the identity)
         self._last_lora_id = 0
 
@@ -133,6 +137,7 @@ class VLLMEngine:
                 temperature=sampling.temperature if sampling.do_sample else 0.0,
                 top_p=sampling.top_p if sampling.do_sample else 1.0,
                 top_k=sampling.top_k if sampling.do_sample else 0,
+                repetition_penalty=self.repetition_penalty,
                 seed=seed * 100_003 + i,
                 detokenize=False,  # decoded below by the Hugging Face tokenizer, as that backend does
             )

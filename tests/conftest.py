@@ -68,9 +68,16 @@ def tiny_vllm_model(tmp_path_factory) -> str:
     """The tiny Llama at hidden size 128: head size 32, the least that vLLM's CPU attention takes.
 
     Its larger initial weights make greedy decoding pick varied tokens (at the default 0.02 it
-    repeats one), so that a comparison of two backends' outputs compares something.
+    repeats one), so that a comparison of two backends' outputs compares something. Its
+    generation_config.json sets a repetition penalty, which both backends must apply.
     """
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama-128"), hidden_size=128, init_std=0.2))
+    from transformers import GenerationConfig
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny-llama-128"), hidden_size=128, init_std=0.2)
+    generation = GenerationConfig.from_pretrained(folder)
+    generation.repetition_penalty = 1.3
+    generation.save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.hookimpl(tryfirst=True)  # before the fixtures, which would start an engine

