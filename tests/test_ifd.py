@@ -79,8 +79,10 @@ REFERENCE = SHARED / "bench" / "seed_ifd_reference.py"
 @pytest.mark.slow
 @pytest.mark.skipif(not REFERENCE.exists(), reason="../shared/bench not present")
 def test_agrees_with_seed_reference_on_aiops_with_smollm2():
-    """The issue's bound on the AIOps eval pairs (fp32, CPU, SmolLM2); a subset keeps CI fast,
-    benchmarks/ifd_agreement.py measures all 100 pairs."""
+    """The issue's bound on the AIOps eval pairs (fp32, CPU, SmolLM2). The seed's per-position loop
+    is slow on a 2-core CI machine, so this checks the first 12 pairs; benchmarks/ifd_agreement.py
+    measures all 100 (docs/ifd.md: pair 48, whose answer starts with a token the seed's joint
+    tokenization merges, is the one outlier)."""
     from scipy.stats import spearmanr
 
     sys.path.insert(0, str(REFERENCE.parent))
@@ -88,7 +90,7 @@ def test_agrees_with_seed_reference_on_aiops_with_smollm2():
 
     model, tokenizer = load_model(ModelConfig(dtype="float32"))
     model.eval()
-    records = json.loads((SHARED / "data" / "AIOps_eval_data.json").read_text(encoding="utf-8"))[:24]
+    records = json.loads((SHARED / "data" / "AIOps_eval_data.json").read_text(encoding="utf-8"))[:12]
     pairs = [{"question": r["input"], "answer": r["output"]} for r in records]
     ours = [p["ifd"] for p in score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=8), 1024,
                                           build_trainer(TrainerConfig()))]
