@@ -92,6 +92,8 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     lr_schedule: Literal["cosine", "constant"] = "cosine"
+    checkpoint_every: int = 50
+    """Optimizer steps between mid-training checkpoints, from which a killed training resumes (0: none)."""
 
 
 @dataclass
@@ -154,6 +156,8 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"start/end: need 0 <= start < end, got start={cfg.start} end={cfg.end}")
     if cfg.replay.k < 0:
         raise ConfigError(f"replay.k: must be >= 0, got {cfg.replay.k}")
+    if cfg.train.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every: must be >= 0, got {cfg.train.checkpoint_every}")
     positive = {
         "generation.batch_size": cfg.generation.batch_size,
         "ifd.batch_size": cfg.ifd.batch_size,
@@ -199,4 +203,5 @@ def identity(cfg: EvolveConfig) -> dict:
     d = asdict(cfg)
     for key in ("start", "end"):
         d.pop(key)
+    d["train"].pop("checkpoint_every")  # when checkpoints are taken does not change what is trained
     return d

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import IFDConfig
+from selfevo.faults import kill_point
 from selfevo.models import halving_batch_on_oom
 
 
@@ -125,6 +126,7 @@ class IFDScorer(L.LightningModule):
             with self.model.disable_adapter():
                 losses = mean_answer_nll(self.model, batch["input_ids"], batch["attention_mask"], batch["answer_len"])
         n = len(batch["index"])
+        kill_point("score")
         return {"index": batch["index"].cpu(), "loss_cond": losses[:n].cpu(), "loss_alone": losses[n:].cpu()}
 
 

@@ -14,12 +14,17 @@ already exists, so an interrupted run resumes at the first unfinished stage.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -29,21 +34,20 @@ from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
 from selfevo.config import EvolveConfig, identity, validate
-from selfevo.data import load_eval, load_fragments, read_json, read_jsonl, write_json, write_jsonl
+from selfevo.data import (
+    RunError, load_eval, load_fragments, read_json, read_jsonl, remove_temporary_files, write_json, write_jsonl,
+)
 from selfevo.evaluate import evaluate_model
+from selfevo.faults import kill_point
 from selfevo.generate import write_answers, write_questions
 from selfevo.ifd import score_pairs
 from selfevo.models import accelerator_device, add_lora, load_adapter_weights, load_model, resolve_model, save_adapter
 from selfevo.report import write_report, write_summary
 from selfevo.select import select_replay
-from selfevo.train import LoRAModule, QADataModule, build_trainer
+from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint, build_trainer
 
 console = Console(stderr=True)
 LIBRARIES = ("selfevo", "torch", "transformers", "peft", "lightning", "torchmetrics", "nltk", "jieba", "rouge-chinese")
-
-
-class RunError(RuntimeError):
-    """A run directory that cannot be used as it is: the message says how to recover."""
 
 
 def library_versions() -> dict[str, str]:
@@ -64,16 +68,42 @@ def _first_difference(a, b, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')}: {a!r} -> {b!r}"
 
 
+def config_digest(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def check_can_create(folder: Path, what: str) -> None:
+    """Fail before anything is written when `folder` cannot be created (or written, if it exists)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"{folder}: cannot create the {what} directory ({existing} is not a writable folder)")
+    if folder.is_symlink():
+        raise RunError(f"{folder}: is a symbolic link; selfevo writes a run only into a real folder of its own")
+
+
+def inside(run_dir: Path, folder: Path) -> Path:
+    """`folder`, after checking that writing into it stays inside run_dir (no symbolic link leads out)."""
+    if folder.is_symlink() or not folder.resolve().is_relative_to(run_dir.resolve()):
+        raise RunError(f"{folder}: is a symbolic link; selfevo writes only inside {run_dir}")
+    return folder
+
+
 def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
     """Create runs/NAME with a config snapshot, or check that an existing one holds this config."""
     run_dir = Path(cfg.runs_dir) / cfg.name
+    log_dir = Path(cfg.logs_dir) / cfg.name
+    check_can_create(run_dir, "run")
+    check_can_create(log_dir, "log")
     snapshot = run_dir / "config.json"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
     if snapshot.exists():
         old = read_json(snapshot)
+        if old.get("sha256") != config_digest(old.get("config")):
+            raise RunError(
+                f"{snapshot}: changed since the run began (its checksum does not match); put the original back, "
+                "or pass --force to set this run aside and start over"
+            )
         if old.get("config") != identity(cfg):
             if not force:
                 diff = _first_difference(old.get("config"), identity(cfg))
@@ -82,15 +112,21 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
                     "pass --force to set it aside and start over, or choose another --name"
                 )
             stamp = f"replaced-{datetime.now():%Y%m%d-%H%M%S}"
-            for folder in (run_dir, Path(cfg.logs_dir) / cfg.name):
+            for folder in (run_dir, log_dir):
                 if folder.exists():
                     shutil.move(folder, folder.with_name(f"{folder.name}.{stamp}"))
             console.print(f"[yellow]moved the old run and its logs aside (*.{stamp})[/]")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"{e.filename}: cannot create the run or log directory ({e.strerror})") from None
     if not snapshot.exists():
         write_json(
             snapshot,
             {
                 "config": identity(cfg),
+                "sha256": config_digest(identity(cfg)),
                 "seed": cfg.seed,
                 "versions": library_versions(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -99,8 +135,38 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
     return run_dir
 
 
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold runs/NAME/.lock while working, so that two processes never write one run; the kernel
+    releases it when the process dies, however it dies."""
+    with open(run_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"{run_dir}: another selfevo process is working on this run; wait for it to end") from None
+        swept = remove_temporary_files(run_dir)
+        if swept:
+            console.print(f"removed {swept} temporary file(s) left by an interrupted write")
+        yield
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class Stages:
-    """Skip-if-done bookkeeping of one generation folder, with each stage's seconds and counts."""
+    """Skip-if-done bookkeeping of one generation folder, kept in its stages.json: per stage, the
+    files it wrote with their SHA-256, its seconds and its counts.
+
+    A stage is done when its record lists its files and each is there with that checksum. A stage
+    without a record (killed before it was recorded), or with none of its files left (deleted to
+    redo it), runs again. A recorded stage with a file missing or changed is a damaged run: that is
+    an error that says what to delete, never a result silently trusted.
+    """
 
     def __init__(self, folder: Path, writer: SummaryWriter, step: int):
         self.folder = folder
@@ -109,26 +175,49 @@ class Stages:
         self.log_file = folder / "stages.json"
         self.log = read_json(self.log_file) if self.log_file.exists() else {}
 
-    def done(self, name: str) -> bool:
-        return (self.folder / name).exists()
+    def done(self, stage: str, files: tuple[str, ...]) -> bool:
+        recorded = self.log.get(stage, {}).get("files")
+        if recorded is None or not any((self.folder / f).exists() for f in files):
+            return False
+        for f in files:
+            path = self.folder / f
+            problem = "missing" if not path.exists() else None
+            if problem is None and (f not in recorded or file_digest(path) != recorded[f]):
+                problem = "changed or damaged since it was written (checksum differs)"
+            if problem:
+                redo = " and ".join(sorted({str(self.folder / f.split("/")[0]) for f in files}))
+                raise RunError(f"{path}: {problem}; delete {redo} and run the same command to redo the {stage} stage")
+        return True
 
-    def record(self, stage: str, seconds: float, **counts) -> None:
-        self.log[stage] = {"seconds": round(seconds, 2), **counts}
+    def begin(self, stage: str) -> None:
+        """Forget a stage's record before its files are rewritten, so that a crash in between leaves no stale checksums."""
+        if self.log.pop(stage, None) is not None:
+            write_json(self.log_file, self.log)
+
+    def record(self, stage: str, seconds: float, files: tuple[str, ...], **counts) -> None:
+        digests = {f: file_digest(self.folder / f) for f in files}
+        self.log[stage] = {"seconds": round(seconds, 2), **counts, "files": digests}
         write_json(self.log_file, self.log)
         self.writer.add_scalar(f"seconds/{stage}", seconds, self.step)
         extra = ", ".join(f"{k} {v}" for k, v in counts.items())
         console.print(f"  {stage}: {seconds:.1f}s" + (f" ({extra})" if extra else ""))
+        kill_point("stage")
 
     def jsonl(self, stage: str, file: str, make: Callable[[], tuple[list[dict], dict]]) -> list[dict]:
         """Load `file` if a previous attempt finished it; otherwise make and write it."""
         path = self.folder / file
-        if path.exists():
+        if self.done(stage, (file,)):
             return read_jsonl(path)
+        self.begin(stage)
         t = time.perf_counter()
         records, counts = make()
         write_jsonl(path, records)
-        self.record(stage, time.perf_counter() - t, **counts)
+        self.record(stage, time.perf_counter() - t, (file,), **counts)
         return records
+
+
+EVAL_FILES = ("predictions.jsonl", "metrics.json")
+ADAPTER_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors")
 
 
 def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
@@ -143,6 +232,11 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
         f"[bold]{len(fragments)}[/] fragments ({duplicates} duplicates dropped), [bold]{len(eval_set)}[/] eval pairs"
     )
     run_dir = prepare_run_dir(cfg, force)
+    with run_lock(run_dir):
+        return run_generations(cfg, run_dir, fragments, eval_set)
+
+
+def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval_set: list[dict]) -> Path:
     for j in range(cfg.start):
         if not (run_dir / f"gen_{j}" / "metrics.json").exists() or not (run_dir / f"gen_{j}" / "adapter").exists():
             raise RunError(f"{run_dir}/gen_{j} is unfinished; resume from it with --start {j}")
@@ -158,29 +252,32 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     def trainer(**kwargs):
         return build_trainer(cfg.trainer, **kwargs)
 
+    def stages_of(folder_name: str, step: int) -> Stages:
+        return Stages(inside(run_dir, run_dir / folder_name), writer, step)
+
     def evaluate_into(stages: Stages, use_adapter: bool) -> dict:
         folder, step = stages.folder, stages.step
-        if stages.done("metrics.json"):
+        if stages.done("evaluate", EVAL_FILES):
             return read_json(folder / "metrics.json")
+        stages.begin("evaluate")
         t = time.perf_counter()
         metrics, predictions = evaluate_model(
             model, tokenizer, eval_set, cfg.evaluation, max_length, trainer(), cfg.seed, use_adapter
         )
         write_jsonl(folder / "predictions.jsonl", predictions)
-        stages.record("evaluate", time.perf_counter() - t, pairs=len(predictions))
-        metrics = {**metrics, "seconds": stages.log}
-        write_json(folder / "metrics.json", metrics)
+        write_json(folder / "metrics.json", metrics)  # no timings here: metrics reproduce byte for byte
+        stages.record("evaluate", time.perf_counter() - t, EVAL_FILES, pairs=len(predictions))
         for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
             writer.add_scalar(f"eval/{key}", metrics[key], step)
         return metrics
 
     console.rule("base model")
-    evaluate_into(Stages(run_dir / "base", writer, 0), use_adapter=False)
+    evaluate_into(stages_of("base", 0), use_adapter=False)
 
     for i in range(cfg.start, cfg.end):
         console.rule(f"generation {i}")
-        folder = run_dir / f"gen_{i}"
-        stages = Stages(folder, writer, i + 1)
+        stages = stages_of(f"gen_{i}", i + 1)
+        folder = stages.folder
         seed = cfg.seed * 1000 + i
         # Lightning hands the model back on the CPU after each stage; generation runs outside it.
         model.to(accelerator_device(cfg.trainer.accelerator))
@@ -204,22 +301,24 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
             return chosen, {"history": len(history), "chosen": len(chosen)}
 
         questions = stages.jsonl("questions", "questions.jsonl", make_questions)
-        if not stages.done("adapter"):
-            qa = stages.jsonl("answers", "answers.jsonl", make_answers)
-            replay = stages.jsonl("replay", "replay.jsonl", make_replay)
+        qa = stages.jsonl("answers", "answers.jsonl", make_answers)
+        replay = stages.jsonl("replay", "replay.jsonl", make_replay)
+        if stages.done("train", ADAPTER_FILES):
+            shutil.rmtree(inside(run_dir, folder / "checkpoints"), ignore_errors=True)  # a kill can come before their removal
+            load_adapter_weights(model, folder / "adapter")
+        else:
             if not qa and not replay:
                 raise RunError(
                     f"{folder}: generation {i} kept no QA pairs and has nothing to replay; see the dropped counts "
                     f"in {folder}/stages.json, then delete {folder} and run again with other generation settings"
                 )
+            stages.begin("train")
             t = time.perf_counter()
+            inside(run_dir, folder / "checkpoints")
             train_adapter(cfg, model, qa + replay, folder, log_dir, seed)
-            stages.record("train", time.perf_counter() - t, pairs=len(qa) + len(replay))
-        else:
-            load_adapter_weights(model, folder / "adapter")
+            stages.record("train", time.perf_counter() - t, ADAPTER_FILES, pairs=len(qa) + len(replay))
 
         def make_scores():
-            qa = read_jsonl(folder / "answers.jsonl")
             scored = score_pairs(
                 model, tokenizer, qa, cfg.ifd, max_length, trainer(), use_adapter=cfg.ifd.scorer == "trained"
             )
@@ -244,7 +343,13 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
 
 
 def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log_dir: Path, seed: int) -> None:
-    """Continue the in-memory adapter on `pairs` (written to train.jsonl) and save it to folder/adapter."""
+    """Continue the in-memory adapter on `pairs` (written to folder/train.jsonl) and save it to folder/adapter.
+
+    Every train.checkpoint_every optimizer steps the adapter's weights and the optimizer, scheduler
+    and loop state go to checkpoints/last.ckpt (see train.StepCheckpoint); a killed training
+    resumes from there, and the folder is deleted once the adapter is saved.
+    """
+    checkpoints = folder / "checkpoints"
     train_file = folder / "train.jsonl"
     write_jsonl(train_file, [{"question": p["question"], "answer": p["answer"]} for p in pairs])
     data = QADataModule(
@@ -252,6 +357,7 @@ def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log
         trust_remote_code=cfg.model.trust_remote_code,
     )
     logger = TensorBoardLogger(save_dir=str(log_dir), name="", version=f"train_gen_{folder.name.split('_')[-1]}")
+    last = checkpoints / "last.ckpt"
     trainer = build_trainer(
         cfg.trainer,
         max_epochs=cfg.train.epochs,
@@ -259,11 +365,18 @@ def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log
         gradient_clip_val=1.0,
         logger=logger,
         log_every_n_steps=1,
-        callbacks=[LearningRateMonitor(logging_interval="step")],
+        callbacks=[LearningRateMonitor(logging_interval="step"), StepCheckpoint(last, cfg.train.checkpoint_every)],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(folder),
     )
     torch.manual_seed(seed)
+    if last.exists():
+        console.print(f"  resuming training from {last}", soft_wrap=True)
     try:
-        trainer.fit(LoRAModule.around(model, cfg.train), datamodule=data)
+        trainer.fit(
+            LoRAModule.around(model, cfg.train), datamodule=data,
+            ckpt_path=str(last) if last.exists() else None, weights_only=True,
+        )
     except torch.OutOfMemoryError:
         raise RunError(
             f"out of GPU memory in training: lower train.micro_batch_size (now {cfg.train.micro_batch_size}) "
@@ -271,3 +384,4 @@ def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log
             f"(now {cfg.model.max_length}); then run the same command to resume"
         ) from None
     save_adapter(model, folder / "adapter")
+    shutil.rmtree(checkpoints, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import LoraConfig, ModelConfig
+from selfevo.data import TEMP_SUFFIX
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -163,9 +165,16 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> None:
     """Save the adapter as a PEFT safetensors folder, atomically (peft and vLLM can load it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        # peft writes target_modules from a set, in an order that changes with Python's hash seed; sorted,
+        # the same adapter gives the same bytes in every process.
+        config_file = tmp / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
