@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# One thread: on a shared 2-core machine, torch's thread pool spinning against other work makes the
+# tiny-model tests ten times slower; and the crash tests compare files made here with files made by
+# other processes (tests/forked_cli.py, also one thread), which must match byte for byte.
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CHATML = (
