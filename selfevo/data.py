@@ -30,6 +30,8 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
 def read_records(path: str | os.PathLike) -> list[dict]:
     """Read a JSON list or JSONL file of objects, strictly: UTF-8, no BOM, no duplicate keys."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     raw = path.read_bytes()
@@ -130,6 +132,15 @@ os.umask(_UMASK)
 TEMP_SUFFIX = ".tmp"
 
 
+def check_can_create(folder: Path, what: str) -> None:
+    """Fail before any work when `folder` cannot be created (or written, if it exists)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{folder}: cannot create the {what} directory ({existing} is not a writable folder)")
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, and rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,8 +157,10 @@ def write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a full disk fails in write() or fsync(), which name no file
         raise
 
 

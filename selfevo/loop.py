@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -35,7 +34,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from selfevo.config import EvolveConfig, identity, validate
 from selfevo.data import (
-    RunError, load_eval, load_fragments, read_json, read_jsonl, remove_temporary_files, write_json, write_jsonl,
+    DataError, RunError, check_can_create, load_eval, load_fragments, read_json, read_jsonl, remove_temporary_files,
+    write_json, write_jsonl,
 )
 from selfevo.evaluate import evaluate_model
 from selfevo.faults import kill_point
@@ -72,17 +72,6 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def check_can_create(folder: Path, what: str) -> None:
-    """Fail before anything is written when `folder` cannot be created (or written, if it exists)."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise RunError(f"{folder}: cannot create the {what} directory ({existing} is not a writable folder)")
-    if folder.is_symlink():
-        raise RunError(f"{folder}: is a symbolic link; selfevo writes a run only into a real folder of its own")
-
-
 def inside(run_dir: Path, folder: Path) -> Path:
     """`folder`, after checking that writing into it stays inside run_dir (no symbolic link leads out)."""
     if folder.is_symlink() or not folder.resolve().is_relative_to(run_dir.resolve()):
@@ -94,11 +83,16 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
     """Create runs/NAME with a config snapshot, or check that an existing one holds this config."""
     run_dir = Path(cfg.runs_dir) / cfg.name
     log_dir = Path(cfg.logs_dir) / cfg.name
-    check_can_create(run_dir, "run")
-    check_can_create(log_dir, "log")
+    for folder, what in ((run_dir, "run"), (log_dir, "log")):
+        check_can_create(folder, what)
+        if folder.is_symlink():
+            raise RunError(f"{folder}: is a symbolic link; selfevo writes a run only into a real folder of its own")
     snapshot = run_dir / "config.json"
     if snapshot.exists():
-        old = read_json(snapshot)
+        try:
+            old = read_json(snapshot)
+        except DataError:
+            old = {}  # reported below as a changed snapshot
         if old.get("sha256") != config_digest(old.get("config")):
             raise RunError(
                 f"{snapshot}: changed since the run began (its checksum does not match); put the original back, "
@@ -168,12 +162,17 @@ class Stages:
     an error that says what to delete, never a result silently trusted.
     """
 
-    def __init__(self, folder: Path, writer: SummaryWriter, step: int):
+    def __init__(self, folder: Path, writer: SummaryWriter | None, step: int):
         self.folder = folder
         self.writer = writer
         self.step = step
         self.log_file = folder / "stages.json"
-        self.log = read_json(self.log_file) if self.log_file.exists() else {}
+        try:
+            self.log = read_json(self.log_file) if self.log_file.exists() else {}
+        except DataError:
+            raise RunError(
+                f"{self.log_file}: damaged; delete it and run the same command to redo this folder's stages"
+            ) from None
 
     def done(self, stage: str, files: tuple[str, ...]) -> bool:
         recorded = self.log.get(stage, {}).get("files")
@@ -198,7 +197,8 @@ class Stages:
         digests = {f: file_digest(self.folder / f) for f in files}
         self.log[stage] = {"seconds": round(seconds, 2), **counts, "files": digests}
         write_json(self.log_file, self.log)
-        self.writer.add_scalar(f"seconds/{stage}", seconds, self.step)
+        if self.writer is not None:
+            self.writer.add_scalar(f"seconds/{stage}", seconds, self.step)
         extra = ", ".join(f"{k} {v}" for k, v in counts.items())
         console.print(f"  {stage}: {seconds:.1f}s" + (f" ({extra})" if extra else ""))
         kill_point("stage")
@@ -237,9 +237,11 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
 
 
 def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval_set: list[dict]) -> Path:
-    for j in range(cfg.start):
-        if not (run_dir / f"gen_{j}" / "metrics.json").exists() or not (run_dir / f"gen_{j}" / "adapter").exists():
-            raise RunError(f"{run_dir}/gen_{j} is unfinished; resume from it with --start {j}")
+    for j in range(cfg.start):  # what generation cfg.start builds on must be there, intact
+        earlier = Stages(inside(run_dir, run_dir / f"gen_{j}"), None, j + 1)
+        for stage, files in (("train", ADAPTER_FILES), ("score", ("qa.jsonl",)), ("evaluate", EVAL_FILES)):
+            if not earlier.done(stage, files):
+                raise RunError(f"{earlier.folder} is unfinished ({stage}); resume from it with --start {j}")
 
     console.print(f"loading {cfg.model.name} ...")
     base, tokenizer = load_model(cfg.model)

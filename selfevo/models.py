@@ -183,6 +183,16 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> None:
         raise
 
 
+def check_adapter_folder(path: str | os.PathLike) -> Path:
+    """A PEFT adapter folder with safetensors weights (peft would fall back to unpickling a .bin file)."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ModelError(f"{path}: no adapter_model.safetensors (selfevo never unpickles .bin files)")
+    return path
+
+
 def load_adapter_weights(model: PeftModel, path: str | os.PathLike) -> None:
     """Load a saved adapter's weights into the model's active adapter (no new model, no merge)."""
     file = Path(path) / "adapter_model.safetensors"

@@ -1,9 +1,7 @@
 """End to end: `selfevo evolve` over 2 generations on the tiny model; resume; config checks."""
 
 import json
-from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 import selfevo.loop
