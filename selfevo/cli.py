@@ -84,6 +84,29 @@ def evolve_parser():
     return parser
 
 
+def check_yaml_keys(path: Path) -> None:
+    """Refuse a YAML config that gives a key twice (YAML loaders silently keep the last)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                fail(f"{path}: line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        yaml.load(path.read_text(encoding="utf-8"), StrictLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        pass  # the config parser reports these with its own messages
+
+
 def parse_evolve_args(args: list[str]):
     """(EvolveConfig, force) from `--config FILE` and dotted overrides such as `--data.fragments PATH`."""
     from jsonargparse import ArgumentError
@@ -91,10 +114,13 @@ def parse_evolve_args(args: list[str]):
     from selfevo.config import EvolveConfig
 
     parser = evolve_parser()
+    for flag, value in zip(args, args[1:]):
+        if flag == "--config":
+            check_yaml_keys(Path(value))
     try:
         ns = parser.instantiate(parser.parse_args(args))
     except ArgumentError as e:
-        fail(str(e).splitlines()[0])
+        fail(" ".join(line.strip() for line in str(e).splitlines()))
     cfg = EvolveConfig(**{f.name: ns[f.name] for f in fields(EvolveConfig)})
     return cfg, bool(ns.force)
 

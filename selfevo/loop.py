@@ -228,10 +228,10 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
         fragments = fragments[: cfg.data.limit]
     eval_set = load_eval(cfg.data.eval)
     resolve_model(cfg.model.name, cfg.model.trust_remote_code)  # a bad model path fails before anything is written
+    run_dir = prepare_run_dir(cfg, force)
     console.print(
         f"[bold]{len(fragments)}[/] fragments ({duplicates} duplicates dropped), [bold]{len(eval_set)}[/] eval pairs"
     )
-    run_dir = prepare_run_dir(cfg, force)
     with run_lock(run_dir):
         return run_generations(cfg, run_dir, fragments, eval_set)
 
