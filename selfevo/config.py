@@ -199,9 +199,10 @@ def validate(cfg: EvolveConfig) -> None:
 
 
 def identity(cfg: EvolveConfig) -> dict:
-    """The part of a config that defines a run's results: everything but the generation range."""
+    """The part of a config that defines a run's results: everything but the generation range, the
+    folders and the checkpoint interval."""
     d = asdict(cfg)
-    for key in ("start", "end"):
+    for key in ("start", "end", "runs_dir", "logs_dir"):  # where a run is kept is not what it is
         d.pop(key)
     d["train"].pop("checkpoint_every")  # when checkpoints are taken does not change what is trained
     return d

@@ -93,18 +93,20 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
             old = read_json(snapshot)
         except DataError:
             old = {}  # reported below as a changed snapshot
+        problem = None
         if old.get("sha256") != config_digest(old.get("config")):
-            raise RunError(
+            problem = (
                 f"{snapshot}: changed since the run began (its checksum does not match); put the original back, "
                 "or pass --force to set this run aside and start over"
             )
-        if old.get("config") != identity(cfg):
+        elif old.get("config") != identity(cfg):
+            problem = (
+                f"{run_dir} holds a run of a different config ({_first_difference(old.get('config'), identity(cfg))}); "
+                "pass --force to set it aside and start over, or choose another --name"
+            )
+        if problem:
             if not force:
-                diff = _first_difference(old.get("config"), identity(cfg))
-                raise RunError(
-                    f"{run_dir} holds a run of a different config ({diff}); "
-                    "pass --force to set it aside and start over, or choose another --name"
-                )
+                raise RunError(problem)
             stamp = f"replaced-{datetime.now():%Y%m%d-%H%M%S}"
             for folder in (run_dir, log_dir):
                 if folder.exists():
@@ -229,11 +231,21 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     eval_set = load_eval(cfg.data.eval)
     resolve_model(cfg.model.name, cfg.model.trust_remote_code)  # a bad model path fails before anything is written
     run_dir = prepare_run_dir(cfg, force)
-    console.print(
-        f"[bold]{len(fragments)}[/] fragments ({duplicates} duplicates dropped), [bold]{len(eval_set)}[/] eval pairs"
-    )
     with run_lock(run_dir):
+        verify_run(run_dir)
+        console.print(
+            f"[bold]{len(fragments)}[/] fragments ({duplicates} duplicates dropped), [bold]{len(eval_set)}[/] eval pairs"
+        )
         return run_generations(cfg, run_dir, fragments, eval_set)
+
+
+def verify_run(run_dir: Path) -> None:
+    """Check every recorded stage of the run before any work, so that damage stops it at once."""
+    for folder in [run_dir / "base", *sorted(run_dir.glob("gen_*"))]:
+        if (folder / "stages.json").exists() or folder.is_symlink():
+            stages = Stages(inside(run_dir, folder), None, 0)
+            for stage, record in stages.log.items():
+                stages.done(stage, tuple(record.get("files", {})))
 
 
 def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval_set: list[dict]) -> Path:

@@ -113,6 +113,20 @@ def run_files(run_dir: Path) -> dict[str, bytes]:
     }
 
 
+def assert_every_visible_file_complete(run_dir: Path) -> None:
+    """What a reader can open under its real name parses whole: a partial file is never taken as complete."""
+    for path in run_dir.rglob("*"):
+        if path.name.endswith(".tmp") or not path.is_file():
+            continue
+        text = path.read_text() if path.suffix in (".json", ".jsonl") else None
+        if path.suffix == ".json":
+            json.loads(text)
+        elif path.suffix == ".jsonl":
+            assert text == "" or text.endswith("\n"), path
+            for line in text.splitlines():
+                json.loads(line)
+
+
 def toy_domain_inputs(folder: Path) -> tuple[Path, Path]:
     """6 fragments (one given twice) and 4 eval pairs of the toy domain."""
     fragments = json.loads((ROOT / "data" / "quillmesh_fragments.json").read_text())[:6]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from selfevo.faults import POINTS
-from tests.conftest import ROOT, evolve_args, run_files
+from tests.conftest import ROOT, assert_every_visible_file_complete, evolve_args, run_files
 
 KILLS = 24
 # Passes of each point in one whole run of the test config (counted); N is drawn from the first half,
@@ -60,20 +60,6 @@ def records(files: dict[str, bytes]) -> Counter:
         if name.endswith(".jsonl"):
             out.update(f"{name}:{line}" for line in data.decode().splitlines())
     return out
-
-
-def assert_every_visible_file_complete(run_dir: Path) -> None:
-    """What a reader can open under its real name parses whole: a partial file is never taken as complete."""
-    for path in run_dir.rglob("*"):
-        if path.name.endswith(".tmp") or not path.is_file():
-            continue
-        text = path.read_text() if path.suffix in (".json", ".jsonl") else None
-        if path.suffix == ".json":
-            json.loads(text)
-        elif path.suffix == ".jsonl":
-            assert text == "" or text.endswith("\n"), path
-            for line in text.splitlines():
-                json.loads(line)
 
 
 @pytest.mark.slow
