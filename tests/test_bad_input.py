@@ -53,28 +53,34 @@ def model_env(tiny_model, monkeypatch):
     monkeypatch.setenv("SELFEVO_TEST_MODEL", tiny_model)
 
 
-FRAGMENT_CASES = {
-    "empty file": (b"", "the file is empty"),
-    "blank file": (b" \n\n", "the file is empty"),
-    "empty list": (b"[]", "holds no records"),
-    "list of numbers": (b"[1, 2]", "record 0: expected an object, got int"),
-    "wrong type": (b'[{"instruction": 5}]', "record 0: field 'instruction' must be a string, got int"),
-    "list as text": (b'[{"instruction": ["a"]}]', "record 0: field 'instruction' must be a string, got list"),
-    "null": (b'[{"instruction": "ok"}, {"instruction": null}]', "record 1: missing field 'instruction'"),
-    "missing field": (b'[{"instruction": "ok"}, {"other": "x"}]', "record 1: missing field 'text'"),
-    "empty text": (b'[{"instruction": "ok"}, {"instruction": "  "}]', "record 1: field 'instruction' is empty"),
-    "not UTF-8": (b'[{"instruction": "caf\xe9"}]', "line 1: not UTF-8"),
-    "BOM": (b'\xef\xbb\xbf[{"instruction": "ok"}]', "byte-order mark"),
-    "control character": (b'[{"instruction": "bell\\u0007"}]', "record 0: field 'instruction' holds control character 0x07"),
-    "duplicate keys": (b'[{"instruction": "a", "instruction": "b"}]', "duplicate key 'instruction'"),
-    "broken JSON": (b'[{"instruction": "ok"}', "not valid JSON"),
+F, E = "fragments.json", "eval.json"
+# case: (input file, its content, what the message must say besides the file's path)
+FILE_CASES = {
+    "fragments: empty file": (F, b"", "the file is empty"),
+    "fragments: blank file": (F, b" \n\n", "the file is empty"),
+    "fragments: empty list": (F, b"[]", "holds no records"),
+    "fragments: list of numbers": (F, b"[1, 2]", "record 0: expected an object, got int"),
+    "fragments: wrong type": (F, b'[{"instruction": 5}]', "record 0: field 'instruction' must be a string, got int"),
+    "fragments: list as text": (F, b'[{"instruction": ["a"]}]', "record 0: field 'instruction' must be a string, got list"),
+    "fragments: null": (F, b'[{"instruction": "ok"}, {"instruction": null}]', "record 1: missing field 'instruction'"),
+    "fragments: missing field": (F, b'[{"instruction": "ok"}, {"other": "x"}]', "record 1: missing field 'text'"),
+    "fragments: empty text": (F, b'[{"instruction": "ok"}, {"instruction": "  "}]', "record 1: field 'instruction' is empty"),
+    "fragments: not UTF-8": (F, b'[{"instruction": "caf\xe9"}]', "line 1: not UTF-8"),
+    "fragments: BOM": (F, b'\xef\xbb\xbf[{"instruction": "ok"}]', "byte-order mark"),
+    "fragments: control character": (F, b'[{"instruction": "bell\\u0007"}]', "record 0: field 'instruction' holds control character 0x07"),
+    "fragments: duplicate keys": (F, b'[{"instruction": "a", "instruction": "b"}]', "duplicate key 'instruction'"),
+    "fragments: broken JSON": (F, b'[{"instruction": "ok"}', "not valid JSON"),
+    "eval: without answers": (E, b'[{"instruction": "f", "input": "q?"}]', "record 0: missing field 'output'"),
+    "eval: null question": (E, b'[{"instruction": "f", "input": null, "output": "a"}]', "record 0: missing field 'input'"),
+    "eval: empty list": (E, b"[]", "holds no records"),
 }
 
 
-@pytest.mark.parametrize("case", FRAGMENT_CASES)
-def test_bad_fragment_file(tmp_path, case):
-    content, needle = FRAGMENT_CASES[case]
-    run_bad(tmp_path, fragments=content, needles=[str(tmp_path / "inputs" / "fragments.json"), needle])
+@pytest.mark.parametrize("case", FILE_CASES)
+def test_bad_input_file(tmp_path, case):
+    name, content, needle = FILE_CASES[case]
+    contents = {"fragments": content} if name == F else {"eval_bytes": content}
+    run_bad(tmp_path, **contents, needles=[str(tmp_path / "inputs" / name), needle])
 
 
 def test_bad_jsonl_line(tmp_path):
@@ -85,19 +91,6 @@ def test_bad_jsonl_line(tmp_path):
 def test_missing_fragment_file_and_a_folder_instead(tmp_path):
     run_bad(tmp_path, "--data.fragments", str(tmp_path / "nowhere.json"), needles=["nowhere.json: no such file"])
     run_bad(tmp_path, "--data.fragments", str(tmp_path / "inputs"), needles=["inputs: is a folder, not a file"])
-
-
-EVAL_CASES = {
-    "without answers": (b'[{"instruction": "f", "input": "q?"}]', "record 0: missing field 'output'"),
-    "null question": (b'[{"instruction": "f", "input": null, "output": "a"}]', "record 0: missing field 'input'"),
-    "empty list": (b"[]", "holds no records"),
-}
-
-
-@pytest.mark.parametrize("case", EVAL_CASES)
-def test_bad_eval_file(tmp_path, case):
-    content, needle = EVAL_CASES[case]
-    run_bad(tmp_path, eval_bytes=content, needles=[str(tmp_path / "inputs" / "eval.json"), needle])
 
 
 CONFIG_CASES = {
