@@ -234,7 +234,8 @@ class LoRAModule(L.LightningModule):
         checkpoint["torch_rng_state"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        torch.set_rng_state(checkpoint["torch_rng_state"])
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
 
     def on_fit_end(self) -> None:
         if self.hparams.save_adapter_to and self.trainer.is_global_zero:

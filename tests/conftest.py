@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,14 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     fast.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture()
+def all_threads():
+    """Every core for a test of a real model (SmolLM2), where threads pay; one again after it."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
