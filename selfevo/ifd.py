@@ -1,9 +1,12 @@
 """Stage 5: Instruction-Following Difficulty (IFD) of every QA pair.
 
 IFD(q, a) = mean NLL(a | prompt(q)) / mean NLL(a | answer_prefix). The answer is tokenized once
-and the same answer tokens follow both prefixes ("token-exact"). Both passes of a batch of pairs
-run as one left-padded forward, so every row ends with its answer; the LM head is applied only at
-the positions that predict answer tokens, in chunks, with the log-softmax in fp32.
+and the same answer tokens follow both prefixes ("token-exact"). The 2N sequences of N pairs are
+sorted by length and batched with their neighbours, so a batch is nearly all real tokens. Rows are
+right-padded and run without an attention mask: in a causal model no real token attends to the
+padding after it, and without a mask PyTorch's SDPA can take its flash path (grouped-query heads
+included). The LM head is applied only at the positions that predict answer tokens, in chunks,
+with the log-softmax in fp32.
 """
 
 from __future__ import annotations
@@ -36,15 +39,24 @@ def pair_token_ids(
     return prompt, prefix, answer_ids[: max(0, max_length - len(prompt))]
 
 
-class PairBatches(Dataset):
-    """Length-bucketed batches of pairs, each already collated into one left-padded tensor batch."""
+class SequenceBatches(Dataset):
+    """Both sequences of every pair, sorted by length and cut into right-padded batches.
+
+    Sequence 2i is pair i's prompt + answer, sequence 2i + 1 its answer prefix + answer; each batch
+    holds 2 x batch_size sequences of similar length, longest first, so an out-of-memory error
+    shows at the first batch.
+    """
 
     def __init__(self, tokenizer, pairs: list[dict], cfg: IFDConfig, max_length: int):
-        rows = [pair_token_ids(tokenizer, p["question"], p["answer"], cfg, max_length) for p in pairs]
-        # Longest first: an out-of-memory error shows at the first batch.
-        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][2])))
-        self.batches = [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
-        self.rows = rows
+        self.seqs: list[list[int]] = []
+        self.answer_len: list[int] = []
+        for p in pairs:
+            prompt, prefix, answer = pair_token_ids(tokenizer, p["question"], p["answer"], cfg, max_length)
+            self.seqs += [prompt + answer, prefix + answer]
+            self.answer_len += [len(answer)] * 2
+        order = sorted(range(len(self.seqs)), key=lambda i: -len(self.seqs[i]))
+        size = 2 * cfg.batch_size
+        self.batches = [order[s : s + size] for s in range(0, len(order), size)]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def __len__(self) -> int:
@@ -52,46 +64,38 @@ class PairBatches(Dataset):
 
     def __getitem__(self, b: int) -> dict:
         index = self.batches[b]
-        # Conditioned rows first, then answer-only rows: row j and row j + len(index) share an answer.
-        seqs = [self.rows[i][0] + self.rows[i][2] for i in index] + [self.rows[i][1] + self.rows[i][2] for i in index]
-        answer_len = [len(self.rows[i][2]) for i in index] * 2
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            input_ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[r, width - len(s) :] = 1
+        lengths = [len(self.seqs[i]) for i in index]
+        input_ids = torch.full((len(index), max(lengths)), self.pad_id, dtype=torch.long)
+        for r, i in enumerate(index):
+            input_ids[r, : lengths[r]] = torch.tensor(self.seqs[i], dtype=torch.long)
         return {
             "index": torch.tensor(index, dtype=torch.long),
             "input_ids": input_ids,
-            "attention_mask": mask,
-            "answer_len": torch.tensor(answer_len, dtype=torch.long),
+            "length": torch.tensor(lengths, dtype=torch.long),
+            "answer_len": torch.tensor([self.answer_len[i] for i in index], dtype=torch.long),
         }
 
 
 def mean_answer_nll(
-    model: PreTrainedModel, input_ids, attention_mask, answer_len, chunk: int = 4096
+    model: PreTrainedModel, input_ids: torch.Tensor, length: torch.Tensor, answer_len: torch.Tensor, chunk: int = 4096
 ) -> torch.Tensor:
-    """Mean NLL of the last answer_len[r] tokens of each left-padded row (NaN where answer_len is 0).
+    """Mean NLL of the last answer_len[r] of the first length[r] tokens of each right-padded row
+    (NaN where answer_len is 0).
 
     The LM head runs only on the hidden states that predict answer tokens, `chunk` positions at a
     time, so memory stays at chunk x vocabulary whatever the batch.
     """
-    keep = int(answer_len.max()) + 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     rescaled = [k for k in RESCALED_LOGITS if getattr(base.config, k, None)]
     if rescaled:
         raise ValueError(f"IFD scoring applies the LM head itself and does not support {rescaled[0]} models")
-    hidden = base.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    width = input_ids.shape[1]
-    # Position j of the last `keep` positions predicts an answer token iff j >= keep - 1 - answer_len.
-    j = torch.arange(keep - 1, device=input_ids.device)
-    in_answer = j[None, :] >= (keep - 1 - answer_len)[:, None]
-    states = hidden[:, width - keep : width - 1][in_answer]
-    targets = input_ids[:, width - keep + 1 :][in_answer]
+    # No attention mask: the padding of each row comes after its last real token (see the module doc).
+    hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    # Position j predicts token j + 1; it predicts an answer token iff length - answer_len - 1 <= j < length - 1.
+    j = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
+    in_answer = (j[None, :] >= (length - answer_len - 1)[:, None]) & (j[None, :] < (length - 1)[:, None])
+    states = hidden[:, :-1][in_answer]
+    targets = input_ids[:, 1:][in_answer]
     rows = in_answer.nonzero()[:, 0]
     lm_head = base.get_output_embeddings()
     nll = torch.cat(
@@ -112,7 +116,7 @@ def ifd_from_losses(loss_cond: float, loss_alone: float) -> float:
 
 
 class IFDScorer(L.LightningModule):
-    """`trainer.predict` over PairBatches gives both mean losses for every pair."""
+    """`trainer.predict` over SequenceBatches gives the mean answer loss of every sequence."""
 
     def __init__(self, model: PreTrainedModel, use_adapter: bool = False):
         super().__init__()
@@ -120,14 +124,14 @@ class IFDScorer(L.LightningModule):
         self.use_adapter = use_adapter
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        args = (self.model, batch["input_ids"], batch["length"], batch["answer_len"])
         if self.use_adapter or not hasattr(self.model, "disable_adapter"):
-            losses = mean_answer_nll(self.model, batch["input_ids"], batch["attention_mask"], batch["answer_len"])
+            losses = mean_answer_nll(*args)
         else:
             with self.model.disable_adapter():
-                losses = mean_answer_nll(self.model, batch["input_ids"], batch["attention_mask"], batch["answer_len"])
-        n = len(batch["index"])
+                losses = mean_answer_nll(*args)
         kill_point("score")
-        return {"index": batch["index"].cpu(), "loss_cond": losses[:n].cpu(), "loss_alone": losses[n:].cpu()}
+        return {"index": batch["index"].cpu(), "loss": losses.cpu()}
 
 
 def score_pairs(
@@ -144,18 +148,21 @@ def score_pairs(
         return []
 
     def run(size: int) -> list[dict]:
-        batches = PairBatches(tokenizer, pairs, replace(cfg, batch_size=size), max_length)
+        batches = SequenceBatches(tokenizer, pairs, replace(cfg, batch_size=size), max_length)
         loader = DataLoader(batches, batch_size=None, shuffle=False)
         return trainer.predict(IFDScorer(model, use_adapter), dataloaders=loader)
 
     outputs = halving_batch_on_oom(run, cfg.batch_size, "IFD scoring")
-    scored: list[dict | None] = [None] * len(pairs)
+    losses = [math.inf] * (2 * len(pairs))  # inf: not scored (NaN means an empty answer)
     for out in outputs:
-        for i, c, a in zip(out["index"].tolist(), out["loss_cond"].tolist(), out["loss_alone"].tolist()):
-            # JSON has no NaN: an undefined loss is stored as null.
-            scored[i] = {**pairs[i], "ifd": ifd_from_losses(c, a),
-                         "loss_cond": None if math.isnan(c) else c, "loss_alone": None if math.isnan(a) else a}
-    missing = [i for i, s in enumerate(scored) if s is None]
-    if missing:
-        raise RuntimeError(f"IFD scoring returned no score for pair {missing[0]}")
-    return scored  # type: ignore[return-value]
+        for i, loss in zip(out["index"].tolist(), out["loss"].tolist()):
+            losses[i] = loss
+    if math.inf in losses:
+        raise RuntimeError(f"IFD scoring returned no score for pair {losses.index(math.inf) // 2}")
+    scored = []
+    for i, pair in enumerate(pairs):
+        cond, alone = losses[2 * i], losses[2 * i + 1]
+        # JSON has no NaN: an undefined loss is stored as null.
+        scored.append({**pair, "ifd": ifd_from_losses(cond, alone),
+                       "loss_cond": None if math.isnan(cond) else cond, "loss_alone": None if math.isnan(alone) else alone})
+    return scored

@@ -41,10 +41,13 @@ from selfevo.evaluate import evaluate_model
 from selfevo.faults import kill_point
 from selfevo.generate import write_answers, write_questions
 from selfevo.ifd import score_pairs
-from selfevo.models import accelerator_device, add_lora, load_adapter_weights, load_model, resolve_model, save_adapter
+from selfevo.models import (
+    accelerator_device, add_lora, load_adapter_weights, load_model, nf4_quantization, resolve_model, save_adapter,
+)
 from selfevo.report import write_report, write_summary
 from selfevo.select import select_replay
 from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint, build_trainer
+from selfevo.vllm_engine import VLLMEngine, require_vllm
 
 console = Console(stderr=True)
 LIBRARIES = ("selfevo", "torch", "transformers", "peft", "lightning", "torchmetrics", "nltk", "jieba", "rouge-chinese")
@@ -225,11 +228,15 @@ ADAPTER_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetenso
 def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     """Run generations cfg.start .. cfg.end-1; returns the run directory."""
     validate(cfg)
+    if cfg.generation.backend == "vllm":
+        require_vllm()
     fragments, duplicates = load_fragments(cfg.data.fragments)
     if cfg.data.limit:
         fragments = fragments[: cfg.data.limit]
     eval_set = load_eval(cfg.data.eval)
     resolve_model(cfg.model.name, cfg.model.trust_remote_code)  # a bad model path fails before anything is written
+    if cfg.model.quantization == "nf4":
+        nf4_quantization()  # likewise a missing GPU or bitsandbytes
     run_dir = prepare_run_dir(cfg, force)
     with run_lock(run_dir):
         verify_run(run_dir)
@@ -285,6 +292,19 @@ def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval
             writer.add_scalar(f"eval/{key}", metrics[key], step)
         return metrics
 
+    engine: VLLMEngine | None = None  # the vllm backend's engine: made when first needed, kept for the run
+
+    def generator(adapter: Path | None):
+        """What writes questions and answers: the Hugging Face model, or the vLLM engine serving `adapter`."""
+        nonlocal engine
+        if cfg.generation.backend == "hf":
+            return model  # M_i: its adapter weights are already loaded
+        if engine is None:
+            folder = resolve_model(cfg.model.name, cfg.model.trust_remote_code)
+            engine = VLLMEngine(folder, cfg.model, cfg.generation, cfg.lora.r, cfg.seed)
+        engine.use_adapter(adapter)
+        return engine
+
     console.rule("base model")
     evaluate_into(stages_of("base", 0), use_adapter=False)
 
@@ -296,17 +316,18 @@ def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval
         # Lightning hands the model back on the CPU after each stage; generation runs outside it.
         model.to(accelerator_device(cfg.trainer.accelerator))
         # M_i: the adapter trained by generation i-1, or the fresh one (= the base model) at i = 0.
-        if i == 0:
+        adapter = None if i == 0 else run_dir / f"gen_{i - 1}" / "adapter"
+        if adapter is None:
             set_peft_model_state_dict(model, fresh_adapter)
         else:
-            load_adapter_weights(model, run_dir / f"gen_{i - 1}" / "adapter")
+            load_adapter_weights(model, adapter)
 
         def make_questions():
-            records, dropped = write_questions(model, tokenizer, fragments, cfg.generation, max_length, seed)
+            records, dropped = write_questions(generator(adapter), tokenizer, fragments, cfg.generation, max_length, seed)
             return records, {"kept": len(records), "dropped": dropped}
 
         def make_answers():
-            records, dropped = write_answers(model, tokenizer, questions, cfg.generation, max_length, seed)
+            records, dropped = write_answers(generator(adapter), tokenizer, questions, cfg.generation, max_length, seed)
             return [{**r, "generation": i} for r in records], {"kept": len(records), "dropped": dropped}
 
         def make_replay():
@@ -348,6 +369,8 @@ def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval
         writer.flush()
 
     writer.close()
+    if engine is not None:
+        engine.close()
     summary = write_summary(run_dir)
     png = write_report(run_dir)
     console.rule("summary")

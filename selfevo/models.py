@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -141,10 +142,28 @@ def halving_batch_on_oom(run: Callable[[int], T], batch_size: int, what: str) ->
             print(f"out of GPU memory in {what}: retrying with batch size {batch_size}", file=sys.stderr, flush=True)
 
 
+def nf4_quantization() -> dict:
+    """from_pretrained arguments for a 4-bit NF4 base (QLoRA); a ModelError where it can't run."""
+    if not torch.cuda.is_available():
+        raise ModelError("model.quantization nf4 needs a CUDA GPU (bitsandbytes 4-bit); use quantization none here")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError('model.quantization nf4 needs bitsandbytes: pip install "selfevo[qlora]"')
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True
+    )
+    # bitsandbytes quantizes while loading, on the GPU the weights will live on.
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+
+
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     folder = resolve_model(cfg.name, cfg.trust_remote_code)
+    quantized = nf4_quantization() if cfg.quantization == "nf4" else {}
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=resolve_dtype(cfg.dtype), use_safetensors=True, trust_remote_code=cfg.trust_remote_code
+        folder, dtype=resolve_dtype(cfg.dtype), use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
+        **quantized,
     )
     return model, load_tokenizer(cfg.name, cfg.trust_remote_code)
 
@@ -207,8 +226,9 @@ def load_adapter_weights(model: PeftModel, path: str | os.PathLike) -> None:
 
 
 def export_merged(model_cfg: ModelConfig, adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Merge an adapter into the base weights and save a full model folder."""
-    model, tokenizer = load_model(model_cfg)
+    """Merge an adapter into the base weights and save a full model folder (a QLoRA adapter merges
+    into the unquantized base)."""
+    model, tokenizer = load_model(replace(model_cfg, quantization="none"))
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     out = Path(out)
     merged.save_pretrained(out, safe_serialization=True)

@@ -39,16 +39,17 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict:
 
 
 def collate_right_padded(examples: list[dict], pad_id: int) -> dict:
+    """Right-padded ids and labels, and no attention mask: in a causal model no real token attends
+    to the padding after it, and the padding carries no labels. Without a mask, SDPA can take its
+    flash path."""
     width = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
     for r, e in enumerate(examples):
         n = len(e["input_ids"])
         input_ids[r, :n] = torch.tensor(e["input_ids"])
         labels[r, :n] = torch.tensor(e["labels"])
-        mask[r, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": input_ids, "labels": labels}
 
 
 class PlannedBatches:
@@ -164,6 +165,7 @@ class LoRAModule(L.LightningModule):
         self,
         model: str = SMOLLM2_ALIAS,
         dtype: str = "auto",
+        quantization: str = "none",
         lora: LoraConfig = LoraConfig(),
         train: TrainConfig = TrainConfig(),
         init_adapter: Optional[str] = None,
@@ -174,6 +176,7 @@ class LoRAModule(L.LightningModule):
         Args:
             model: base model (a Hugging Face folder, a .gguf file or smollm2-135m-instruct).
             dtype: weights' dtype (auto: bfloat16 on a capable GPU, else float32).
+            quantization: none, or nf4 for QLoRA (a 4-bit base through bitsandbytes; CUDA only).
             lora: the adapter's shape.
             train: optimiser and schedule.
             init_adapter: continue this adapter folder instead of starting a fresh one.
@@ -201,7 +204,7 @@ class LoRAModule(L.LightningModule):
             self.model.train()
             return
         hp = self.hparams
-        base, _ = load_model(ModelConfig(name=hp.model, dtype=hp.dtype))
+        base, _ = load_model(ModelConfig(name=hp.model, dtype=hp.dtype, quantization=hp.quantization))
         self.model = add_lora(base, self.lora_cfg, hp.seed)
         if hp.init_adapter:
             load_adapter_weights(self.model, hp.init_adapter)

