@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -170,8 +171,6 @@ def write_text(path: Path, text: str) -> None:
 
 def remove_temporary_files(folder: Path) -> int:
     """Delete what killed writers left behind (`.NAME.*.tmp` files and folders); returns how many."""
-    import shutil
-
     leftovers = [p for p in folder.rglob(f".*{TEMP_SUFFIX}")]
     for p in leftovers:
         if p.is_dir() and not p.is_symlink():
