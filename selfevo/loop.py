@@ -8,8 +8,9 @@ For generation i, with M_i = base + adapter A_i (A_0: a fresh adapter, i.e. the 
     qa.ifd     <- IFD of every pair of QA_i (base model by default)
     metrics    <- M_{i+1} answers the eval questions (closed book)
 
-Every stage writes its result atomically into runs/NAME/gen_<i>/ and is skipped when that file
-already exists, so an interrupted run resumes at the first unfinished stage.
+Every stage writes its result atomically into runs/NAME/gen_<i>/ and records its files' checksums in
+stages.json; it is skipped when they are there and match, so an interrupted run resumes at the first
+unfinished stage (training at its last checkpoint) and a damaged one is refused (docs/reliability.md).
 """
 
 from __future__ import annotations
