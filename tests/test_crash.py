@@ -107,8 +107,9 @@ def test_training_resumes_from_its_last_checkpoint(cli, finished_run, tiny_model
 
     root, inputs = finished_run
     args = evolve_args(tiny_model, inputs, tmp_path)
-    # Generation 0 trains 3 micro-batches per epoch for 2 epochs; the 4th is the first of epoch 2,
-    # after the checkpoint of step 2 (taken mid-epoch 1; the end of an epoch is not checkpointed).
+    # Generation 0 trains 3 micro-batches per epoch for 2 epochs, with a checkpoint every 2 optimizer
+    # steps: after step 2 (mid-epoch 1) and step 4 (the first batch of epoch 2). Killed after the 5th
+    # batch, it must resume from step 4, inside epoch 2.
     assert cli.run(args, tmp_path, tmp_path / "log.txt", SELFEVO_KILL_AT="train:5") == {"signal": 9}
     last = tmp_path / "runs" / "t" / "gen_0" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)  # plain tensors and containers: nothing unpickled
