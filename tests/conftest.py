@@ -11,8 +11,9 @@ import pytest
 import torch
 
 # One thread: on a shared 2-core machine, torch's thread pool spinning against other work makes the
-# tiny-model tests ten times slower; and the crash tests compare files made here with files made by
-# other processes (tests/forked_cli.py, also one thread), which must match byte for byte.
+# tests several times slower (the tiny-model loop 10x, the SmolLM2 IFD test 3.5x, measured); and the
+# crash tests compare files made here with files made by other processes (tests/forked_cli.py, also
+# one thread), which must match byte for byte.
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,14 +62,6 @@ def build_tiny_model(folder: Path, seed: int = 0, hidden_size: int = 64, init_st
     model.save_pretrained(folder, safe_serialization=True)
     fast.save_pretrained(folder)
     return folder
-
-
-@pytest.fixture()
-def all_threads():
-    """Every core for a test of a real model (SmolLM2), where threads pay; one again after it."""
-    torch.set_num_threads(os.cpu_count() or 1)
-    yield
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -78,7 +78,6 @@ REFERENCE = SHARED / "bench" / "seed_ifd_reference.py"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not REFERENCE.exists(), reason="../shared/bench not present")
-@pytest.mark.usefixtures("all_threads")
 def test_agrees_with_seed_reference_on_aiops_with_smollm2():
     """The issue's bound on the AIOps eval pairs (fp32, CPU, SmolLM2); a subset keeps CI fast,
     benchmarks/ifd_agreement.py measures all 100 pairs."""
