@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from dataclasses import fields
@@ -37,10 +38,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
 
 
-def fail(message: str) -> None:
-    """Bad input or an unusable run: one line on stderr, exit code 2."""
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr and an exit code: 2 for bad input or an unusable run, 1 for a failing machine."""
     typer.echo(f"selfevo: error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def guarded(fn):
@@ -50,14 +51,19 @@ def guarded(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from selfevo.config import ConfigError
-        from selfevo.data import DataError
-        from selfevo.loop import RunError
+        from selfevo.data import DataError, RunError
         from selfevo.models import ModelError
 
         try:
             return fn(*args, **kwargs)
         except (ConfigError, DataError, ModelError, RunError) as e:
             fail(str(e))
+        except OSError as e:
+            if e.filename is None:
+                raise
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                fail(f"{e.filename}: no space left on the device; free some and run the same command to resume", 1)
+            fail(f"{e.filename}: {e.strerror}", 1)
         except KeyboardInterrupt:
             typer.echo("selfevo: interrupted; run the same command again to resume", err=True)
             raise typer.Exit(130)
@@ -81,6 +87,29 @@ def evolve_parser():
     return parser
 
 
+def check_yaml_keys(path: Path) -> None:
+    """Refuse a YAML config that gives a key twice (YAML loaders silently keep the last)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                fail(f"{path}: line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        yaml.load(path.read_text(encoding="utf-8"), StrictLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        pass  # the config parser reports these with its own messages
+
+
 def parse_evolve_args(args: list[str]):
     """(EvolveConfig, force) from `--config FILE` and dotted overrides such as `--data.fragments PATH`."""
     from jsonargparse import ArgumentError
@@ -88,10 +117,13 @@ def parse_evolve_args(args: list[str]):
     from selfevo.config import EvolveConfig
 
     parser = evolve_parser()
+    for flag, value in zip(args, args[1:]):
+        if flag == "--config":
+            check_yaml_keys(Path(value))
     try:
         ns = parser.instantiate(parser.parse_args(args))
     except ArgumentError as e:
-        fail(str(e).splitlines()[0])
+        fail(" ".join(line.strip() for line in str(e).splitlines()))
     cfg = EvolveConfig(**{f.name: ns[f.name] for f in fields(EvolveConfig)})
     return cfg, bool(ns.force)
 
@@ -119,13 +151,11 @@ def _load(model: str, adapter: Optional[str], dtype: str = "auto"):
     from peft import PeftModel
 
     from selfevo.config import ModelConfig
-    from selfevo.models import ModelError, accelerator_device, load_model
+    from selfevo.models import accelerator_device, check_adapter_folder, load_model
 
     m, tokenizer = load_model(ModelConfig(name=model, dtype=dtype))
     if adapter:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
-        m = PeftModel.from_pretrained(m, adapter)
+        m = PeftModel.from_pretrained(m, str(check_adapter_folder(adapter)))
     return m.to(accelerator_device()), tokenizer
 
 
@@ -143,12 +173,13 @@ def generate(
 ) -> None:
     """Write a question for each fragment and answer it (open book)."""
     from selfevo.config import ConfigError, GenerationConfig
-    from selfevo.data import load_fragments, write_jsonl
+    from selfevo.data import check_can_create, load_fragments, write_jsonl
     from selfevo.generate import write_answers, write_questions
 
     if language not in ("en", "zh"):
         raise ConfigError(f"--language: must be en or zh, got {language!r}")
     texts, duplicates = load_fragments(fragments)
+    check_can_create(out.parent, "output")
     m, tokenizer = _load(model, adapter)
     cfg = GenerationConfig(language=language, batch_size=batch_size)
     questions, q_dropped = write_questions(m, tokenizer, texts, cfg, max_length, seed)
@@ -170,13 +201,14 @@ def score(
 ) -> None:
     """Add IFD and both mean losses to every QA pair."""
     from selfevo.config import ConfigError, IFDConfig, TrainerConfig
-    from selfevo.data import load_qa, write_jsonl
+    from selfevo.data import check_can_create, load_qa, write_jsonl
     from selfevo.ifd import score_pairs
     from selfevo.train import build_trainer
 
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype: must be auto, float32, bfloat16 or float16, got {dtype!r}")
     pairs = load_qa(qa)
+    check_can_create(out.parent, "output")
     m, tokenizer = _load(model, adapter, dtype)
     scored = score_pairs(
         m, tokenizer, pairs, IFDConfig(batch_size=batch_size), max_length, build_trainer(TrainerConfig()), adapter is not None
@@ -196,7 +228,7 @@ def select_cmd(
 ) -> None:
     """Choose a replay set by IFD."""
     from selfevo.config import ConfigError
-    from selfevo.data import load_qa, write_jsonl
+    from selfevo.data import check_can_create, load_qa, write_jsonl
     from selfevo.select import MODES, select_replay
 
     if mode not in MODES:
@@ -204,6 +236,7 @@ def select_cmd(
     if k < 0:
         raise ConfigError(f"--k: must be >= 0, got {k}")
     pairs = [p for f in history for p in load_qa(f)]
+    check_can_create(out.parent, "output")
     chosen = select_replay(pairs, mode, k, seed)  # type: ignore[arg-type]
     write_jsonl(out, chosen)
     typer.echo(f"{len(chosen)} of {len(pairs)} pairs -> {out}")
@@ -223,11 +256,12 @@ def evaluate_cmd(
 ) -> None:
     """Answer the eval questions closed book; BLEU-4 and ROUGE as the seed computed them."""
     from selfevo.config import EvalConfig, TrainerConfig
-    from selfevo.data import load_eval, write_json, write_jsonl
+    from selfevo.data import check_can_create, load_eval, write_json, write_jsonl
     from selfevo.evaluate import evaluate_model
     from selfevo.train import build_trainer
 
     records = load_eval(eval_file)
+    check_can_create(out, "output")
     m, tokenizer = _load(model, adapter)
     cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=sample)
     metrics, predictions = evaluate_model(m, tokenizer, records, cfg, max_length, build_trainer(TrainerConfig()))
@@ -245,9 +279,8 @@ def export(
 ) -> None:
     """Merge a generation's adapter into the base model and save a full model folder."""
     from selfevo.config import ModelConfig
-    from selfevo.data import read_json
-    from selfevo.loop import RunError
-    from selfevo.models import export_merged
+    from selfevo.data import RunError, read_json
+    from selfevo.models import check_adapter_folder, export_merged
 
     snapshot = run / "config.json"
     adapter = run / f"gen_{generation}" / "adapter"
@@ -255,6 +288,7 @@ def export(
         raise RunError(f"{snapshot}: missing; not a selfevo run directory")
     if not adapter.is_dir():
         raise RunError(f"{adapter}: missing; generation {generation} has not finished training")
+    check_adapter_folder(adapter)
     model_cfg = ModelConfig(**read_json(snapshot)["config"]["model"])
     path = export_merged(model_cfg, adapter, out or run / f"export_gen_{generation}")
     typer.echo(f"merged model -> {path}")

@@ -97,6 +97,8 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     lr_schedule: Literal["cosine", "constant"] = "cosine"
+    checkpoint_every: int = 50
+    """Optimizer steps between mid-training checkpoints, from which a killed training resumes (0: none)."""
 
 
 @dataclass
@@ -159,6 +161,8 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"start/end: need 0 <= start < end, got start={cfg.start} end={cfg.end}")
     if cfg.replay.k < 0:
         raise ConfigError(f"replay.k: must be >= 0, got {cfg.replay.k}")
+    if cfg.train.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every: must be >= 0, got {cfg.train.checkpoint_every}")
     positive = {
         "generation.batch_size": cfg.generation.batch_size,
         "ifd.batch_size": cfg.ifd.batch_size,
@@ -201,8 +205,10 @@ def validate(cfg: EvolveConfig) -> None:
 
 
 def identity(cfg: EvolveConfig) -> dict:
-    """The part of a config that defines a run's results: everything but the generation range."""
+    """The part of a config that defines a run's results: everything but the generation range, the
+    folders and the checkpoint interval."""
     d = asdict(cfg)
-    for key in ("start", "end"):
+    for key in ("start", "end", "runs_dir", "logs_dir"):  # where a run is kept is not what it is
         d.pop(key)
+    d["train"].pop("checkpoint_every")  # when checkpoints are taken does not change what is trained
     return d

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from selfevo.faults import kill_point
+
 
 class DataError(ValueError):
     """Bad input: the message is one line naming the file and the record."""
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used as it is: the message says how to recover."""
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
@@ -24,6 +31,8 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
 def read_records(path: str | os.PathLike) -> list[dict]:
     """Read a JSON list or JSONL file of objects, strictly: UTF-8, no BOM, no duplicate keys."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     raw = path.read_bytes()
@@ -121,21 +130,54 @@ def load_qa(path: str | os.PathLike) -> list[dict]:
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+TEMP_SUFFIX = ".tmp"
 
 
-def write_text(path: Path, text: str) -> None:
+def check_can_create(folder: Path, what: str) -> None:
+    """Fail before any work when `folder` cannot be created (or written, if it exists)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{folder}: cannot create the {what} directory ({existing} is not a writable folder)")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, and rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make run files private
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            half = len(data) // 2
+            f.write(data[:half])
+            f.flush()
+            os.fsync(f.fileno())
+            kill_point("write")  # the crash tests kill here: half a file on disk, under its temporary name
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a full disk fails in write() or fsync(), which name no file
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def remove_temporary_files(folder: Path) -> int:
+    """Delete what killed writers left behind (`.NAME.*.tmp` files and folders); returns how many."""
+    leftovers = [p for p in folder.rglob(f".*{TEMP_SUFFIX}")]
+    for p in leftovers:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return len(leftovers)
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:

@@ -19,6 +19,7 @@ from torchmetrics import Metric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import EvalConfig
+from selfevo.faults import kill_point
 from selfevo.generate import Sampling, generate_batch
 from selfevo.models import halving_batch_on_oom
 from selfevo.prompts import closed_book_prompt
@@ -122,6 +123,7 @@ class Evaluator(L.LightningModule):
         self.bleu.update(answers, batch["reference"])
         self.rouge.update(answers, batch["reference"])
         self.predictions.update(zip(batch["index"], answers))
+        kill_point("evaluate")
 
     def on_test_epoch_end(self) -> None:
         self.log("eval/bleu-4", self.bleu.compute())

@@ -17,6 +17,7 @@ from rich.progress import Progress
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import GenerationConfig
+from selfevo.faults import kill_point
 from selfevo.models import halving_batch_on_oom
 from selfevo.prompts import answer_prompt, clean_answer, clean_question, question_prompt
 
@@ -111,6 +112,7 @@ def generate_texts(
                 for i, text in zip(idx, texts):
                     outputs[i] = text
                 progress.advance(task, len(idx))
+                kill_point("generate")
         return outputs
 
     try:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import IFDConfig
+from selfevo.faults import kill_point
 from selfevo.models import halving_batch_on_oom
 
 
@@ -129,6 +130,7 @@ class IFDScorer(L.LightningModule):
         else:
             with self.model.disable_adapter():
                 losses = mean_answer_nll(*args)
+        kill_point("score")
         return {"index": batch["index"].cpu(), "loss": losses.cpu()}
 
 

@@ -8,18 +8,23 @@ For generation i, with M_i = base + adapter A_i (A_0: a fresh adapter, i.e. the 
     qa.ifd     <- IFD of every pair of QA_i (base model by default)
     metrics    <- M_{i+1} answers the eval questions (closed book)
 
-Every stage writes its result atomically into runs/NAME/gen_<i>/ and is skipped when that file
-already exists, so an interrupted run resumes at the first unfinished stage.
+Every stage writes its result atomically into runs/NAME/gen_<i>/ and records its files' checksums in
+stages.json; it is skipped when they are there and match, so an interrupted run resumes at the first
+unfinished stage (training at its last checkpoint) and a damaged one is refused (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import shutil
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -29,8 +34,12 @@ from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
 from selfevo.config import EvolveConfig, identity, validate
-from selfevo.data import load_eval, load_fragments, read_json, read_jsonl, write_json, write_jsonl
+from selfevo.data import (
+    DataError, RunError, check_can_create, load_eval, load_fragments, read_json, read_jsonl, remove_temporary_files,
+    write_json, write_jsonl,
+)
 from selfevo.evaluate import evaluate_model
+from selfevo.faults import kill_point
 from selfevo.generate import write_answers, write_questions
 from selfevo.ifd import score_pairs
 from selfevo.models import (
@@ -38,15 +47,11 @@ from selfevo.models import (
 )
 from selfevo.report import write_report, write_summary
 from selfevo.select import select_replay
-from selfevo.train import LoRAModule, QADataModule, build_trainer
+from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint, build_trainer
 from selfevo.vllm_engine import VLLMEngine, engine_lora_rank, require_vllm
 
 console = Console(stderr=True)
 LIBRARIES = ("selfevo", "torch", "transformers", "peft", "lightning", "torchmetrics", "nltk", "jieba", "rouge-chinese")
-
-
-class RunError(RuntimeError):
-    """A run directory that cannot be used as it is: the message says how to recover."""
 
 
 def library_versions() -> dict[str, str]:
@@ -67,33 +72,61 @@ def _first_difference(a, b, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')}: {a!r} -> {b!r}"
 
 
+def config_digest(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def inside(run_dir: Path, folder: Path) -> Path:
+    """`folder`, after checking that writing into it stays inside run_dir (no symbolic link leads out)."""
+    if folder.is_symlink() or not folder.resolve().is_relative_to(run_dir.resolve()):
+        raise RunError(f"{folder}: is a symbolic link; selfevo writes only inside {run_dir}")
+    return folder
+
+
 def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
     """Create runs/NAME with a config snapshot, or check that an existing one holds this config."""
     run_dir = Path(cfg.runs_dir) / cfg.name
+    log_dir = Path(cfg.logs_dir) / cfg.name
+    for folder, what in ((run_dir, "run"), (log_dir, "log")):
+        check_can_create(folder, what)
+        if folder.is_symlink():
+            raise RunError(f"{folder}: is a symbolic link; selfevo writes a run only into a real folder of its own")
     snapshot = run_dir / "config.json"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
     if snapshot.exists():
-        old = read_json(snapshot)
-        if old.get("config") != identity(cfg):
+        try:
+            old = read_json(snapshot)
+        except DataError:
+            old = {}  # reported below as a changed snapshot
+        problem = None
+        if old.get("sha256") != config_digest(old.get("config")):
+            problem = (
+                f"{snapshot}: changed since the run began (its checksum does not match); put the original back, "
+                "or pass --force to set this run aside and start over"
+            )
+        elif old.get("config") != identity(cfg):
+            problem = (
+                f"{run_dir} holds a run of a different config ({_first_difference(old.get('config'), identity(cfg))}); "
+                "pass --force to set it aside and start over, or choose another --name"
+            )
+        if problem:
             if not force:
-                diff = _first_difference(old.get("config"), identity(cfg))
-                raise RunError(
-                    f"{run_dir} holds a run of a different config ({diff}); "
-                    "pass --force to set it aside and start over, or choose another --name"
-                )
+                raise RunError(problem)
             stamp = f"replaced-{datetime.now():%Y%m%d-%H%M%S}"
-            for folder in (run_dir, Path(cfg.logs_dir) / cfg.name):
+            for folder in (run_dir, log_dir):
                 if folder.exists():
                     shutil.move(folder, folder.with_name(f"{folder.name}.{stamp}"))
             console.print(f"[yellow]moved the old run and its logs aside (*.{stamp})[/]")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"{e.filename}: cannot create the run or log directory ({e.strerror})") from None
     if not snapshot.exists():
         write_json(
             snapshot,
             {
                 "config": identity(cfg),
+                "sha256": config_digest(identity(cfg)),
                 "seed": cfg.seed,
                 "versions": library_versions(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -102,36 +135,95 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
     return run_dir
 
 
-class Stages:
-    """Skip-if-done bookkeeping of one generation folder, with each stage's seconds and counts."""
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold runs/NAME/.lock while working, so that two processes never write one run; the kernel
+    releases it when the process dies, however it dies."""
+    with open(run_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"{run_dir}: another selfevo process is working on this run; wait for it to end") from None
+        swept = remove_temporary_files(run_dir)
+        if swept:
+            console.print(f"removed {swept} temporary file(s) left by an interrupted write")
+        yield
 
-    def __init__(self, folder: Path, writer: SummaryWriter, step: int):
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Stages:
+    """Skip-if-done bookkeeping of one generation folder, kept in its stages.json: per stage, the
+    files it wrote with their SHA-256, its seconds and its counts.
+
+    A stage is done when its record lists its files and each is there with that checksum. A stage
+    without a record (killed before it was recorded), or with none of its files left (deleted to
+    redo it), runs again. A recorded stage with a file missing or changed is a damaged run: that is
+    an error that says what to delete, never a result silently trusted.
+    """
+
+    def __init__(self, folder: Path, writer: SummaryWriter | None, step: int):
         self.folder = folder
         self.writer = writer
         self.step = step
         self.log_file = folder / "stages.json"
-        self.log = read_json(self.log_file) if self.log_file.exists() else {}
+        try:
+            self.log = read_json(self.log_file) if self.log_file.exists() else {}
+        except DataError:
+            raise RunError(
+                f"{self.log_file}: damaged; delete it and run the same command to redo this folder's stages"
+            ) from None
 
-    def done(self, name: str) -> bool:
-        return (self.folder / name).exists()
+    def done(self, stage: str, files: tuple[str, ...]) -> bool:
+        recorded = self.log.get(stage, {}).get("files")
+        if recorded is None or not any((self.folder / f).exists() for f in files):
+            return False
+        for f in files:
+            path = self.folder / f
+            problem = "missing" if not path.exists() else None
+            if problem is None and (f not in recorded or file_digest(path) != recorded[f]):
+                problem = "changed or damaged since it was written (checksum differs)"
+            if problem:
+                redo = " and ".join(sorted({str(self.folder / f.split("/")[0]) for f in files}))
+                raise RunError(f"{path}: {problem}; delete {redo} and run the same command to redo the {stage} stage")
+        return True
 
-    def record(self, stage: str, seconds: float, **counts) -> None:
-        self.log[stage] = {"seconds": round(seconds, 2), **counts}
+    def begin(self, stage: str) -> None:
+        """Forget a stage's record before its files are rewritten, so that a crash in between leaves no stale checksums."""
+        if self.log.pop(stage, None) is not None:
+            write_json(self.log_file, self.log)
+
+    def record(self, stage: str, seconds: float, files: tuple[str, ...], **counts) -> None:
+        digests = {f: file_digest(self.folder / f) for f in files}
+        self.log[stage] = {"seconds": round(seconds, 2), **counts, "files": digests}
         write_json(self.log_file, self.log)
-        self.writer.add_scalar(f"seconds/{stage}", seconds, self.step)
+        if self.writer is not None:
+            self.writer.add_scalar(f"seconds/{stage}", seconds, self.step)
         extra = ", ".join(f"{k} {v}" for k, v in counts.items())
         console.print(f"  {stage}: {seconds:.1f}s" + (f" ({extra})" if extra else ""))
+        kill_point("stage")
 
     def jsonl(self, stage: str, file: str, make: Callable[[], tuple[list[dict], dict]]) -> list[dict]:
         """Load `file` if a previous attempt finished it; otherwise make and write it."""
         path = self.folder / file
-        if path.exists():
+        if self.done(stage, (file,)):
             return read_jsonl(path)
+        self.begin(stage)
         t = time.perf_counter()
         records, counts = make()
         write_jsonl(path, records)
-        self.record(stage, time.perf_counter() - t, **counts)
+        self.record(stage, time.perf_counter() - t, (file,), **counts)
         return records
+
+
+EVAL_FILES = ("predictions.jsonl", "metrics.json")
+ADAPTER_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors")
 
 
 def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
@@ -147,13 +239,30 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     resolve_model(cfg.model.name, cfg.model.trust_remote_code)  # a bad model path fails before anything is written
     if cfg.model.quantization == "nf4":
         nf4_quantization()  # likewise a missing GPU or bitsandbytes
-    console.print(
-        f"[bold]{len(fragments)}[/] fragments ({duplicates} duplicates dropped), [bold]{len(eval_set)}[/] eval pairs"
-    )
     run_dir = prepare_run_dir(cfg, force)
-    for j in range(cfg.start):
-        if not (run_dir / f"gen_{j}" / "metrics.json").exists() or not (run_dir / f"gen_{j}" / "adapter").exists():
-            raise RunError(f"{run_dir}/gen_{j} is unfinished; resume from it with --start {j}")
+    with run_lock(run_dir):
+        verify_run(run_dir)
+        console.print(
+            f"[bold]{len(fragments)}[/] fragments ({duplicates} duplicates dropped), [bold]{len(eval_set)}[/] eval pairs"
+        )
+        return run_generations(cfg, run_dir, fragments, eval_set)
+
+
+def verify_run(run_dir: Path) -> None:
+    """Check every recorded stage of the run before any work, so that damage stops it at once."""
+    for folder in [run_dir / "base", *sorted(run_dir.glob("gen_*"))]:
+        if (folder / "stages.json").exists() or folder.is_symlink():
+            stages = Stages(inside(run_dir, folder), None, 0)
+            for stage, record in stages.log.items():
+                stages.done(stage, tuple(record.get("files", {})))
+
+
+def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval_set: list[dict]) -> Path:
+    for j in range(cfg.start):  # what generation cfg.start builds on must be there, intact
+        earlier = Stages(inside(run_dir, run_dir / f"gen_{j}"), None, j + 1)
+        for stage, files in (("train", ADAPTER_FILES), ("score", ("qa.jsonl",)), ("evaluate", EVAL_FILES)):
+            if not earlier.done(stage, files):
+                raise RunError(f"{earlier.folder} is unfinished ({stage}); resume from it with --start {j}")
 
     console.print(f"loading {cfg.model.name} ...")
     base, tokenizer = load_model(cfg.model)
@@ -166,18 +275,21 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     def trainer(**kwargs):
         return build_trainer(cfg.trainer, **kwargs)
 
+    def stages_of(folder_name: str, step: int) -> Stages:
+        return Stages(inside(run_dir, run_dir / folder_name), writer, step)
+
     def evaluate_into(stages: Stages, use_adapter: bool) -> dict:
         folder, step = stages.folder, stages.step
-        if stages.done("metrics.json"):
+        if stages.done("evaluate", EVAL_FILES):
             return read_json(folder / "metrics.json")
+        stages.begin("evaluate")
         t = time.perf_counter()
         metrics, predictions = evaluate_model(
             model, tokenizer, eval_set, cfg.evaluation, max_length, trainer(), cfg.seed, use_adapter
         )
         write_jsonl(folder / "predictions.jsonl", predictions)
-        stages.record("evaluate", time.perf_counter() - t, pairs=len(predictions))
-        metrics = {**metrics, "seconds": stages.log}
-        write_json(folder / "metrics.json", metrics)
+        write_json(folder / "metrics.json", metrics)  # no timings here: metrics reproduce byte for byte
+        stages.record("evaluate", time.perf_counter() - t, EVAL_FILES, pairs=len(predictions))
         for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
             writer.add_scalar(f"eval/{key}", metrics[key], step)
         return metrics
@@ -196,12 +308,12 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
         return engine
 
     console.rule("base model")
-    evaluate_into(Stages(run_dir / "base", writer, 0), use_adapter=False)
+    evaluate_into(stages_of("base", 0), use_adapter=False)
 
     for i in range(cfg.start, cfg.end):
         console.rule(f"generation {i}")
-        folder = run_dir / f"gen_{i}"
-        stages = Stages(folder, writer, i + 1)
+        stages = stages_of(f"gen_{i}", i + 1)
+        folder = stages.folder
         seed = cfg.seed * 1000 + i
         # Lightning hands the model back on the CPU after each stage; generation runs outside it.
         model.to(accelerator_device(cfg.trainer.accelerator))
@@ -226,22 +338,24 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
             return chosen, {"history": len(history), "chosen": len(chosen)}
 
         questions = stages.jsonl("questions", "questions.jsonl", make_questions)
-        if not stages.done("adapter"):
-            qa = stages.jsonl("answers", "answers.jsonl", make_answers)
-            replay = stages.jsonl("replay", "replay.jsonl", make_replay)
+        qa = stages.jsonl("answers", "answers.jsonl", make_answers)
+        replay = stages.jsonl("replay", "replay.jsonl", make_replay)
+        if stages.done("train", ADAPTER_FILES):
+            shutil.rmtree(inside(run_dir, folder / "checkpoints"), ignore_errors=True)  # a kill can come before their removal
+            load_adapter_weights(model, folder / "adapter")
+        else:
             if not qa and not replay:
                 raise RunError(
                     f"{folder}: generation {i} kept no QA pairs and has nothing to replay; see the dropped counts "
                     f"in {folder}/stages.json, then delete {folder} and run again with other generation settings"
                 )
+            stages.begin("train")
             t = time.perf_counter()
+            inside(run_dir, folder / "checkpoints")
             train_adapter(cfg, model, qa + replay, folder, log_dir, seed)
-            stages.record("train", time.perf_counter() - t, pairs=len(qa) + len(replay))
-        else:
-            load_adapter_weights(model, folder / "adapter")
+            stages.record("train", time.perf_counter() - t, ADAPTER_FILES, pairs=len(qa) + len(replay))
 
         def make_scores():
-            qa = read_jsonl(folder / "answers.jsonl")
             scored = score_pairs(
                 model, tokenizer, qa, cfg.ifd, max_length, trainer(), use_adapter=cfg.ifd.scorer == "trained"
             )
@@ -268,7 +382,13 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
 
 
 def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log_dir: Path, seed: int) -> None:
-    """Continue the in-memory adapter on `pairs` (written to train.jsonl) and save it to folder/adapter."""
+    """Continue the in-memory adapter on `pairs` (written to folder/train.jsonl) and save it to folder/adapter.
+
+    Every train.checkpoint_every optimizer steps the adapter's weights and the optimizer, scheduler
+    and loop state go to checkpoints/last.ckpt (see train.StepCheckpoint); a killed training
+    resumes from there, and the folder is deleted once the adapter is saved.
+    """
+    checkpoints = folder / "checkpoints"
     train_file = folder / "train.jsonl"
     write_jsonl(train_file, [{"question": p["question"], "answer": p["answer"]} for p in pairs])
     data = QADataModule(
@@ -276,6 +396,7 @@ def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log
         trust_remote_code=cfg.model.trust_remote_code,
     )
     logger = TensorBoardLogger(save_dir=str(log_dir), name="", version=f"train_gen_{folder.name.split('_')[-1]}")
+    last = checkpoints / "last.ckpt"
     trainer = build_trainer(
         cfg.trainer,
         max_epochs=cfg.train.epochs,
@@ -283,11 +404,18 @@ def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log
         gradient_clip_val=1.0,
         logger=logger,
         log_every_n_steps=1,
-        callbacks=[LearningRateMonitor(logging_interval="step")],
+        callbacks=[LearningRateMonitor(logging_interval="step"), StepCheckpoint(last, cfg.train.checkpoint_every)],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(folder),
     )
     torch.manual_seed(seed)
+    if last.exists():
+        console.print(f"  resuming training from {last}", soft_wrap=True)
     try:
-        trainer.fit(LoRAModule.around(model, cfg.train), datamodule=data)
+        trainer.fit(
+            LoRAModule.around(model, cfg.train), datamodule=data,
+            ckpt_path=str(last) if last.exists() else None, weights_only=True,
+        )
     except torch.OutOfMemoryError:
         raise RunError(
             f"out of GPU memory in training: lower train.micro_batch_size (now {cfg.train.micro_batch_size}) "
@@ -295,3 +423,4 @@ def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log
             f"(now {cfg.model.max_length}); then run the same command to resume"
         ) from None
     save_adapter(model, folder / "adapter")
+    shutil.rmtree(checkpoints, ignore_errors=True)

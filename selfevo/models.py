@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -19,6 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import LoraConfig, ModelConfig
+from selfevo.data import TEMP_SUFFIX
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -182,15 +185,34 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> None:
     """Save the adapter as a PEFT safetensors folder, atomically (peft and vLLM can load it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        # peft writes target_modules from a set, in an order that changes with Python's hash seed; sorted,
+        # the same adapter gives the same bytes in every process.
+        config_file = tmp / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if "os error 28" in str(e):  # safetensors reports a full disk as its own error type
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
         raise
+
+
+def check_adapter_folder(path: str | os.PathLike) -> Path:
+    """A PEFT adapter folder with safetensors weights (peft would fall back to unpickling a .bin file)."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ModelError(f"{path}: no adapter_model.safetensors (selfevo never unpickles .bin files)")
+    return path
 
 
 def load_adapter_weights(model: PeftModel, path: str | os.PathLike) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
 from rich.table import Table
 
-from selfevo.data import read_json, write_json, write_text
+from selfevo.data import read_json, write_bytes, write_json, write_text
 
 METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 
@@ -82,9 +83,9 @@ def write_report(run_dir: str | Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     png = run_dir / "report.png"
-    tmp = run_dir / ".report.png.tmp"
-    fig.savefig(tmp, format="png", dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(png)
+    write_bytes(png, image.getvalue())
     write_text(run_dir / "report.md", f"# {run_dir.name}\n\n![scores](report.png)\n\n" + markdown_table(rows))
     return png

@@ -7,17 +7,22 @@ the evolve loop uses the same classes around the model it keeps in memory.
 
 from __future__ import annotations
 
+import io
 import random
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from selfevo.config import LoraConfig, ModelConfig, TrainConfig, TrainerConfig
-from selfevo.data import load_qa
+from selfevo.data import RunError, load_qa, write_bytes
+from selfevo.faults import kill_point
 from selfevo.models import SMOLLM2_ALIAS, add_lora, load_adapter_weights, load_model, load_tokenizer, save_adapter
 from selfevo.prompts import closed_book_prompt
 
@@ -60,9 +65,26 @@ class PlannedBatches:
         self.seed = seed
         self.group_by_length = group_by_length
         self.epoch = 0
+        self.done = 0  # batches of this epoch handed out so far
+        self.skip = 0  # batches to pass over at the next iteration (set when resuming)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def sampler(self) -> "PlannedBatches":
+        # Lightning calls set_epoch on dataloader.sampler and dataloader.batch_sampler.sampler, never on
+        # the batch sampler itself: this is how the epoch reaches the plan.
+        return self
+
+    # Kept in checkpoints (by StepCheckpoint), so a training resumed mid-epoch goes on with the
+    # batch after the last one trained instead of starting the epoch again.
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.skip = state["done"]
 
     def plan(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
@@ -76,7 +98,11 @@ class PlannedBatches:
         return batches
 
     def __iter__(self):
-        return iter(self.plan())
+        skip, self.skip = self.skip, 0
+        self.done = skip
+        for batch in self.plan()[skip:]:
+            self.done += 1
+            yield batch
 
     def __len__(self) -> int:
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
@@ -159,6 +185,8 @@ class LoRAModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        # Checkpoints hold the trainable (LoRA) weights only; the frozen base comes from the model folder.
+        self.strict_loading = False
         self.lora_cfg = lora
         self.train_cfg = train
         self.model = None
@@ -199,9 +227,75 @@ class LoRAModule(L.LightningModule):
             scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep a checkpoint small and loadable with torch.load(weights_only=True): the trainable
+        weights (not the frozen base: 14 GB for a 7B model), the RNG state, no pickled objects."""
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        for key in ("hyper_parameters", "hparams_name", "datamodule_hyper_parameters", "datamodule_hparams_name"):
+            checkpoint.pop(key, None)
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+
     def on_fit_end(self) -> None:
         if self.hparams.save_adapter_to and self.trainer.is_global_zero:
             save_adapter(self.model, self.hparams.save_adapter_to)
+
+
+class StepCheckpoint(Callback):
+    """Save a checkpoint to `path` every `every` optimizer steps (0: never), replacing the last one.
+
+    The last batch of an epoch is not checkpointed: a resume from there would have to start the
+    next epoch, which Lightning's restart logic handles least well; the checkpoint before it serves.
+    """
+
+    def __init__(self, path: Path, every: int):
+        self.path = path
+        self.every = every
+        self.resume_position: Optional[dict] = None
+
+    # The position in the PlannedBatches goes into the checkpoint with this callback's state. (Lightning's
+    # own record of a loader's state is not applied on resume here: it builds the loader early, to
+    # count the steps for the LR schedule, and then skips the step that would load the state.)
+    def state_dict(self) -> dict:
+        return {"position": self.batches.state_dict()} if hasattr(self, "batches") else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_position = state.get("position")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.batches = trainer.train_dataloader.batch_sampler
+        if self.resume_position is not None:  # before the first batch is drawn: the plan is made lazily
+            self.batches.load_state_dict(self.resume_position)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
+        if self.every and stepped and not last_of_epoch and trainer.global_step % self.every == 0:
+            trainer.save_checkpoint(self.path, weights_only=False)
+        kill_point("train")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written like every run file (temporary name, fsync, rename) and read back with
+    torch.load(weights_only=True): tensors and plain containers only, never arbitrary objects."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_bytes(Path(path), buffer.getvalue())
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except Exception as e:
+            raise RunError(
+                f"{path}: damaged checkpoint ({type(e).__name__}); delete it and run the same command "
+                "to redo this generation's training from its start"
+            ) from None
 
 
 def build_trainer(cfg: TrainerConfig, **kwargs) -> L.Trainer:

@@ -10,6 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# One thread: on a shared 2-core machine, torch's thread pool spinning against other work makes the
+# tests several times slower (the tiny-model loop 10x, the SmolLM2 IFD test 3.5x, measured); and the
+# crash tests compare files made here with files made by other processes (tests/forked_cli.py, also
+# one thread), which must match byte for byte.
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CHATML = (
@@ -103,3 +109,70 @@ def toy_inputs(tmp_path) -> tuple[Path, Path]:
     fragments = json.loads((ROOT / "data" / "quillmesh_fragments.json").read_text())[:6]
     eval_set = json.loads((ROOT / "data" / "quillmesh_eval.json").read_text())[:4]
     return write_records(tmp_path / "fragments.json", fragments), write_records(tmp_path / "eval.json", eval_set)
+
+
+# A whole `selfevo evolve` run on the tiny model, shared by the loop, crash and determinism tests.
+# Small batches and a checkpoint every 2 optimizer steps give each fault-injection point several passes.
+RUN_FILES = (
+    "questions.jsonl", "answers.jsonl", "replay.jsonl", "train.jsonl", "qa.jsonl", "predictions.jsonl",
+    "metrics.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+)
+
+
+def evolve_args(tiny_model: str, inputs: tuple[Path, Path], root: Path, name: str = "t", *extra: str) -> list[str]:
+    fragments, eval_file = inputs
+    return [
+        "evolve", "--name", name, "--end", "2", "--runs_dir", str(root / "runs"), "--logs_dir", str(root / "logs"),
+        "--data.fragments", str(fragments), "--data.eval", str(eval_file),
+        "--model.name", tiny_model, "--model.dtype", "float32", "--model.max_length", "256",
+        "--generation.question_max_new_tokens", "12", "--generation.answer_max_new_tokens", "16",
+        "--generation.batch_size", "2", "--evaluation.batch_size", "2", "--evaluation.max_new_tokens", "12",
+        "--replay.k", "3", "--ifd.batch_size", "4", "--train.micro_batch_size", "2", "--train.grad_accum", "1",
+        "--train.epochs", "2", "--train.learning_rate", "1e-3", "--train.checkpoint_every", "2",
+        *extra,
+    ]
+
+
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    """Every data file, metrics file and adapter of a run, byte for byte (timings live in stages.json)."""
+    return {
+        str(path.relative_to(run_dir)): path.read_bytes()
+        for folder in sorted(run_dir.glob("gen_*")) + [run_dir / "base"]
+        for name in RUN_FILES
+        if (path := folder / name).exists()
+    }
+
+
+def assert_every_visible_file_complete(run_dir: Path) -> None:
+    """What a reader can open under its real name parses whole: a partial file is never taken as complete."""
+    for path in run_dir.rglob("*"):
+        if path.name.endswith(".tmp") or not path.is_file():
+            continue
+        text = path.read_text() if path.suffix in (".json", ".jsonl") else None
+        if path.suffix == ".json":
+            json.loads(text)
+        elif path.suffix == ".jsonl":
+            assert text == "" or text.endswith("\n"), path
+            for line in text.splitlines():
+                json.loads(line)
+
+
+def toy_domain_inputs(folder: Path) -> tuple[Path, Path]:
+    """6 fragments (one given twice) and 4 eval pairs of the toy domain."""
+    fragments = json.loads((ROOT / "data" / "quillmesh_fragments.json").read_text())[:6]
+    eval_set = json.loads((ROOT / "data" / "quillmesh_eval.json").read_text())[:4]
+    return write_records(folder / "fragments.json", fragments + fragments[:1]), write_records(folder / "eval.json", eval_set)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_model, tmp_path_factory) -> tuple[Path, tuple[Path, Path]]:
+    """(root, inputs) of an uninterrupted 2-generation run at root/runs/t, made in this process."""
+    from typer.testing import CliRunner
+
+    from selfevo.cli import app
+
+    root = tmp_path_factory.mktemp("evolve")
+    inputs = toy_domain_inputs(root)
+    result = CliRunner().invoke(app, evolve_args(tiny_model, inputs, root))
+    assert result.exit_code == 0, result.output
+    return root, inputs

@@ -1,61 +1,17 @@
 """End to end: `selfevo evolve` over 2 generations on the tiny model; resume; config checks."""
 
 import json
-from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 import selfevo.loop
 from selfevo.cli import app
+from tests.conftest import RUN_FILES, evolve_args, run_files
 
-DATA_FILES = ("questions.jsonl", "answers.jsonl", "replay.jsonl", "train.jsonl", "qa.jsonl", "predictions.jsonl")
-
-
-def evolve_args(tiny_model, toy_inputs, root: Path, name="t", *extra):
-    fragments, eval_file = toy_inputs
-    return [
-        "evolve", "--name", name, "--end", "2", "--runs_dir", str(root / "runs"), "--logs_dir", str(root / "logs"),
-        "--data.fragments", str(fragments), "--data.eval", str(eval_file),
-        "--model.name", tiny_model, "--model.dtype", "float32", "--model.max_length", "256",
-        "--generation.question_max_new_tokens", "12", "--generation.answer_max_new_tokens", "16",
-        "--evaluation.max_new_tokens", "12", "--replay.k", "3", "--ifd.batch_size", "4",
-        "--train.micro_batch_size", "2", "--train.grad_accum", "1", "--train.learning_rate", "1e-3",
-        *extra,
-    ]
 
 
 def run(args):
-    result = CliRunner().invoke(app, args)
-    return result
-
-
-def snapshot(run_dir: Path) -> dict[str, bytes]:
-    """Every data file and metric of a run (timings excluded: they differ between runs)."""
-    out = {}
-    for gen in sorted(run_dir.glob("gen_*")) + [run_dir / "base"]:
-        for name in DATA_FILES:
-            if (gen / name).exists():
-                out[f"{gen.name}/{name}"] = (gen / name).read_bytes()
-        metrics = json.loads((gen / "metrics.json").read_text())
-        metrics.pop("seconds")
-        out[f"{gen.name}/metrics"] = json.dumps(metrics, sort_keys=True).encode()
-        if (gen / "adapter").exists():
-            out[f"{gen.name}/adapter"] = (gen / "adapter" / "adapter_model.safetensors").read_bytes()
-    return out
-
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("evolve")
-    fragments = json.loads((Path(__file__).parents[1] / "data" / "quillmesh_fragments.json").read_text())[:6]
-    eval_set = json.loads((Path(__file__).parents[1] / "data" / "quillmesh_eval.json").read_text())[:4]
-    (root / "fragments.json").write_text(json.dumps(fragments + fragments[:1]))  # one duplicate
-    (root / "eval.json").write_text(json.dumps(eval_set))
-    inputs = (root / "fragments.json", root / "eval.json")
-    result = run(evolve_args(tiny_model, inputs, root))
-    assert result.exit_code == 0, result.output
-    return root, inputs
+    return CliRunner().invoke(app, args)
 
 
 def test_two_generations_write_every_artifact(finished_run):
@@ -65,9 +21,9 @@ def test_two_generations_write_every_artifact(finished_run):
     assert snap["config"]["replay"]["k"] == 3 and "torch" in snap["versions"] and snap["seed"] == 0
     for i in (0, 1):
         gen = run_dir / f"gen_{i}"
-        for name in (*DATA_FILES, "metrics.json", "stages.json"):
+        for name in (*RUN_FILES, "stages.json"):
             assert (gen / name).is_file(), f"{gen}/{name}"
-        assert (gen / "adapter" / "adapter_model.safetensors").is_file()
+        assert not (gen / "checkpoints").exists()  # deleted once the adapter is saved
         qa = [json.loads(line) for line in (gen / "qa.jsonl").read_text().splitlines()]
         assert qa and all({"ifd", "loss_cond", "loss_alone", "question", "answer", "fragment"} <= set(p) for p in qa)
         metrics = json.loads((gen / "metrics.json").read_text())
@@ -103,7 +59,7 @@ def test_tensorboard_holds_eval_scalars_histograms_text_and_timings(finished_run
 
 def test_resume_after_crash_redoes_nothing_and_matches(finished_run, tiny_model, tmp_path, monkeypatch):
     root, inputs = finished_run
-    reference = snapshot(root / "runs" / "t")
+    reference = run_files(root / "runs" / "t")
     calls = {"n": 0}
     real_train = selfevo.loop.train_adapter
 
@@ -125,7 +81,7 @@ def test_resume_after_crash_redoes_nothing_and_matches(finished_run, tiny_model,
     assert second.exit_code == 0, second.output
     unchanged = [p for p, t in before.items() if p.exists() and p.stat().st_mtime_ns == t]
     assert run_dir / "gen_0" / "qa.jsonl" in unchanged and run_dir / "gen_1" / "answers.jsonl" in unchanged
-    assert snapshot(run_dir) == reference
+    assert run_files(run_dir) == reference
 
 
 def test_different_config_is_refused_unless_forced(finished_run, tiny_model):
