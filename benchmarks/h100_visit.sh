@@ -2,9 +2,12 @@
 # One step of the GPU visit whose figures are in docs/benchmarks.md. Run on the GPU machine from the
 # repository root after benchmarks/device_setup.sh (the model staged as /tmp/stage/smollm2.gguf, the
 # AIOps data carried in .shared/data); each step writes its JSON and log under $OUT.
-#   bash benchmarks/h100_visit.sh ifd|generation|train|whole BACKEND|qlora|variants
+#   bash benchmarks/h100_visit.sh ifd | generation [VLLM_KV_GIB] | train | whole hf|vllm [ARGS] | qlora | variants
 set -euo pipefail
 export PYTHONPATH=$PWD SELFEVO_SHARED=$PWD/.shared SELFEVO_CACHE=/tmp/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# The trimmed vLLM install (benchmarks/vllm_h100_setup.sh) has no FlashInfer: use the runner and
+# sampler that do without it (docs/vllm.md).
+export VLLM_USE_V2_MODEL_RUNNER=0 VLLM_USE_FLASHINFER_SAMPLER=0
 M=/tmp/stage/smollm2.gguf
 D=.shared/data
 OUT=${OUT:-/tmp/out}
@@ -24,7 +27,7 @@ case "$1" in
     backend=${2:-hf}
     start=$SECONDS
     evolve --name whole_$backend --generation.backend $backend --generation.vllm_kv_cache_gib 20 \
-      --generation.batch_size 512
+      --generation.batch_size 512 "${@:3}"
     echo "whole command, model loading included: $((SECONDS - start)) s" | tee $OUT/whole_${backend}_wall.txt
     cp /tmp/runs/whole_$backend/gen_0/stages.json $OUT/whole_${backend}_stages.json
     cp /tmp/runs/whole_$backend/summary.md $OUT/whole_${backend}_summary.md ;;

@@ -50,6 +50,7 @@ def main() -> None:
     ours = score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=args.batch_size), 1024,
                        build_trainer(TrainerConfig(precision="32-true"), enable_progress_bar=False))
     ours_s = time.perf_counter() - t
+    model.to(device)  # Lightning hands the model back on the CPU after predict
     t = time.perf_counter()
     theirs = [seed.ifd(tokenizer, model, p["question"], p["answer"], 1024, device) for p in pairs]
     seed_s = time.perf_counter() - t

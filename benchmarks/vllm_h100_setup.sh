@@ -21,6 +21,8 @@
 # then, in the last call: tar -xf /tmp/stage/vllm-wheels.tar -C /tmp/stage &&
 #   bash benchmarks/vllm_h100_setup.sh /tmp/stage/vllm-wheels [MODEL]
 set -euo pipefail
+# No FlashInfer in this set: vLLM 0.26's new model runner imports it for sampling (docs/vllm.md).
+export VLLM_USE_V2_MODEL_RUNNER=${VLLM_USE_V2_MODEL_RUNNER:-0} VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}
 wheels=${1:?usage: vllm_h100_setup.sh WHEELS [MODEL]}
 model=${2:-}
 py=${PYTHON:-python}
