@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -28,24 +27,9 @@ from selfevo.config import LoraConfig, ModelConfig
 from selfevo.generate import Sampling, generate_texts
 from selfevo.models import add_lora, load_model
 from selfevo.prompts import question_prompt
-
-SHARED = Path(os.environ.get("SELFEVO_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-
+from stage_speed import SHARED, sync, timed  # beside this script
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn):
-    sync()
-    t = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - t
 
 
 def new_tokens(tokenizer, texts: list[str]) -> int:
