@@ -23,6 +23,7 @@ from selfevo.faults import kill_point
 from selfevo.generate import Sampling, generate_batch
 from selfevo.models import halving_batch_on_oom
 from selfevo.prompts import closed_book_prompt
+from selfevo.vllm_engine import VLLMEngine
 
 jieba.setLogLevel(logging.WARNING)
 ROUGE_KEYS = ("rouge-1", "rouge-2", "rouge-l")
@@ -89,7 +90,7 @@ class Evaluator(L.LightningModule):
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: PreTrainedModel | VLLMEngine,
         tokenizer: PreTrainedTokenizerBase,
         cfg: EvalConfig,
         max_length: int,
@@ -107,18 +108,21 @@ class Evaluator(L.LightningModule):
         self.rouge = SeedROUGE()
         self.predictions: dict[int, str] = {}
 
-    def _answer(self, prompts: list[str]) -> list[str]:
+    def _answer(self, prompts: list[str], batch_idx: int) -> list[str]:
         cfg = self.cfg
         sampling = Sampling(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k)
+        seed = self.seed * 100_003 + batch_idx
+        if isinstance(self.model, VLLMEngine):  # the vllm backend answers with the adapter it serves
+            return self.model.generate(self.tokenizer, prompts, sampling, max_length=self.max_length, seed=seed)
+        torch.manual_seed(seed)
         return generate_batch(self.model, self.tokenizer, prompts, sampling, self.max_length)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        torch.manual_seed(self.seed * 100_003 + batch_idx)
         if self.use_adapter or not hasattr(self.model, "disable_adapter"):
-            answers = self._answer(batch["prompt"])
+            answers = self._answer(batch["prompt"], batch_idx)
         else:
             with self.model.disable_adapter():
-                answers = self._answer(batch["prompt"])
+                answers = self._answer(batch["prompt"], batch_idx)
         answers = [a.strip() for a in answers]
         self.bleu.update(answers, batch["reference"])
         self.rouge.update(answers, batch["reference"])
@@ -132,7 +136,7 @@ class Evaluator(L.LightningModule):
 
 
 def evaluate_model(
-    model: PreTrainedModel,
+    model: PreTrainedModel | VLLMEngine,
     tokenizer: PreTrainedTokenizerBase,
     eval_set: list[dict],
     cfg: EvalConfig,
@@ -141,7 +145,8 @@ def evaluate_model(
     seed: int = 0,
     use_adapter: bool = True,
 ) -> tuple[dict[str, float], list[dict]]:
-    """(metrics, predictions) of the model on the eval set."""
+    """(metrics, predictions) of the model on the eval set. `model` is the Hugging Face model (its
+    adapter on or off by use_adapter) or the vllm backend's engine, set to the adapter to evaluate."""
     records = eval_set[: cfg.limit] if cfg.limit else eval_set
     items = [
         {"index": i, "prompt": closed_book_prompt(tokenizer, r["question"]), "reference": r["reference"]}

@@ -278,14 +278,16 @@ def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval
     def stages_of(folder_name: str, step: int) -> Stages:
         return Stages(inside(run_dir, run_dir / folder_name), writer, step)
 
-    def evaluate_into(stages: Stages, use_adapter: bool) -> dict:
+    def evaluate_into(stages: Stages, adapter: Path | None) -> dict:
+        """Evaluate M_0 (adapter None) or the model with `adapter`, already loaded into `model`."""
         folder, step = stages.folder, stages.step
         if stages.done("evaluate", EVAL_FILES):
             return read_json(folder / "metrics.json")
         stages.begin("evaluate")
         t = time.perf_counter()
         metrics, predictions = evaluate_model(
-            model, tokenizer, eval_set, cfg.evaluation, max_length, trainer(), cfg.seed, use_adapter
+            generator(adapter), tokenizer, eval_set, cfg.evaluation, max_length, trainer(), cfg.seed,
+            use_adapter=adapter is not None,
         )
         write_jsonl(folder / "predictions.jsonl", predictions)
         write_json(folder / "metrics.json", metrics)  # no timings here: metrics reproduce byte for byte
@@ -297,7 +299,8 @@ def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval
     engine: VLLMEngine | None = None  # the vllm backend's engine: made when first needed, kept for the run
 
     def generator(adapter: Path | None):
-        """What writes questions and answers: the Hugging Face model, or the vLLM engine serving `adapter`."""
+        """What writes questions and answers and answers the eval questions: the Hugging Face model,
+        or the vLLM engine serving `adapter`."""
         nonlocal engine
         if cfg.generation.backend == "hf":
             return model  # M_i: its adapter weights are already loaded
@@ -308,7 +311,7 @@ def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval
         return engine
 
     console.rule("base model")
-    evaluate_into(stages_of("base", 0), use_adapter=False)
+    evaluate_into(stages_of("base", 0), adapter=None)
 
     for i in range(cfg.start, cfg.end):
         console.rule(f"generation {i}")
@@ -366,7 +369,7 @@ def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval
             return scored, {"pairs": len(scored)}
 
         stages.jsonl("score", "qa.jsonl", make_scores)
-        evaluate_into(stages, use_adapter=True)
+        evaluate_into(stages, adapter=folder / "adapter")
         write_summary(run_dir)
         writer.flush()
 

