@@ -29,7 +29,8 @@ case "$1" in
     evolve --name whole_$backend --generation.backend $backend --generation.vllm_kv_cache_gib 20 \
       --generation.batch_size 512 "${@:3}"
     echo "whole command, model loading included: $((SECONDS - start)) s" | tee $OUT/whole_${backend}_wall.txt
-    cp /tmp/runs/whole_$backend/gen_0/stages.json $OUT/whole_${backend}_stages.json
+    for g in /tmp/runs/whole_$backend/gen_*; do cp $g/stages.json $OUT/whole_${backend}_$(basename $g)_stages.json; done
+    cp /tmp/runs/whole_$backend/base/stages.json $OUT/whole_${backend}_base_stages.json
     cp /tmp/runs/whole_$backend/summary.md $OUT/whole_${backend}_summary.md ;;
   qlora)
     evolve --name qlora --model.quantization nf4 --data.limit 200 --generation.batch_size 256 \
