@@ -157,6 +157,11 @@ def validate(cfg: EvolveConfig) -> None:
     """Reject values that would only fail later, after work was done."""
     if not _RUN_NAME.match(cfg.name) or ".." in cfg.name:
         raise ConfigError(f"name: {cfg.name!r} is not a valid run name (letters, digits, '.', '_', '-')")
+    if cfg.model.quantization == "nf4" and cfg.generation.backend == "vllm":
+        raise ConfigError(
+            "model.quantization nf4 with generation.backend vllm: vLLM would serve the adapter on an "
+            "unquantized base, not the 4-bit one it was trained on; use generation.backend hf"
+        )
     if cfg.start < 0 or cfg.end <= cfg.start:
         raise ConfigError(f"start/end: need 0 <= start < end, got start={cfg.start} end={cfg.end}")
     if cfg.replay.k < 0:
@@ -206,9 +211,10 @@ def validate(cfg: EvolveConfig) -> None:
 
 def identity(cfg: EvolveConfig) -> dict:
     """The part of a config that defines a run's results: everything but the generation range, the
-    folders and the checkpoint interval."""
+    folders, the checkpoint interval and the vLLM cache size."""
     d = asdict(cfg)
     for key in ("start", "end", "runs_dir", "logs_dir"):  # where a run is kept is not what it is
         d.pop(key)
     d["train"].pop("checkpoint_every")  # when checkpoints are taken does not change what is trained
+    d["generation"].pop("vllm_kv_cache_gib")  # nor does the vLLM cache's size (lower it after an OOM)
     return d

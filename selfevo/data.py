@@ -151,9 +151,8 @@ def write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             half = len(data) // 2
             f.write(data[:half])
-            f.flush()
-            os.fsync(f.fileno())
-            kill_point("write")  # the crash tests kill here: half a file on disk, under its temporary name
+            f.flush()  # a process killed now leaves half a file under its temporary name (the crash tests kill here)
+            kill_point("write")
             f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())

@@ -153,12 +153,12 @@ def score_pairs(
         return trainer.predict(IFDScorer(model, use_adapter), dataloaders=loader)
 
     outputs = halving_batch_on_oom(run, cfg.batch_size, "IFD scoring")
-    losses = [math.inf] * (2 * len(pairs))  # inf: not scored (NaN means an empty answer)
+    losses: list[float | None] = [None] * (2 * len(pairs))  # None: not scored (NaN means an empty answer)
     for out in outputs:
         for i, loss in zip(out["index"].tolist(), out["loss"].tolist()):
             losses[i] = loss
-    if math.inf in losses:
-        raise RuntimeError(f"IFD scoring returned no score for pair {losses.index(math.inf) // 2}")
+    if None in losses:
+        raise RuntimeError(f"IFD scoring returned no score for pair {losses.index(None) // 2}")
     scored = []
     for i, pair in enumerate(pairs):
         cond, alone = losses[2 * i], losses[2 * i + 1]

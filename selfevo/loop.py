@@ -98,7 +98,12 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
         except DataError:
             old = {}  # reported below as a changed snapshot
         problem = None
-        if old.get("sha256") != config_digest(old.get("config")):
+        if old and "sha256" not in old:
+            problem = (
+                f"{snapshot}: made by an older selfevo, whose run folders this version cannot check; "
+                "pass --force to set this run aside and start over, or choose another --name"
+            )
+        elif old.get("sha256") != config_digest(old.get("config")):
             problem = (
                 f"{snapshot}: changed since the run began (its checksum does not match); put the original back, "
                 "or pass --force to set this run aside and start over"
@@ -306,7 +311,9 @@ def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval
             return model  # M_i: its adapter weights are already loaded
         if engine is None:
             folder = resolve_model(cfg.model.name, cfg.model.trust_remote_code)
-            engine = VLLMEngine(folder, cfg.model, cfg.generation, cfg.lora.r, cfg.seed)
+            engine = VLLMEngine(
+                folder, cfg.model, cfg.generation, cfg.lora.r, cfg.seed, cfg.evaluation.max_new_tokens
+            )
         engine.use_adapter(adapter)
         return engine
 

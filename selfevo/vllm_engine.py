@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from selfevo.config import ConfigError, GenerationConfig, ModelConfig
 from selfevo.generate import Sampling, prompt_limit
-from selfevo.models import ModelError, resolve_dtype
+from selfevo.models import check_adapter_folder, resolve_dtype
 
 console = Console(stderr=True)
 
@@ -60,9 +60,14 @@ def startup_memory_fraction() -> float:
 
 
 class VLLMEngine:
-    """A vLLM `LLM` over the base model, with LoRA enabled; `use_adapter` picks what generates."""
+    """A vLLM `LLM` over the base model, with LoRA enabled; `use_adapter` picks what generates.
+    Its context fits max_length with the longest of the generation caps and `eval_max_new_tokens`
+    (the evaluation's cap, as it answers the eval questions too)."""
 
-    def __init__(self, folder: Path, model: ModelConfig, generation: GenerationConfig, lora_r: int, seed: int):
+    def __init__(
+        self, folder: Path, model: ModelConfig, generation: GenerationConfig, lora_r: int, seed: int,
+        eval_max_new_tokens: int = 0,
+    ):
         require_vllm()
         # In-process engine: no worker processes to spawn (which would need a __main__ guard in every
         # entry point), and the run's other stages keep the same process. Set it to 1 to override.
@@ -71,7 +76,7 @@ class VLLMEngine:
         from vllm import LLM
 
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
-        longest_new = max(generation.question_max_new_tokens, generation.answer_max_new_tokens)
+        longest_new = max(generation.question_max_new_tokens, generation.answer_max_new_tokens, eval_max_new_tokens)
         self.llm = LLM(
             model=str(folder),
             tokenizer=str(folder),
@@ -109,8 +114,7 @@ class VLLMEngine:
             return
         from vllm.lora.request import LoRARequest
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        check_adapter_folder(adapter)
         self._last_lora_id += 1  # a new id: vLLM caches adapters by id, and this one's weights are new
         self.lora_request = LoRARequest(f"adapter-{self._last_lora_id}", self._last_lora_id, str(adapter))
 

@@ -105,6 +105,8 @@ CONFIG_CASES = {
     "several devices": (["--trainer.devices", "2"], "trainer.devices"),
     "zero vLLM cache": (["--generation.vllm_kv_cache_gib", "0"], "generation.vllm_kv_cache_gib"),
     "LoRA rank vLLM cannot serve": (["--generation.backend", "vllm", "--lora.r", "1024"], "lora.r"),
+    "QLoRA base served by vLLM": (["--generation.backend", "vllm", "--model.quantization", "nf4"],
+                                  "model.quantization nf4 with generation.backend vllm"),
     "IFD prompt braces": (["--ifd.prompt", "Q: {question} {other}"], "ifd.prompt"),
     "negative limit": (["--data.limit", "-3"], "data.limit"),
     "negative checkpoint_every": (["--train.checkpoint_every", "-1"], "train.checkpoint_every"),

@@ -82,6 +82,15 @@ def test_edited_config_snapshot(copy_of_run, finished_run, tiny_model):
     resumed(tiny_model, inputs, run_dir, finished_run[0] / "runs" / "t", "--force")  # sets the old run aside
 
 
+def test_run_of_an_older_selfevo_is_named_as_such(copy_of_run, finished_run, tiny_model):
+    run_dir, inputs = copy_of_run
+    snapshot = run_dir / "config.json"
+    data = json.loads(snapshot.read_text())
+    del data["sha256"]  # snapshots written before checksummed runs had none
+    snapshot.write_text(json.dumps(data))
+    refused(tiny_model, inputs, run_dir, f"{snapshot}: made by an older selfevo", "--force")
+
+
 def test_damaged_stage_record(copy_of_run, finished_run, tiny_model):
     run_dir, inputs = copy_of_run
     stages = run_dir / "gen_1" / "stages.json"
