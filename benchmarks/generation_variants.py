@@ -41,20 +41,13 @@ def way_dynamic(model, tokenizer, prompts, sampling, batch_size):
 
 
 def way_static(model, tokenizer, prompts, sampling, batch_size):
-    enc_all = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    order = sorted(range(len(prompts)), key=lambda i: -len(enc_all[i]))
-    out = [""] * len(prompts)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(model.device)
-        with torch.inference_mode():
-            ids = model.generate(**enc, max_new_tokens=sampling.max_new_tokens, do_sample=True,
-                                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=None,
-                                 pad_token_id=tokenizer.pad_token_id, cache_implementation="static")
-        for i, t in zip(idx, tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
-            out[i] = t
-    return out
+    """selfevo's generate_texts with the model's generation config asking for a static cache."""
+    config = model.get_base_model().generation_config
+    config.cache_implementation = "static"
+    try:
+        return way_dynamic(model, tokenizer, prompts, sampling, batch_size)
+    finally:
+        config.cache_implementation = None
 
 
 def way_continuous(model, tokenizer, prompts, sampling, batch_size):
