@@ -19,10 +19,10 @@ evolve() {
     --evaluation.batch_size 100 --runs_dir /tmp/runs --logs_dir /tmp/logs "$@"
 }
 case "$1" in
-  ifd) bench --stages ifd --seed-pairs 20 --ifd-batch-sizes 64 128 256 --out $OUT/h100_ifd.json ;;
+  ifd) bench --stages ifd --seed-pairs 20 --ifd-batch-sizes 64 128 256 --ifd-compile-batch 256 --out $OUT/h100_ifd.json ;;
   generation) bench --stages generation --prompts 1024 --seed-prompts 128 --gen-batch-sizes 512 \
                 --vllm-kv-cache-gib "${2:-0}" --out $OUT/h100_generation.json ;;
-  train) bench --stages train --train-steps 30 --out $OUT/h100_train.json ;;
+  train) bench --stages train --train-steps 30 --train-compile --out $OUT/h100_train.json ;;
   whole)
     backend=${2:-hf}
     start=$SECONDS

@@ -48,7 +48,9 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def bench_ifd(model, tokenizer, pairs, seed_pairs, batch_sizes, device) -> list[dict]:
+def bench_ifd(model, tokenizer, pairs, seed_pairs, batch_sizes, device, compile_batch: int = 0) -> list[dict]:
+    """The seed's per-pair way, selfevo's at each batch size, and (compile_batch > 0) selfevo's with
+    the decoder compiled by torch.compile at that batch size, its values checked against eager's."""
     sys.path.insert(0, str(SHARED / "bench"))
     import seed_ifd_reference as seed
 
@@ -59,11 +61,21 @@ def bench_ifd(model, tokenizer, pairs, seed_pairs, batch_sizes, device) -> list[
     rows.append({"stage": "ifd", "way": "seed (per pair)", "items": seed_pairs, "seconds": secs,
                  "pairs_per_s": seed_pairs / secs})
     trainer = build_trainer(TrainerConfig(), enable_progress_bar=False)
-    for bs in batch_sizes:
-        score_pairs(model, tokenizer, pairs[: 2 * bs], IFDConfig(batch_size=bs), 1024, trainer)  # warm-up
-        _, secs = timed(lambda: score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=bs), 1024, trainer))
-        rows.append({"stage": "ifd", "way": f"selfevo batch {bs}", "items": len(pairs), "seconds": secs,
-                     "pairs_per_s": len(pairs) / secs})
+    eager = {}
+    for bs in batch_sizes + ([compile_batch] if compile_batch else []):
+        compiled = len(rows) == 1 + len(batch_sizes)
+        warm = None
+        if compiled:
+            (_, warm) = timed(lambda: model.get_decoder().compile(dynamic=True))
+        _, w = timed(lambda: score_pairs(model, tokenizer, pairs[: 2 * bs], IFDConfig(batch_size=bs), 1024, trainer))
+        scored, secs = timed(lambda: score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=bs), 1024, trainer))
+        row = {"stage": "ifd", "way": f"selfevo batch {bs}" + (", compiled decoder" if compiled else ""),
+               "items": len(pairs), "seconds": secs, "pairs_per_s": len(pairs) / secs, "warmup_s": w}
+        if compiled and bs in eager:
+            row["max_abs_ifd_diff_vs_eager"] = max(abs(a["ifd"] - b["ifd"]) for a, b in zip(scored, eager[bs]))
+        eager.setdefault(bs, scored)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -72,7 +84,8 @@ def count_new_tokens(tokenizer, texts: list[str]) -> int:
 
 
 def bench_vllm_generation(model_name, model, tokenizer, prompts, new_tokens, kv_cache_gib) -> list[dict]:
-    """selfevo's vLLM backend on the same prompts, serving a LoRA adapter as generations >= 1 do."""
+    """selfevo's vLLM backend on the same prompts, serving a LoRA adapter as generations >= 1 do, then
+    the same engine without the adapter, with vLLM's engine-wide seed, and greedy."""
     import tempfile
 
     from selfevo.config import GenerationConfig
@@ -84,15 +97,29 @@ def bench_vllm_generation(model_name, model, tokenizer, prompts, new_tokens, kv_
     gen_cfg = GenerationConfig(backend="vllm", question_max_new_tokens=new_tokens, answer_max_new_tokens=new_tokens,
                                vllm_kv_cache_gib=kv_cache_gib)
     (engine, up) = timed(lambda: VLLMEngine(resolve_model(model_name), ModelConfig(name=model_name), gen_cfg, 8, 0))
-    engine.use_adapter(adapter)
-    sampling = Sampling(new_tokens, True, 0.5, 0.95)
-    engine.generate(tokenizer, prompts[:64], sampling, max_length=2048, seed=1)  # warm-up
-    texts, secs = timed(lambda: engine.generate(tokenizer, prompts, sampling, max_length=2048, seed=0))
+    config = engine.llm.llm_engine.vllm_config
+    engine_info = {"max_num_seqs": config.scheduler_config.max_num_seqs,
+                   "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+                   "cudagraph_capture_max": max(config.compilation_config.cudagraph_capture_sizes or [0])}
+    print(json.dumps(engine_info), flush=True)
+    sampled, greedy = Sampling(new_tokens, True, 0.5, 0.95), Sampling(new_tokens, False, 0.0, 1.0)
+    ways = [("LoRA adapter, a seed per prompt (selfevo's way)", adapter, sampled, True),
+            ("LoRA adapter, engine-wide seed", adapter, sampled, False),
+            ("no adapter, a seed per prompt", None, sampled, True),
+            ("no adapter, engine-wide seed", None, sampled, False),
+            ("no adapter, greedy", None, greedy, False)]
+    rows = []
+    for name, lora, sampling, per_prompt in ways:
+        engine.use_adapter(lora)
+        seed = 0 if per_prompt else None
+        engine.generate(tokenizer, prompts[:64], sampling, max_length=2048, seed=seed)  # warm-up (loads the adapter)
+        texts, secs = timed(lambda: engine.generate(tokenizer, prompts, sampling, max_length=2048, seed=seed))
+        n = count_new_tokens(tokenizer, texts)
+        rows.append({"stage": "generation", "way": f"vLLM, {name}, KV cache {kv_cache_gib:g} GiB", "items": len(prompts),
+                     "seconds": secs, "engine_start_s": up, "new_tokens": n, "new_tokens_per_s": n / secs, **engine_info})
+        print(json.dumps(rows[-1]), flush=True)
     engine.close()
-    n = count_new_tokens(tokenizer, texts)
-    return [{"stage": "generation", "way": f"selfevo vLLM backend, LoRA adapter, KV cache {kv_cache_gib:g} GiB",
-             "items": len(prompts), "seconds": secs, "engine_start_s": up, "new_tokens": n,
-             "new_tokens_per_s": n / secs}]
+    return rows
 
 
 def bench_generation(model, tokenizer, prompts, seed_prompts, batch_sizes, new_tokens) -> list[dict]:
@@ -153,9 +180,9 @@ class StepClock(L.Callback):
 
 
 def bench_training(model_name, qa_file, steps, ways) -> list[dict]:
-    """Each way: (name, micro-batch, accumulation, precision, dtype, length-grouped, quantization)."""
+    """Each way: (name, micro-batch, accumulation, precision, dtype, length-grouped, quantization, compiled)."""
     rows = []
-    for name, micro, accum, precision, dtype, grouped, quantization in ways:
+    for name, micro, accum, precision, dtype, grouped, quantization, compiled in ways:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -165,6 +192,8 @@ def bench_training(model_name, qa_file, steps, ways) -> list[dict]:
             rows.append({"stage": "train", "way": name, "error": repr(e)[:200]})
             continue
         model = add_lora(base, LoraConfig(), seed=0)
+        if compiled:  # the decoder stack (LoRA layers included) compiled in place; the loss stays eager
+            model.get_base_model().get_decoder().compile(dynamic=True)
         data = QADataModule(str(qa_file), model_name, micro_batch_size=micro, max_length=1024, group_by_length=grouped)
         clock = StepClock()
         trainer = build_trainer(TrainerConfig(precision=precision), max_steps=steps, accumulate_grad_batches=accum,
@@ -179,6 +208,9 @@ def bench_training(model_name, qa_file, steps, ways) -> list[dict]:
                      "loss_last10": sum(clock.losses[-10:]) / max(1, len(clock.losses[-10:])),
                      "losses": clock.losses,
                      "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None})
+        if compiled:  # the same steps eager: the loss curve must not change
+            eager = next(r for r in rows if r["way"] == name.removesuffix(", compiled decoder"))
+            rows[-1]["max_abs_loss_diff_vs_eager"] = max(abs(a - b) for a, b in zip(eager["losses"], clock.losses))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
         del model, base, module, trainer
     return rows
@@ -191,11 +223,14 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=4000)
     p.add_argument("--seed-pairs", type=int, default=100)
     p.add_argument("--ifd-batch-sizes", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--ifd-compile-batch", type=int, default=0, help="> 0: also time IFD with a compiled decoder")
     p.add_argument("--prompts", type=int, default=4000)
     p.add_argument("--seed-prompts", type=int, default=256)
     p.add_argument("--gen-batch-sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--train-compile", action="store_true", help="also time training with a compiled decoder")
+    p.add_argument("--train-qlora", action="store_true", help="also time QLoRA (nf4 base; needs bitsandbytes)")
     p.add_argument("--vllm-kv-cache-gib", type=float, default=0, help="> 0: also time the vLLM backend")
     p.add_argument("--cpu-sizes", action="store_true", help="small sizes for a 2-core CPU")
     p.add_argument("--stages", nargs="+", default=["ifd", "generation", "train"])
@@ -217,8 +252,7 @@ def main() -> None:
 
     rows = []
     if "ifd" in args.stages:
-        rows += bench_ifd(model, tokenizer, pairs, args.seed_pairs, args.ifd_batch_sizes, device)
-        print(json.dumps(rows[-1]), flush=True)
+        rows += bench_ifd(model, tokenizer, pairs, args.seed_pairs, args.ifd_batch_sizes, device, args.ifd_compile_batch)
     if "generation" in args.stages:
         rows += bench_generation(model, tokenizer, prompts, args.seed_prompts, args.gen_batch_sizes, args.new_tokens)
         print(json.dumps(rows[-1]), flush=True)
@@ -226,7 +260,6 @@ def main() -> None:
             lora_model = add_lora(model, LoraConfig(), seed=0)
             rows += bench_vllm_generation(args.model, lora_model, tokenizer, prompts, args.new_tokens,
                                           args.vllm_kv_cache_gib)
-            print(json.dumps(rows[-1]), flush=True)
             model = lora_model.unload()
     if "train" in args.stages:
         qa_file = Path("/tmp/selfevo_bench_qa.json")
@@ -235,11 +268,15 @@ def main() -> None:
         fp16 = "16-mixed" if device == "cuda" else "32-true"
         bf16 = "bf16-mixed" if device == "cuda" else "32-true"
         del model
-        ways = [("seed (4 x 4, unsorted, fp32 weights, fp16 autocast)", 4, 4, fp16, "float32", False, "none"),
-                ("selfevo (16 x 1, length-grouped, bf16)", 16, 1, bf16, args.dtype, True, "none"),
-                ("selfevo (32 x 1, length-grouped, bf16)", 32, 1, bf16, args.dtype, True, "none")]
-        if device == "cuda":
-            ways.append(("selfevo QLoRA (nf4 base, 16 x 1, length-grouped)", 16, 1, bf16, args.dtype, True, "nf4"))
+        ways = [("seed (4 x 4, unsorted, fp32 weights, fp16 autocast)", 4, 4, fp16, "float32", False, "none", False),
+                ("selfevo (16 x 1, length-grouped, bf16)", 16, 1, bf16, args.dtype, True, "none", False),
+                ("selfevo (32 x 1, length-grouped, bf16)", 32, 1, bf16, args.dtype, True, "none", False)]
+        if device == "cuda" and args.train_qlora:
+            ways.append(("selfevo QLoRA (nf4 base, 16 x 1, length-grouped)", 16, 1, bf16, args.dtype, True, "nf4", False))
+        if args.train_compile:
+            ways += [("selfevo (16 x 1, length-grouped, bf16), compiled decoder", 16, 1, bf16, args.dtype, True, "none", True),
+                     ("selfevo (32 x 1, length-grouped, bf16), compiled decoder", 32, 1, bf16, args.dtype, True, "none", True)]
+
         rows += bench_training(args.model, qa_file, args.train_steps, ways)
 
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",

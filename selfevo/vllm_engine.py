@@ -125,9 +125,11 @@ class VLLMEngine:
         sampling: Sampling,
         *,
         max_length: int,
-        seed: int,
+        seed: Optional[int],
     ) -> list[str]:
-        """Continue each prompt; return only the new text, special tokens removed, in input order."""
+        """Continue each prompt; return only the new text, special tokens removed, in input order.
+        seed None: no seed per prompt, vLLM's engine-wide generator instead (outputs then depend on
+        how the engine batches them)."""
         from vllm import SamplingParams
 
         limit = prompt_limit(sampling, max_length)
@@ -143,7 +145,7 @@ class VLLMEngine:
                 top_p=sampling.top_p if sampling.do_sample else 1.0,
                 top_k=sampling.top_k if sampling.do_sample else 0,
                 repetition_penalty=self.repetition_penalty,
-                seed=seed * 100_003 + i,
+                seed=None if seed is None else seed * 100_003 + i,
                 detokenize=False,  # decoded below by the Hugging Face tokenizer, as that backend does
             )
             for i in range(len(prompts))
