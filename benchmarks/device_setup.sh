@@ -15,13 +15,18 @@ wheels=(/tmp/wheels/*.whl)
 sdists=(/tmp/wheels/*.tar.gz)
 if ((${#wheels[@]})); then python -m pip install -q --no-index --no-deps "${wheels[@]}"; fi
 if ((${#sdists[@]})); then python -m pip install -q --no-index --no-deps --no-build-isolation "${sdists[@]}"; fi
-# Join a staged file once its last chunk and its checksum have arrived.
+# Join a staged file once its chunks all match its checksum; until then the chunks stay (they may
+# arrive in any order).
 for sum in /tmp/stage/*.sha256; do
   name=$(basename "$sum" .sha256)
   parts=(/tmp/stage/"$name".part*)
   if ((${#parts[@]})); then
-    cat "${parts[@]}" > /tmp/stage/"$name" && rm "${parts[@]}"
-    sha256sum -c "$sum"
+    cat "${parts[@]}" > /tmp/stage/"$name"
+    if (cd /tmp/stage && sha256sum --quiet -c "$name.sha256" 2>/dev/null); then
+      rm "${parts[@]}"; echo "joined $name"
+    else
+      rm /tmp/stage/"$name"; echo "$name: ${#parts[@]} chunk(s) so far"
+    fi
   fi
 done
 echo "device set-up done; staged: $(ls /tmp/stage | tr '\n' ' ')"
