@@ -4,7 +4,9 @@
 # Stage the model first with ../shared/device/stage (see docs/benchmarks.md, "How the GPU runs were made").
 set -euo pipefail
 shopt -s nullglob
-mkdir -p /tmp/stage /tmp/wheels
+mkdir -p /tmp/stage /tmp/wheels /tmp/shared
+# The seed's data and reference scorer (carried as .shared) stay on the machine for later calls.
+if [ -d .shared ]; then cp -r .shared/. /tmp/shared/; fi
 for f in .carry/*/*; do
   case "$f" in
     .carry/wheels-*) cp "$f" /tmp/wheels/ ;;

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # One step of the GPU visit whose figures are in docs/benchmarks.md. Run on the GPU machine from the
 # repository root after benchmarks/device_setup.sh (the model staged as /tmp/stage/smollm2.gguf, the
-# AIOps data carried in .shared/data); each step writes its JSON and log under $OUT.
+# AIOps data carried in .shared/data and kept in /tmp/shared); each step writes its JSON and log under $OUT.
 #   bash benchmarks/h100_visit.sh ifd | generation [VLLM_KV_GIB] | train | whole hf|vllm [ARGS] | qlora | variants
 set -euo pipefail
-export PYTHONPATH=$PWD SELFEVO_SHARED=$PWD/.shared SELFEVO_CACHE=/tmp/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD SELFEVO_SHARED=/tmp/shared SELFEVO_CACHE=/tmp/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # The trimmed vLLM install (benchmarks/vllm_h100_setup.sh) has no FlashInfer: use the runner and
 # sampler that do without it (docs/vllm.md).
 export VLLM_USE_V2_MODEL_RUNNER=0 VLLM_USE_FLASHINFER_SAMPLER=0
 M=/tmp/stage/smollm2.gguf
-D=.shared/data
+D=/tmp/shared/data
 OUT=${OUT:-/tmp/out}
 bench() { python benchmarks/stage_speed.py --model $M "$@"; }
 evolve() {
