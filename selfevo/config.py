@@ -240,14 +240,20 @@ def world_size(cfg: TrainerConfig) -> int:
 def identity(cfg: EvolveConfig) -> dict:
     """The part of a config that defines a run's results: everything but the generation range, the
     folders, the checkpoint interval, the vLLM cache size and how many devices do the work."""
-    d = asdict(cfg)
+    return identity_of(asdict(cfg))
+
+
+def identity_of(config: dict) -> dict:
+    """identity() of a config as a dict: also of a run's config.json snapshot, which an older
+    selfevo wrote with some of the keys left out now (so that its runs still resume)."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
     for key in ("start", "end", "runs_dir", "logs_dir"):  # where a run is kept is not what it is
-        d.pop(key)
-    d["train"].pop("checkpoint_every")  # when checkpoints are taken does not change what is trained
-    d["generation"].pop("vllm_kv_cache_gib")  # nor does the vLLM cache's size (lower it after an OOM)
+        d.pop(key, None)
+    d.get("train", {}).pop("checkpoint_every", None)  # when checkpoints are taken does not change what is trained
+    d.get("generation", {}).pop("vllm_kv_cache_gib", None)  # nor does the vLLM cache's size (lower it after an OOM)
     # nor the number of devices: several give one device's results within float tolerance, so a run
     # begun on one GPU can go on over eight
-    d["generation"].pop("vllm_tensor_parallel_size")
+    d.get("generation", {}).pop("vllm_tensor_parallel_size", None)
     for key in ("devices", "strategy", "num_nodes"):
-        d["trainer"].pop(key)
+        d.get("trainer", {}).pop(key, None)
     return d

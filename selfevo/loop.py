@@ -38,7 +38,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
-from selfevo.config import EvolveConfig, identity, validate
+from selfevo.config import EvolveConfig, identity, identity_of, validate
 from selfevo.data import (
     DataError, RunError, check_can_create, load_eval, load_fragments, read_json, read_jsonl, remove_temporary_files,
     write_json, write_jsonl,
@@ -116,9 +116,10 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
                 f"{snapshot}: changed since the run began (its checksum does not match); put the original back, "
                 "or pass --force to set this run aside and start over"
             )
-        elif old.get("config") != identity(cfg):
+        elif identity_of(old["config"]) != identity(cfg):
             problem = (
-                f"{run_dir} holds a run of a different config ({_first_difference(old.get('config'), identity(cfg))}); "
+                f"{run_dir} holds a run of a different config "
+                f"({_first_difference(identity_of(old['config']), identity(cfg))}); "
                 "pass --force to set it aside and start over, or choose another --name"
             )
         if problem:
