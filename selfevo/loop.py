@@ -38,6 +38,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
+from selfevo import generate
 from selfevo.config import EvolveConfig, identity, identity_of, validate
 from selfevo.data import (
     DataError, RunError, check_can_create, load_eval, load_fragments, read_json, read_jsonl, remove_temporary_files,
@@ -47,7 +48,6 @@ from selfevo.evaluate import evaluate_model
 from selfevo.faults import kill_point
 from selfevo.generate import write_answers, write_questions
 from selfevo.ifd import score_pairs
-from selfevo import generate
 from selfevo.models import (
     accelerator_device, add_lora, load_adapter_weights, load_model, nf4_quantization, resolve_model, save_adapter,
 )
@@ -189,7 +189,6 @@ class Stages:
     without a record (killed before it was recorded), or with none of its files left (deleted to
     redo it), runs again. A recorded stage with a file missing or changed is a damaged run: that is
     an error that says what to delete, never a result silently trusted.
-
 
     With a strategy of several ranks, rank 0 checks and writes, and the others get its answers;
     without one (the checks before the work, on rank 0) it works alone.
