@@ -3,6 +3,7 @@
 # repository root after benchmarks/device_setup.sh (the model staged as /tmp/stage/smollm2.gguf, the
 # AIOps data carried in .shared/data and kept in /tmp/shared); each step writes its JSON and log under $OUT.
 #   bash benchmarks/h100_visit.sh ifd | generation [VLLM_KV_GIB] | train | whole hf|vllm [ARGS] | qlora | variants
+#                                 | scaling N   (on a machine of N GPUs: each stage on 1 GPU and on N)
 set -euo pipefail
 export PYTHONPATH=$PWD SELFEVO_SHARED=/tmp/shared SELFEVO_CACHE=/tmp/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # The trimmed vLLM install (benchmarks/vllm_h100_setup.sh) has no FlashInfer: use the runner and
@@ -39,5 +40,10 @@ case "$1" in
     cp /tmp/runs/qlora/summary.md $OUT/qlora_summary.md ;;
   variants) timeout 300 python benchmarks/generation_variants.py --model $M --prompts 512 \
               --ways static:512 --profile-batch 0 --out $OUT/h100_generation_variants.json ;;
+  scaling)
+    python benchmarks/scaling.py --devices "$2" --root /tmp/scaling --out $OUT/scaling_$2.json -- \
+      --config configs/aiops.yaml --model.name $M --data.fragments $D/AIOps_data.json \
+      --data.eval $D/AIOps_eval_data.json --train.micro_batch_size 16 --train.grad_accum "$2" \
+      --ifd.batch_size 128 --evaluation.batch_size 100 --generation.batch_size 512 2>&1 | tee $OUT/scaling_$2.log ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac

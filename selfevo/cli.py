@@ -198,6 +198,10 @@ def score(
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16"),
     batch_size: int = typer.Option(16, min=1),
     max_length: int = typer.Option(1024, min=16),
+    accelerator: str = typer.Option("auto", help="Lightning accelerator: auto, cpu, gpu"),
+    devices: int = typer.Option(1, min=1, help="devices per node, one rank each (Lightning's ddp)"),
+    num_nodes: int = typer.Option(1, min=1),
+    strategy: str = typer.Option("auto", help="Lightning strategy: auto or ddp"),
 ) -> None:
     """Add IFD and both mean losses to every QA pair."""
     from selfevo.config import ConfigError, IFDConfig, TrainerConfig
@@ -207,14 +211,17 @@ def score(
 
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype: must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if strategy not in ("auto", "ddp"):
+        raise ConfigError(f"--strategy: must be auto or ddp, got {strategy!r}")
     pairs = load_qa(qa)
     check_can_create(out.parent, "output")
     m, tokenizer = _load(model, adapter, dtype)
-    scored = score_pairs(
-        m, tokenizer, pairs, IFDConfig(batch_size=batch_size), max_length, build_trainer(TrainerConfig()), adapter is not None
-    )
-    write_jsonl(out, scored)
-    typer.echo(f"{len(scored)} pairs scored -> {out}")
+    # On several devices, Lightning's launcher runs this command again for ranks 1..N-1 at predict.
+    trainer = build_trainer(TrainerConfig(accelerator, devices, strategy, num_nodes))
+    scored = score_pairs(m, tokenizer, pairs, IFDConfig(batch_size=batch_size), max_length, trainer, adapter is not None)
+    if trainer.is_global_zero:  # every rank holds all the scores; one writes them
+        write_jsonl(out, scored)
+        typer.echo(f"{len(scored)} pairs scored -> {out}")
 
 
 @app.command("select")

@@ -56,6 +56,8 @@ class GenerationConfig:
     top_p: float = 0.95
     vllm_kv_cache_gib: float = 4.0
     """vllm backend: memory for its KV cache, in GiB (the model's weights come on top)."""
+    vllm_tensor_parallel_size: int = 1
+    """vllm backend: GPUs the engine splits the model over (vLLM's tensor_parallel_size)."""
 
 
 @dataclass
@@ -107,7 +109,9 @@ class TrainerConfig:
 
     accelerator: str = "auto"
     devices: Union[int, str] = 1
+    """Devices per node; the evolve loop runs one rank per device (docs/scaling.md)."""
     strategy: str = "auto"
+    """auto or ddp for the evolve loop on several devices."""
     num_nodes: int = 1
     precision: Optional[str] = None
     """None: bf16-mixed on a bf16-capable GPU, 32-true otherwise."""
@@ -183,6 +187,7 @@ def validate(cfg: EvolveConfig) -> None:
         "generation.answer_max_new_tokens": cfg.generation.answer_max_new_tokens,
         "generation.temperature": cfg.generation.temperature,
         "generation.vllm_kv_cache_gib": cfg.generation.vllm_kv_cache_gib,
+        "generation.vllm_tensor_parallel_size": cfg.generation.vllm_tensor_parallel_size,
         "evaluation.max_new_tokens": cfg.evaluation.max_new_tokens,
         "evaluation.temperature": cfg.evaluation.temperature,
         "data.limit": 1 if cfg.data.limit is None else cfg.data.limit,
@@ -202,19 +207,53 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"ifd.prompt: only {{question}} may stand in braces ({e!r})") from None
     if not cfg.ifd.answer_prefix.strip():
         raise ConfigError("ifd.answer_prefix: must not be empty")
-    if cfg.trainer.devices not in (1, "1") or cfg.trainer.num_nodes != 1:
-        raise ConfigError(
-            "trainer.devices/num_nodes: the evolve loop runs on one device for now; "
-            "use `selfevo fit` for multi-device training"
-        )
+    ranks = world_size(cfg.trainer)
+    if ranks > 1:
+        if cfg.trainer.strategy not in ("auto", "ddp"):
+            raise ConfigError(
+                f"trainer.strategy: the evolve loop runs on several devices with ddp (every rank runs the "
+                f"command, docs/scaling.md), got {cfg.trainer.strategy!r}"
+            )
+        if cfg.generation.backend == "vllm":
+            raise ConfigError(
+                "generation.backend: vllm runs on one rank; spread it over GPUs with "
+                "generation.vllm_tensor_parallel_size and trainer.devices 1, or use backend hf on several devices"
+            )
+        if cfg.train.grad_accum % ranks:
+            raise ConfigError(
+                f"train.grad_accum: each optimizer step's {cfg.train.grad_accum} micro-batches are dealt out to "
+                f"the {ranks} ranks, so it must be a multiple of {ranks}"
+            )
+
+
+def world_size(cfg: TrainerConfig) -> int:
+    """Ranks of an evolve run: devices per node x nodes (a number of devices, not a list)."""
+    try:
+        devices = int(cfg.devices)
+    except ValueError:
+        raise ConfigError(f"trainer.devices: the evolve loop needs a number of devices, got {cfg.devices!r}") from None
+    if devices < 1 or cfg.num_nodes < 1:
+        raise ConfigError(f"trainer.devices/num_nodes: must be >= 1, got {cfg.devices} and {cfg.num_nodes}")
+    return devices * cfg.num_nodes
 
 
 def identity(cfg: EvolveConfig) -> dict:
     """The part of a config that defines a run's results: everything but the generation range, the
-    folders, the checkpoint interval and the vLLM cache size."""
-    d = asdict(cfg)
+    folders, the checkpoint interval, the vLLM cache size and how many devices do the work."""
+    return identity_of(asdict(cfg))
+
+
+def identity_of(config: dict) -> dict:
+    """identity() of a config as a dict: also of a run's config.json snapshot, which an older
+    selfevo wrote with some of the keys left out now (so that its runs still resume)."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
     for key in ("start", "end", "runs_dir", "logs_dir"):  # where a run is kept is not what it is
-        d.pop(key)
-    d["train"].pop("checkpoint_every")  # when checkpoints are taken does not change what is trained
-    d["generation"].pop("vllm_kv_cache_gib")  # nor does the vLLM cache's size (lower it after an OOM)
+        d.pop(key, None)
+    d.get("train", {}).pop("checkpoint_every", None)  # when checkpoints are taken does not change what is trained
+    d.get("generation", {}).pop("vllm_kv_cache_gib", None)  # nor does the vLLM cache's size (lower it after an OOM)
+    # nor the number of devices: several give one device's results within float tolerance, so a run
+    # begun on one GPU can go on over eight
+    d.get("generation", {}).pop("vllm_tensor_parallel_size", None)
+    for key in ("devices", "strategy", "num_nodes"):
+        d.get("trainer", {}).pop(key, None)
     return d

@@ -23,6 +23,7 @@ from selfevo.faults import kill_point
 from selfevo.generate import Sampling, generate_batch
 from selfevo.models import halving_batch_on_oom
 from selfevo.prompts import closed_book_prompt
+from selfevo.ranks import gather_in_order, share
 from selfevo.vllm_engine import VLLMEngine
 
 jieba.setLogLevel(logging.WARNING)
@@ -108,10 +109,10 @@ class Evaluator(L.LightningModule):
         self.rouge = SeedROUGE()
         self.predictions: dict[int, str] = {}
 
-    def _answer(self, prompts: list[str], batch_idx: int) -> list[str]:
+    def _answer(self, prompts: list[str], number: int) -> list[str]:
         cfg = self.cfg
         sampling = Sampling(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k)
-        seed = self.seed * 100_003 + batch_idx
+        seed = self.seed * 100_003 + number  # the batch's number in the whole plan, on any number of ranks
         if isinstance(self.model, VLLMEngine):  # the vllm backend answers with the adapter it serves
             return self.model.generate(self.tokenizer, prompts, sampling, max_length=self.max_length, seed=seed)
         torch.manual_seed(seed)
@@ -119,10 +120,10 @@ class Evaluator(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if self.use_adapter or not hasattr(self.model, "disable_adapter"):
-            answers = self._answer(batch["prompt"], batch_idx)
+            answers = self._answer(batch["prompt"], batch["number"])
         else:
             with self.model.disable_adapter():
-                answers = self._answer(batch["prompt"], batch_idx)
+                answers = self._answer(batch["prompt"], batch["number"])
         answers = [a.strip() for a in answers]
         self.bleu.update(answers, batch["reference"])
         self.rouge.update(answers, batch["reference"])
@@ -130,6 +131,7 @@ class Evaluator(L.LightningModule):
         kill_point("evaluate")
 
     def on_test_epoch_end(self) -> None:
+        # compute() sums the metrics' states over the ranks (torchmetrics' sync), so every rank logs the whole set's means.
         self.log("eval/bleu-4", self.bleu.compute())
         for key, value in self.rouge.compute().items():
             self.log(f"eval/{key}", value)
@@ -155,21 +157,21 @@ def evaluate_model(
     items.sort(key=lambda it: -len(it["prompt"]))  # similar lengths share a batch
 
     def run(size: int):
-        loader = DataLoader(
-            items,
-            batch_size=size,
-            shuffle=False,
-            collate_fn=lambda b: {k: [it[k] for it in b] for k in ("index", "prompt", "reference")},
-        )
+        batches = [
+            {"number": b, **{k: [it[k] for it in items[s : s + size]] for k in ("index", "prompt", "reference")}}
+            for b, s in enumerate(range(0, len(items), size))
+        ]
+        # This rank's share of the batches (all of them on one device), each batch made here.
+        loader = DataLoader(share(batches, trainer.strategy), batch_size=None, collate_fn=lambda b: b)
         evaluator = Evaluator(model, tokenizer, cfg, max_length, seed, use_adapter)
         (result,) = trainer.test(evaluator, dataloaders=loader, verbose=False)
         return evaluator, result
 
     evaluator, result = halving_batch_on_oom(run, cfg.batch_size, "evaluation")
     metrics = {k.removeprefix("eval/"): round(float(v), 4) for k, v in result.items()}
+    answers = gather_in_order(evaluator.predictions, len(records), trainer.strategy, "evaluation")
     predictions = [
-        {**r, "prediction": evaluator.predictions[i], "bleu-4": bleu4(evaluator.predictions[i], r["reference"]),
-         **rouge(evaluator.predictions[i], r["reference"])}
-        for i, r in enumerate(records)
+        {**r, "prediction": a, "bleu-4": bleu4(a, r["reference"]), **rouge(a, r["reference"])}
+        for r, a in zip(records, answers)
     ]
     return metrics, predictions

@@ -20,6 +20,7 @@ from selfevo.config import GenerationConfig
 from selfevo.faults import kill_point
 from selfevo.models import halving_batch_on_oom
 from selfevo.prompts import answer_prompt, clean_answer, clean_question, question_prompt
+from selfevo.ranks import Strategy, gather_in_order, share
 
 if TYPE_CHECKING:
     from selfevo.vllm_engine import VLLMEngine
@@ -84,8 +85,13 @@ def generate_texts(
     max_length: int,
     seed: int,
     description: str = "generating",
+    strategy: Strategy | None = None,
 ) -> list[str]:
-    """Generate for many prompts in length-sorted batches; outputs come back in input order."""
+    """Generate for many prompts in length-sorted batches; outputs come back in input order.
+
+    With a strategy of several ranks, each rank generates its share of the batches (batch b still
+    seeded from (seed, b), so the texts are one device's) and every rank gets all the outputs.
+    """
     from selfevo.vllm_engine import VLLMEngine  # here, not above: that module imports this one
 
     if isinstance(model, VLLMEngine):  # the vLLM backend batches and schedules by itself
@@ -98,27 +104,27 @@ def generate_texts(
             f"tokens (model.max_length {max_length} minus new tokens) and were cut from the left[/]"
         )
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM shows early
-    outputs: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
 
-    def run(size: int) -> list[str]:
-        with Progress(transient=True) as progress:
-            task = progress.add_task(description, total=len(prompts))
-            for b, start in enumerate(range(0, len(order), size)):
-                idx = order[start : start + size]
+    def run(size: int) -> dict[int, str]:
+        batches = share(list(enumerate(order[s : s + size] for s in range(0, len(order), size))), strategy)
+        outputs: dict[int, str] = {}
+        with Progress(transient=True, console=console) as progress:
+            task = progress.add_task(description, total=sum(len(idx) for _, idx in batches))
+            for b, idx in batches:
                 torch.manual_seed(seed * 100_003 + b)
                 texts = generate_batch(model, tokenizer, [prompts[i] for i in idx], sampling, max_length)
-                for i, text in zip(idx, texts):
-                    outputs[i] = text
+                outputs.update(zip(idx, texts))
                 progress.advance(task, len(idx))
                 kill_point("generate")
         return outputs
 
     try:
-        return halving_batch_on_oom(run, batch_size, description)
+        mine = halving_batch_on_oom(run, batch_size, description)
     finally:
         model.train(was_training)
+    return gather_in_order(mine, len(prompts), strategy, description)
 
 
 def write_questions(
@@ -128,13 +134,14 @@ def write_questions(
     cfg: GenerationConfig,
     max_length: int,
     seed: int,
+    strategy: Strategy | None = None,
 ) -> tuple[list[dict], int]:
     """One question per fragment; returns the kept records and the number dropped."""
     prompts = [question_prompt(tokenizer, f, cfg.language) for f in fragments]
     sampling = Sampling(cfg.question_max_new_tokens, True, cfg.temperature, cfg.top_p)
     raw = generate_texts(
         model, tokenizer, prompts, sampling, batch_size=cfg.batch_size, max_length=max_length, seed=seed,
-        description="writing questions",
+        description="writing questions", strategy=strategy,
     )
     records = []
     for i, (fragment, text) in enumerate(zip(fragments, raw)):
@@ -151,13 +158,14 @@ def write_answers(
     cfg: GenerationConfig,
     max_length: int,
     seed: int,
+    strategy: Strategy | None = None,
 ) -> tuple[list[dict], int]:
     """Answer each question open book (fragment in the prompt); returns kept QA pairs and the number dropped."""
     prompts = [answer_prompt(tokenizer, r["fragment"], r["question"], cfg.language) for r in questions]
     sampling = Sampling(cfg.answer_max_new_tokens, True, cfg.temperature, cfg.top_p)
     raw = generate_texts(
         model, tokenizer, prompts, sampling, batch_size=cfg.batch_size, max_length=max_length, seed=seed + 1,
-        description="writing answers",
+        description="writing answers", strategy=strategy,
     )
     records = []
     for r, text in zip(questions, raw):

@@ -17,12 +17,13 @@ from dataclasses import replace
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import IFDConfig
 from selfevo.faults import kill_point
 from selfevo.models import halving_batch_on_oom
+from selfevo.ranks import gather_in_order, share
 
 
 # Config keys of models whose forward rescales the LM head's output (Gemma 2, Cohere, Granite).
@@ -143,22 +144,22 @@ def score_pairs(
     trainer: L.Trainer,
     use_adapter: bool = False,
 ) -> list[dict]:
-    """The pairs with "ifd", "loss_cond" and "loss_alone" added, in input order."""
+    """The pairs with "ifd", "loss_cond" and "loss_alone" added, in input order.
+
+    On several ranks (the trainer's strategy), each rank scores its share of the batches and every
+    rank gets all the scores; a batch is the same on any number of ranks, so are its losses.
+    """
     if not pairs:
         return []
 
     def run(size: int) -> list[dict]:
         batches = SequenceBatches(tokenizer, pairs, replace(cfg, batch_size=size), max_length)
-        loader = DataLoader(batches, batch_size=None, shuffle=False)
-        return trainer.predict(IFDScorer(model, use_adapter), dataloaders=loader)
+        mine = Subset(batches, share(list(range(len(batches))), trainer.strategy))
+        return trainer.predict(IFDScorer(model, use_adapter), dataloaders=DataLoader(mine, batch_size=None))
 
-    outputs = halving_batch_on_oom(run, cfg.batch_size, "IFD scoring")
-    losses: list[float | None] = [None] * (2 * len(pairs))  # None: not scored (NaN means an empty answer)
-    for out in outputs:
-        for i, loss in zip(out["index"].tolist(), out["loss"].tolist()):
-            losses[i] = loss
-    if None in losses:
-        raise RuntimeError(f"IFD scoring returned no score for pair {losses.index(None) // 2}")
+    outputs = halving_batch_on_oom(run, cfg.batch_size, "IFD scoring") or []  # None: this rank had no batch
+    mine = {i: loss for out in outputs for i, loss in zip(out["index"].tolist(), out["loss"].tolist())}
+    losses = gather_in_order(mine, 2 * len(pairs), trainer.strategy, "IFD scoring")
     scored = []
     for i, pair in enumerate(pairs):
         cond, alone = losses[2 * i], losses[2 * i + 1]

@@ -11,6 +11,10 @@ For generation i, with M_i = base + adapter A_i (A_0: a fresh adapter, i.e. the 
 Every stage writes its result atomically into runs/NAME/gen_<i>/ and records its files' checksums in
 stages.json; it is skipped when they are there and match, so an interrupted run resumes at the first
 unfinished stage (training at its last checkpoint) and a damaged one is refused (docs/reliability.md).
+
+On several devices every rank runs this loop, each stage working on its share of the batches; global
+rank 0 alone holds the run lock, checks and writes the run files, and hands what it read or decided
+to the other ranks (selfevo.ranks, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ import json
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -34,7 +38,8 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
-from selfevo.config import EvolveConfig, identity, validate
+from selfevo import generate
+from selfevo.config import EvolveConfig, identity, identity_of, validate
 from selfevo.data import (
     DataError, RunError, check_can_create, load_eval, load_fragments, read_json, read_jsonl, remove_temporary_files,
     write_json, write_jsonl,
@@ -46,12 +51,14 @@ from selfevo.ifd import score_pairs
 from selfevo.models import (
     accelerator_device, add_lora, load_adapter_weights, load_model, nf4_quantization, resolve_model, save_adapter,
 )
+from selfevo.ranks import Strategy, launch_ranks, on_rank_zero
 from selfevo.report import write_report, write_summary
 from selfevo.select import select_replay
 from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint, build_trainer
 from selfevo.vllm_engine import VLLMEngine, engine_lora_rank, require_vllm
 
 console = Console(stderr=True)
+T = TypeVar("T")
 LIBRARIES = ("selfevo", "torch", "transformers", "peft", "lightning", "torchmetrics", "nltk", "jieba", "rouge-chinese")
 
 
@@ -109,9 +116,10 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
                 f"{snapshot}: changed since the run began (its checksum does not match); put the original back, "
                 "or pass --force to set this run aside and start over"
             )
-        elif old.get("config") != identity(cfg):
+        elif identity_of(old["config"]) != identity(cfg):
             problem = (
-                f"{run_dir} holds a run of a different config ({_first_difference(old.get('config'), identity(cfg))}); "
+                f"{run_dir} holds a run of a different config "
+                f"({_first_difference(identity_of(old['config']), identity(cfg))}); "
                 "pass --force to set it aside and start over, or choose another --name"
             )
         if problem:
@@ -181,21 +189,34 @@ class Stages:
     without a record (killed before it was recorded), or with none of its files left (deleted to
     redo it), runs again. A recorded stage with a file missing or changed is a damaged run: that is
     an error that says what to delete, never a result silently trusted.
+
+    With a strategy of several ranks, rank 0 checks and writes, and the others get its answers;
+    without one (the checks before the work, on rank 0) it works alone.
     """
 
-    def __init__(self, folder: Path, writer: SummaryWriter | None, step: int):
+    def __init__(self, folder: Path, writer: SummaryWriter | None, step: int, strategy: Strategy | None = None):
         self.folder = folder
         self.writer = writer
         self.step = step
+        self.strategy = strategy
         self.log_file = folder / "stages.json"
+        self.log = self.on_rank_zero(self._read_log)
+
+    def on_rank_zero(self, make: Callable[[], T]) -> T:
+        return make() if self.strategy is None else on_rank_zero(self.strategy, make)
+
+    def _read_log(self) -> dict:
         try:
-            self.log = read_json(self.log_file) if self.log_file.exists() else {}
+            return read_json(self.log_file) if self.log_file.exists() else {}
         except DataError:
             raise RunError(
                 f"{self.log_file}: damaged; delete it and run the same command to redo this folder's stages"
             ) from None
 
     def done(self, stage: str, files: tuple[str, ...]) -> bool:
+        return self.on_rank_zero(lambda: self._done_here(stage, files))
+
+    def _done_here(self, stage: str, files: tuple[str, ...]) -> bool:
         recorded = self.log.get(stage, {}).get("files")
         if recorded is None or not any((self.folder / f).exists() for f in files):
             return False
@@ -212,12 +233,13 @@ class Stages:
     def begin(self, stage: str) -> None:
         """Forget a stage's record before its files are rewritten, so that a crash in between leaves no stale checksums."""
         if self.log.pop(stage, None) is not None:
-            write_json(self.log_file, self.log)
+            self.on_rank_zero(lambda: write_json(self.log_file, self.log))
 
     def record(self, stage: str, seconds: float, files: tuple[str, ...], **counts) -> None:
-        digests = {f: file_digest(self.folder / f) for f in files}
+        """Record a stage whose files are written (on rank 0: call it after on_rank_zero wrote them)."""
+        digests = self.on_rank_zero(lambda: {f: file_digest(self.folder / f) for f in files})
         self.log[stage] = {"seconds": round(seconds, 2), **counts, "files": digests}
-        write_json(self.log_file, self.log)
+        self.on_rank_zero(lambda: write_json(self.log_file, self.log))
         if self.writer is not None:
             self.writer.add_scalar(f"seconds/{stage}", seconds, self.step)
         extra = ", ".join(f"{k} {v}" for k, v in counts.items())
@@ -228,11 +250,11 @@ class Stages:
         """Load `file` if a previous attempt finished it; otherwise make and write it."""
         path = self.folder / file
         if self.done(stage, (file,)):
-            return read_jsonl(path)
+            return self.on_rank_zero(lambda: read_jsonl(path))
         self.begin(stage)
         t = time.perf_counter()
         records, counts = make()
-        write_jsonl(path, records)
+        self.on_rank_zero(lambda: write_jsonl(path, records))
         self.record(stage, time.perf_counter() - t, (file,), **counts)
         return records
 
@@ -254,13 +276,25 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     resolve_model(cfg.model.name, cfg.model.trust_remote_code)  # a bad model path fails before anything is written
     if cfg.model.quantization == "nf4":
         nf4_quantization()  # likewise a missing GPU or bitsandbytes
-    run_dir = prepare_run_dir(cfg, force)
-    with run_lock(run_dir):
-        verify_run(run_dir)
+    # Ranks 1..N-1 start here (Lightning's launcher runs this command again) or were started with it
+    # (torchrun, SLURM); each checks the input above for itself, so bad input stops every rank alike.
+    strategy = launch_ranks(cfg.trainer)
+    console.quiet = generate.console.quiet = strategy.global_rank != 0  # one rank tells the progress
+    with ExitStack() as held:
+
+        def take_run() -> Path:
+            """Rank 0's: the run folder, its lock (held to the end), and its checks."""
+            run_dir = prepare_run_dir(cfg, force)
+            held.enter_context(run_lock(run_dir))
+            verify_run(run_dir)
+            check_earlier_generations(run_dir, cfg.start)
+            return run_dir
+
+        run_dir = on_rank_zero(strategy, take_run)
         console.print(
             f"[bold]{len(fragments)}[/] fragments ({duplicates} duplicates dropped), [bold]{len(eval_set)}[/] eval pairs"
         )
-        return run_generations(cfg, run_dir, fragments, eval_set)
+        return run_generations(cfg, run_dir, fragments, eval_set, strategy)
 
 
 def verify_run(run_dir: Path) -> None:
@@ -272,12 +306,20 @@ def verify_run(run_dir: Path) -> None:
                 stages.done(stage, tuple(record.get("files", {})))
 
 
-def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval_set: list[dict]) -> Path:
-    for j in range(cfg.start):  # what generation cfg.start builds on must be there, intact
+def check_earlier_generations(run_dir: Path, start: int) -> None:
+    """What generation `start` builds on must be there, intact."""
+    for j in range(start):
         earlier = Stages(inside(run_dir, run_dir / f"gen_{j}"), None, j + 1)
         for stage, files in (("train", ADAPTER_FILES), ("score", ("qa.jsonl",)), ("evaluate", EVAL_FILES)):
             if not earlier.done(stage, files):
                 raise RunError(f"{earlier.folder} is unfinished ({stage}); resume from it with --start {j}")
+
+
+def run_generations(
+    cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval_set: list[dict], strategy: Strategy
+) -> Path:
+    def on_zero(make: Callable[[], T]) -> T:
+        return on_rank_zero(strategy, make)
 
     console.print(f"loading {cfg.model.name} ...")
     base, tokenizer = load_model(cfg.model)
@@ -285,30 +327,38 @@ def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval
     fresh_adapter = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}  # A_0
     max_length = cfg.model.max_length
     log_dir = Path(cfg.logs_dir) / cfg.name
-    writer = SummaryWriter(log_dir / "evolve")
+    writer = SummaryWriter(log_dir / "evolve") if strategy.global_rank == 0 else None
 
     def trainer(**kwargs):
         return build_trainer(cfg.trainer, **kwargs)
 
+    def summarize():
+        return write_summary(run_dir)  # summary.json and summary.md; the table, for the terminal
+
     def stages_of(folder_name: str, step: int) -> Stages:
-        return Stages(inside(run_dir, run_dir / folder_name), writer, step)
+        return Stages(on_zero(lambda: inside(run_dir, run_dir / folder_name)), writer, step, strategy)
 
     def evaluate_into(stages: Stages, adapter: Path | None) -> dict:
         """Evaluate M_0 (adapter None) or the model with `adapter`, already loaded into `model`."""
         folder, step = stages.folder, stages.step
         if stages.done("evaluate", EVAL_FILES):
-            return read_json(folder / "metrics.json")
+            return on_zero(lambda: read_json(folder / "metrics.json"))
         stages.begin("evaluate")
         t = time.perf_counter()
         metrics, predictions = evaluate_model(
             generator(adapter), tokenizer, eval_set, cfg.evaluation, max_length, trainer(), cfg.seed,
             use_adapter=adapter is not None,
         )
-        write_jsonl(folder / "predictions.jsonl", predictions)
-        write_json(folder / "metrics.json", metrics)  # no timings here: metrics reproduce byte for byte
+
+        def write():
+            write_jsonl(folder / "predictions.jsonl", predictions)
+            write_json(folder / "metrics.json", metrics)  # no timings here: metrics reproduce byte for byte
+
+        on_zero(write)
         stages.record("evaluate", time.perf_counter() - t, EVAL_FILES, pairs=len(predictions))
         for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
-            writer.add_scalar(f"eval/{key}", metrics[key], step)
+            if writer is not None:
+                writer.add_scalar(f"eval/{key}", metrics[key], step)
         return metrics
 
     engine: VLLMEngine | None = None  # the vllm backend's engine: made when first needed, kept for the run
@@ -345,15 +395,19 @@ def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval
             load_adapter_weights(model, adapter)
 
         def make_questions():
-            records, dropped = write_questions(generator(adapter), tokenizer, fragments, cfg.generation, max_length, seed)
+            records, dropped = write_questions(
+                generator(adapter), tokenizer, fragments, cfg.generation, max_length, seed, strategy
+            )
             return records, {"kept": len(records), "dropped": dropped}
 
         def make_answers():
-            records, dropped = write_answers(generator(adapter), tokenizer, questions, cfg.generation, max_length, seed)
+            records, dropped = write_answers(
+                generator(adapter), tokenizer, questions, cfg.generation, max_length, seed, strategy
+            )
             return [{**r, "generation": i} for r in records], {"kept": len(records), "dropped": dropped}
 
         def make_replay():
-            history = [p for j in range(i) for p in read_jsonl(run_dir / f"gen_{j}" / "qa.jsonl")]
+            history = on_zero(lambda: [p for j in range(i) for p in read_jsonl(run_dir / f"gen_{j}" / "qa.jsonl")])
             chosen = select_replay(history, cfg.replay.mode, cfg.replay.k, seed)
             return chosen, {"history": len(history), "chosen": len(chosen)}
 
@@ -361,25 +415,30 @@ def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval
         qa = stages.jsonl("answers", "answers.jsonl", make_answers)
         replay = stages.jsonl("replay", "replay.jsonl", make_replay)
         if stages.done("train", ADAPTER_FILES):
-            shutil.rmtree(inside(run_dir, folder / "checkpoints"), ignore_errors=True)  # a kill can come before their removal
+            # a kill can come before their removal
+            on_zero(lambda: shutil.rmtree(inside(run_dir, folder / "checkpoints"), ignore_errors=True))
             load_adapter_weights(model, folder / "adapter")
         else:
-            if not qa and not replay:
-                raise RunError(
-                    f"{folder}: generation {i} kept no QA pairs and has nothing to replay; see the dropped counts "
-                    f"in {folder}/stages.json, then delete {folder} and run again with other generation settings"
-                )
+
+            def check_pairs() -> None:
+                inside(run_dir, folder / "checkpoints")
+                if not qa and not replay:
+                    raise RunError(
+                        f"{folder}: generation {i} kept no QA pairs and has nothing to replay; see the dropped counts "
+                        f"in {folder}/stages.json, then delete {folder} and run again with other generation settings"
+                    )
+
+            on_zero(check_pairs)
             stages.begin("train")
             t = time.perf_counter()
-            inside(run_dir, folder / "checkpoints")
-            train_adapter(cfg, model, qa + replay, folder, log_dir, seed)
+            train_adapter(cfg, model, qa + replay, folder, log_dir, seed, strategy)
             stages.record("train", time.perf_counter() - t, ADAPTER_FILES, pairs=len(qa) + len(replay))
 
         def make_scores():
             scored = score_pairs(
                 model, tokenizer, qa, cfg.ifd, max_length, trainer(), use_adapter=cfg.ifd.scorer == "trained"
             )
-            if scored:
+            if scored and writer is not None:
                 writer.add_histogram("ifd", torch.tensor([p["ifd"] for p in scored]), i + 1)
                 samples = "\n\n".join(f"**Q:** {p['question']}\n\n**A:** {p['answer']}" for p in scored[:3])
                 writer.add_text("samples", samples, i + 1)
@@ -387,30 +446,40 @@ def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval
 
         stages.jsonl("score", "qa.jsonl", make_scores)
         evaluate_into(stages, adapter=folder / "adapter")
-        write_summary(run_dir)
-        writer.flush()
+        on_zero(summarize)
+        if writer is not None:
+            writer.flush()
 
-    writer.close()
+    if writer is not None:
+        writer.close()
     if engine is not None:
         engine.close()
-    summary = write_summary(run_dir)
-    png = write_report(run_dir)
+    summary = on_zero(summarize)
+    png = on_zero(lambda: write_report(run_dir))
     console.rule("summary")
     console.print(summary)
     console.print(f"report: {png}\nTensorBoard: tensorboard --logdir {log_dir}")
     return run_dir
 
 
-def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log_dir: Path, seed: int) -> None:
+def train_adapter(
+    cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log_dir: Path, seed: int, strategy: Strategy
+) -> None:
     """Continue the in-memory adapter on `pairs` (written to folder/train.jsonl) and save it to folder/adapter.
 
     Every train.checkpoint_every optimizer steps the adapter's weights and the optimizer, scheduler
     and loop state go to checkpoints/last.ckpt (see train.StepCheckpoint); a killed training
     resumes from there, and the folder is deleted once the adapter is saved.
+
+    On several ranks, rank 0 writes the files, and every rank reads train.jsonl and the checkpoint
+    (a folder all nodes share, as Lightning's checkpoints need); train.grad_accum stays the whole
+    step's micro-batches, dealt out to the ranks (train.PlannedBatches).
     """
     checkpoints = folder / "checkpoints"
     train_file = folder / "train.jsonl"
-    write_jsonl(train_file, [{"question": p["question"], "answer": p["answer"]} for p in pairs])
+    on_rank_zero(
+        strategy, lambda: write_jsonl(train_file, [{"question": p["question"], "answer": p["answer"]} for p in pairs])
+    )
     data = QADataModule(
         str(train_file), cfg.model.name, cfg.train.micro_batch_size, cfg.model.max_length, seed,
         trust_remote_code=cfg.model.trust_remote_code,
@@ -420,7 +489,7 @@ def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log
     trainer = build_trainer(
         cfg.trainer,
         max_epochs=cfg.train.epochs,
-        accumulate_grad_batches=cfg.train.grad_accum,
+        accumulate_grad_batches=cfg.train.grad_accum // strategy.world_size,
         gradient_clip_val=1.0,
         logger=logger,
         log_every_n_steps=1,
@@ -429,12 +498,13 @@ def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log
         default_root_dir=str(folder),
     )
     torch.manual_seed(seed)
-    if last.exists():
+    resume = on_rank_zero(strategy, last.exists)
+    if resume:
         console.print(f"  resuming training from {last}", soft_wrap=True)
     try:
         trainer.fit(
             LoRAModule.around(model, cfg.train), datamodule=data,
-            ckpt_path=str(last) if last.exists() else None, weights_only=True,
+            ckpt_path=str(last) if resume else None, weights_only=True,
         )
     except torch.OutOfMemoryError:
         raise RunError(
@@ -442,5 +512,9 @@ def train_adapter(cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log
             f"and raise train.grad_accum to keep the effective batch, or lower model.max_length "
             f"(now {cfg.model.max_length}); then run the same command to resume"
         ) from None
-    save_adapter(model, folder / "adapter")
-    shutil.rmtree(checkpoints, ignore_errors=True)
+
+    def save() -> None:
+        save_adapter(model, folder / "adapter")
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+    on_rank_zero(strategy, save)

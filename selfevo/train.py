@@ -41,7 +41,10 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict:
 def collate_right_padded(examples: list[dict], pad_id: int) -> dict:
     """Right-padded ids and labels, and no attention mask: in a causal model no real token attends
     to the padding after it, and the padding carries no labels. Without a mask, SDPA can take its
-    flash path."""
+    flash path. An empty micro-batch (a rank's filler, see PlannedBatches) becomes one two-token
+    row with weight 0: it runs forward and backward like any batch, and adds nothing."""
+    weight = 1.0 if examples else 0.0
+    examples = examples or [{"input_ids": [pad_id, pad_id], "labels": [IGNORE_INDEX, pad_id]}]
     width = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -49,7 +52,7 @@ def collate_right_padded(examples: list[dict], pad_id: int) -> dict:
         n = len(e["input_ids"])
         input_ids[r, :n] = torch.tensor(e["input_ids"])
         labels[r, :n] = torch.tensor(e["labels"])
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": input_ids, "labels": labels, "weight": weight}
 
 
 class PlannedBatches:
@@ -57,13 +60,26 @@ class PlannedBatches:
 
     With group_by_length, examples of similar length share a batch (less padding) and the batches
     come in random order; Lightning calls set_epoch before each epoch.
+
+    On several ranks, the plan is one device's, and each optimizer step's `window` micro-batches
+    (its gradient accumulation on one device) are dealt out to the ranks: rank r takes the r-th,
+    (r + ranks)-th, ... of them. DDP averages the ranks' gradients, so the step is one device's
+    step; and its micro-batches are one device's, padding and all. Where a step's micro-batches do
+    not divide evenly (an epoch's last step), the ranks short of one get an empty micro-batch (never
+    rank 0), which adds nothing: DDP needs the same number of passes on every rank.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True):
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True,
+        rank: int = 0, ranks: int = 1, window: int = 1,
+    ):
+        if window % ranks:
+            raise ValueError(f"a step's {window} micro-batches cannot be dealt out evenly to {ranks} ranks")
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
         self.group_by_length = group_by_length
+        self.rank, self.ranks, self.window = rank, ranks, window
         self.epoch = 0
         self.done = 0  # batches of this epoch handed out so far
         self.skip = 0  # batches to pass over at the next iteration (set when resuming)
@@ -95,7 +111,12 @@ class PlannedBatches:
         batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         if self.group_by_length:
             rng.shuffle(batches)
-        return batches
+        mine = []
+        for s in range(0, len(batches), self.window):
+            step = batches[s : s + self.window]
+            step += [[]] * (-len(step) % self.ranks)  # empty fillers at the end: never rank 0's
+            mine += step[self.rank :: self.ranks]
+        return mine
 
     def __iter__(self):
         skip, self.skip = self.skip, 0
@@ -105,7 +126,9 @@ class PlannedBatches:
             yield batch
 
     def __len__(self) -> int:
-        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        batches = -(-len(self.lengths) // self.batch_size)
+        steps, rest = divmod(batches, self.window)
+        return steps * (self.window // self.ranks) + -(-rest // self.ranks)
 
 
 class QADataModule(L.LightningDataModule):
@@ -146,8 +169,14 @@ class QADataModule(L.LightningDataModule):
         self.pad_id = tokenizer.pad_token_id
         pairs = load_qa(self.train_file)
         self.examples = [encode_qa(tokenizer, p["question"], p["answer"], self.max_length) for p in pairs]
+        # On several ranks, a step is trainer.accumulate_grad_batches micro-batches on each rank (Lightning's
+        # meaning), dealt out from one device's plan (see PlannedBatches).
+        rank, ranks, accumulate = 0, 1, 1
+        if self.trainer is not None:
+            rank, ranks, accumulate = self.trainer.global_rank, self.trainer.world_size, self.trainer.accumulate_grad_batches
         self.batches = PlannedBatches(
-            [len(e["input_ids"]) for e in self.examples], self.micro_batch_size, self.seed, self.group_by_length
+            [len(e["input_ids"]) for e in self.examples], self.micro_batch_size, self.seed, self.group_by_length,
+            rank=rank, ranks=ranks, window=accumulate * ranks,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -211,9 +240,11 @@ class LoRAModule(L.LightningModule):
         self.model.train()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        if batch["weight"]:  # not a rank's empty filler (see PlannedBatches)
+            # Rank 0's micro-batch loss, as Lightning logs a step's value (only rank 0 writes logs).
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss * batch["weight"]
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -306,6 +337,9 @@ def build_trainer(cfg: TrainerConfig, **kwargs) -> L.Trainer:
     kwargs.setdefault("enable_model_summary", False)
     kwargs.setdefault("enable_checkpointing", False)
     kwargs.setdefault("logger", False)
+    # Each stage deals its batch plan out to the ranks itself (PlannedBatches, SequenceBatches,
+    # evaluation batches), so that a batch is the same on any number of ranks.
+    kwargs.setdefault("use_distributed_sampler", False)
     return L.Trainer(
         accelerator=cfg.accelerator,
         devices=cfg.devices,

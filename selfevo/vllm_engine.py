@@ -85,6 +85,8 @@ class VLLMEngine:
             # prompts are cut to fit max_length with the new tokens, but never below 8 tokens
             max_model_len=max(model.max_length, 8 + longest_new),
             seed=seed,
+            # Over several GPUs: vLLM's own tensor parallelism (its worker processes, its collectives).
+            tensor_parallel_size=generation.vllm_tensor_parallel_size,
             enable_lora=True,
             max_loras=1,
             max_lora_rank=engine_lora_rank(lora_r),

@@ -82,6 +82,7 @@ def test_training_out_of_memory_names_the_settings_to_lower(tiny_model, tmp_path
     from selfevo.loop import RunError, train_adapter
     from selfevo.config import LoraConfig
     from selfevo.models import add_lora
+    from selfevo.ranks import launch_ranks
 
     def no_memory(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
@@ -93,5 +94,6 @@ def test_training_out_of_memory_names_the_settings_to_lower(tiny_model, tmp_path
     base, _ = load_model(ModelConfig(name=tiny_model, dtype="float32"))
     pairs = [{"question": "Which port?", "answer": "7741."}]
     with pytest.raises(RunError, match=r"train.micro_batch_size \(now 8\)"):
-        train_adapter(cfg, add_lora(base, LoraConfig(), 0), pairs, tmp_path / "gen_0", tmp_path / "logs", 0)
+        train_adapter(cfg, add_lora(base, LoraConfig(), 0), pairs, tmp_path / "gen_0", tmp_path / "logs", 0,
+                      launch_ranks(cfg.trainer))
     assert not (tmp_path / "gen_0" / "adapter").exists()
