@@ -59,6 +59,11 @@ def startup_memory_fraction() -> float:
     return round(0.9 * free / total, 3)
 
 
+def seed_worker(worker, seed: int) -> None:
+    """Run on each of the engine's workers (`collective_rpc`): seed the generators its sampler draws from."""
+    torch.manual_seed(seed)
+
+
 class VLLMEngine:
     """A vLLM `LLM` over the base model, with LoRA enabled; `use_adapter` picks what generates.
     Its context fits max_length with the longest of the generation caps and `eval_max_new_tokens`
@@ -127,11 +132,9 @@ class VLLMEngine:
         sampling: Sampling,
         *,
         max_length: int,
-        seed: Optional[int],
+        seed: int,
     ) -> list[str]:
-        """Continue each prompt; return only the new text, special tokens removed, in input order.
-        seed None: no seed per prompt, vLLM's engine-wide generator instead (outputs then depend on
-        how the engine batches them)."""
+        """Continue each prompt; return only the new text, special tokens removed, in input order."""
         from vllm import SamplingParams
 
         limit = prompt_limit(sampling, max_length)
@@ -139,19 +142,20 @@ class VLLMEngine:
         cut = sum(len(x) > limit for x in ids)
         if cut:
             console.print(f"[yellow]warning: {cut} of {len(prompts)} prompts exceed {limit} tokens and were cut from the left[/]")
-        # Each prompt gets its own seed: sampled outputs reproduce whatever vLLM's batching does.
-        params = [
-            SamplingParams(
-                max_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature if sampling.do_sample else 0.0,
-                top_p=sampling.top_p if sampling.do_sample else 1.0,
-                top_k=sampling.top_k if sampling.do_sample else 0,
-                repetition_penalty=self.repetition_penalty,
-                seed=None if seed is None else seed * 100_003 + i,
-                detokenize=False,  # decoded below by the Hugging Face tokenizer, as that backend does
-            )
-            for i in range(len(prompts))
-        ]
+        # The engine's generators are seeded for each call, as the Hugging Face backend seeds each
+        # batch: the same prompts give the same texts, whatever ran before (a resumed run included).
+        # A seed per request would not depend on the batching either, but vLLM then draws each
+        # request's noise separately, one small kernel per request per step: 1.7x slower, measured
+        # (docs/benchmarks.md).
+        self.llm.collective_rpc(seed_worker, args=(seed,))
+        params = SamplingParams(
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature if sampling.do_sample else 0.0,
+            top_p=sampling.top_p if sampling.do_sample else 1.0,
+            top_k=sampling.top_k if sampling.do_sample else 0,
+            repetition_penalty=self.repetition_penalty,
+            detokenize=False,  # decoded below by the Hugging Face tokenizer, as that backend does
+        )
         outputs = self.llm.generate(
             [{"prompt_token_ids": x[-limit:]} for x in ids], params, lora_request=self.lora_request
         )
