@@ -37,7 +37,7 @@ from torch.utils.tensorboard import SummaryWriter
 from selfevo.config import EvolveConfig, identity, validate
 from selfevo.data import (
     DataError, RunError, check_can_create, load_eval, load_fragments, read_json, read_jsonl, remove_temporary_files,
-    write_json, write_jsonl,
+    select_fragments, write_json, write_jsonl,
 )
 from selfevo.evaluate import evaluate_model
 from selfevo.faults import kill_point
@@ -248,9 +248,8 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
         engine_lora_rank(cfg.lora.r)
         require_vllm()
     fragments, duplicates = load_fragments(cfg.data.fragments)
-    if cfg.data.limit:
-        fragments = fragments[: cfg.data.limit]
     eval_set = load_eval(cfg.data.eval)
+    fragments, from_eval = select_fragments(fragments, eval_set, cfg.data, cfg.seed)
     resolve_model(cfg.model.name, cfg.model.trust_remote_code)  # a bad model path fails before anything is written
     if cfg.model.quantization == "nf4":
         nf4_quantization()  # likewise a missing GPU or bitsandbytes
@@ -258,7 +257,9 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     with run_lock(run_dir):
         verify_run(run_dir)
         console.print(
-            f"[bold]{len(fragments)}[/] fragments ({duplicates} duplicates dropped), [bold]{len(eval_set)}[/] eval pairs"
+            f"[bold]{len(fragments)}[/] fragments ({duplicates} duplicates dropped"
+            + (f"; {from_eval} of them the eval set's" if cfg.data.include_eval else "")
+            + f"), [bold]{len(eval_set)}[/] eval pairs"
         )
         return run_generations(cfg, run_dir, fragments, eval_set)
 
