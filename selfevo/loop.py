@@ -276,7 +276,10 @@ def verify_run(run_dir: Path) -> None:
 def run_generations(cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval_set: list[dict]) -> Path:
     for j in range(cfg.start):  # what generation cfg.start builds on must be there, intact
         earlier = Stages(inside(run_dir, run_dir / f"gen_{j}"), None, j + 1)
-        for stage, files in (("train", ADAPTER_FILES), ("score", ("qa.jsonl",)), ("evaluate", EVAL_FILES)):
+        # It needs the previous generation's adapter and every earlier generation's scored pairs; the
+        # older adapters may have been left out (docs/reproduce.md: runs that travel between machines).
+        needed = (("train", ADAPTER_FILES),) if j == cfg.start - 1 else ()
+        for stage, files in needed + (("score", ("qa.jsonl",)), ("evaluate", EVAL_FILES)):
             if not earlier.done(stage, files):
                 raise RunError(f"{earlier.folder} is unfinished ({stage}); resume from it with --start {j}")
 

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# The small-scale reproduction of the paper on the GPU machine (docs/reproduce.md has the whole flow,
+# the exact device calls and the plan). Run from the repository root, one step per device call:
+#
+#   bash benchmarks/reproduce_visit.sh setup                # after the staging calls: install, join, convert, restore runs
+#   bash benchmarks/reproduce_visit.sh run SECONDS NAME...  # resume the named runs until SECONDS are spent, then pack
+#   bash benchmarks/reproduce_visit.sh fetch FIRST          # the pieces FIRST.. of the last pack into $OUT
+#   bash benchmarks/reproduce_visit.sh sampled NAME GEN     # greedy and the seed's sampled decoding, HF, on one adapter
+#   bash benchmarks/reproduce_visit.sh status               # what is staged, installed and how far each run is
+#
+# NAME is one of the runs below: the same config (configs/aiops_qwen_small.yaml), different replay.
+# Every step first does whatever of `setup` is not done yet, so a step on a warm machine costs nothing extra.
+# Environment: PARALLEL (runs at once, default 1), STAGGER (seconds between parallel starts, 45),
+# RESERVE (seconds kept for packing, 45), ADAPTERS (resume | latest | all | none: which adapters the pack
+# brings back, default resume = the latest of each unfinished run), END (default 6), PIECES (pieces of
+# 15 MiB per call, default 4).
+set -uo pipefail
+export PYTHONPATH=$PWD SELFEVO_SHARED=$PWD/.shared SELFEVO_CACHE=/tmp/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# The trimmed vLLM install has no FlashInfer (docs/vllm.md).
+export VLLM_USE_V2_MODEL_RUNNER=0 VLLM_USE_FLASHINFER_SAMPLER=0
+OUT=${OUT:-/tmp/out}
+R=/tmp/repro
+RUNS=$R/runs LOGS=$R/logs PACKS=$R/packs
+M=/tmp/stage/qwen.gguf
+D=.shared/data
+CONFIG=configs/aiops_qwen_small.yaml
+FORK_FROM=qwen-hard
+END=${END:-6} PARALLEL=${PARALLEL:-1} STAGGER=${STAGGER:-45} RESERVE=${RESERVE:-45}
+ADAPTERS=${ADAPTERS:-resume} PIECES=${PIECES:-4}
+MIN_RUN=150  # less than this left: not worth starting a process (imports, model, vLLM engine ~100 s)
+mkdir -p "$OUT" $RUNS $LOGS $PACKS $R/log
+tools() { python benchmarks/reproduce_runs.py "$@"; }
+
+mode_args() {  # the ablations differ only here (and in --name)
+  case "$1" in
+    qwen-hard) echo "--replay.mode hard" ;;
+    qwen-none) echo "--replay.mode hard --replay.k 0" ;;
+    qwen-random) echo "--replay.mode random" ;;
+    qwen-all) echo "--replay.mode all" ;;
+    qwen-easy) echo "--replay.mode easy" ;;
+    qwen-even) echo "--replay.mode even" ;;
+    *) return 1 ;;
+  esac
+}
+
+setup() {
+  shopt -s nullglob
+  local carried=(.carry/*/*)
+  if ((${#carried[@]})); then
+    bash benchmarks/device_setup.sh || return 1
+    rm -rf .carry/wheels-*  # installed now; they would be installed again by every later call
+  fi
+  if ! python -c "import vllm" 2>/dev/null && [ -f /tmp/stage/vllm-wheels.tar ]; then
+    tar -xf /tmp/stage/vllm-wheels.tar -C /tmp/stage && rm /tmp/stage/vllm-wheels.tar
+    bash benchmarks/vllm_h100_setup.sh /tmp/stage/vllm-wheels || return 1
+  fi
+  if [ -f $M ] && [ ! -f /tmp/cache/.qwen-converted ]; then  # dequantize once (~70 s), before any run needs it
+    python -c "from selfevo.models import resolve_model; print('model:', resolve_model('$M'))" && touch /tmp/cache/.qwen-converted
+  fi
+  if [ -f /tmp/stage/runs-carry.tar.gz ]; then  # run folders carried in from the last visit
+    tools unpack /tmp/stage/runs-carry.tar.gz --dest $RUNS && rm /tmp/stage/runs-carry.tar.gz
+  fi
+  shopt -u nullglob
+}
+
+status() {
+  echo "staged: $(ls /tmp/stage 2>/dev/null | tr '\n' ' ')"
+  python -c "import vllm; print('vllm', vllm.__version__)" 2>/dev/null || echo "vllm: not installed"
+  python -c "import jieba, gguf, jsonargparse; print('jieba, gguf, jsonargparse: installed')" 2>/dev/null || echo "jieba/gguf/jsonargparse: missing"
+  [ -f /tmp/cache/.qwen-converted ] && echo "qwen: converted" || echo "qwen: not converted"
+  [ -f $D/AIOps_data.json ] && echo "data: $D" || echo "data: MISSING ($D; carry .shared)"
+  for run in $RUNS/*/; do
+    [ -d "$run" ] && echo "run $(basename "$run"): next generation $(tools next-start "$run") of $END"
+  done
+}
+
+one_run() {  # NAME SECONDS: resume one run, stopped by SIGINT when its time is up (resume is crash-safe)
+  local name=$1 limit=$2 args start rc=0
+  args=$(mode_args "$name") || { echo "unknown run $name" >&2; return 2; }
+  [ "$name" != $FORK_FROM ] && tools fork $RUNS/$FORK_FROM $RUNS/"$name"
+  start=$(tools next-start $RUNS/"$name")
+  if ((start >= END)); then echo "$name: finished ($END generations)"; return 0; fi
+  echo "$name: generations $start..$((END - 1)), ${limit}s at most, $(date +%T)"
+  # shellcheck disable=SC2086
+  timeout -s INT -k 30 "$limit" python -m selfevo.cli evolve --config $CONFIG --name "$name" --start "$start" --end "$END" \
+    --model.name $M --data.fragments $D/AIOps_data.json --data.eval $D/AIOps_eval_data.json \
+    --runs_dir $RUNS --logs_dir $LOGS $args >> $R/log/"$name".log 2>&1 || rc=$?
+  case $rc in
+    0) echo "$name: done, now at generation $(tools next-start $RUNS/"$name")" ;;
+    124 | 130 | 137) echo "$name: stopped by the time budget (rc $rc), now at generation $(tools next-start $RUNS/"$name")" ;;
+    *) echo "$name: FAILED (rc $rc); the end of its log:"; tail -n 15 $R/log/"$name".log ;;
+  esac
+  return 0
+}
+
+pack_out() {  # NAMES...: pack these runs, send the manifest, a log and the first pieces
+  local tag names=() name
+  tag=$(date +%m%d-%H%M%S)
+  for name in "$@"; do [ -f $RUNS/"$name"/config.json ] && names+=("$name"); done
+  ((${#names[@]})) || { echo "nothing to pack"; return 0; }
+  tools pack $RUNS --out $PACKS/$tag --names "${names[@]}" --adapters "$ADAPTERS" --end "$END" --piece-mib 15 --tag "$tag" || return 1
+  echo "$tag" > $PACKS/last
+  fetch 0
+}
+
+fetch() {  # FIRST: the manifest, the visit log and pieces FIRST .. FIRST+PIECES-1 of the last pack into $OUT
+  local tag first=$1 k=0 total
+  tag=$(cat $PACKS/last 2>/dev/null) || { echo "no pack yet"; return 1; }
+  cp $PACKS/$tag/runs-$tag.manifest.json "$OUT"/
+  mapfile -t all < <(python -c "import json,sys; [print(p['name']) for p in json.load(open(sys.argv[1]))['pieces']]" $PACKS/$tag/runs-$tag.manifest.json)
+  total=${#all[@]}
+  for ((k = first; k < first + PIECES && k < total; k++)); do cp $PACKS/$tag/"${all[$k]}" "$OUT"/; done
+  for f in $R/log/*.log; do echo "=== $(basename "$f")"; tail -n 40 "$f"; done > "$OUT"/runs-$tag.log 2>/dev/null
+  if ((first + PIECES < total)); then
+    echo "pack runs-$tag: pieces $first..$((k - 1)) of $total sent; NEXT CALL: bash benchmarks/reproduce_visit.sh fetch $k"
+  else
+    echo "pack runs-$tag: pieces $first..$((total - 1)) of $total sent; the pack is complete"
+  fi
+}
+
+run() {  # SECONDS NAME...
+  local budget=$1 deadline started=() name limit pids=()
+  shift
+  deadline=$((SECONDS + budget - RESERVE))
+  [ -f $M ] || { echo "the model is not staged ($M)"; return 1; }
+  [ -f $D/AIOps_data.json ] || { echo "the data is not carried ($D)"; return 1; }
+  for name in "$@"; do
+    limit=$((deadline - SECONDS))
+    if ((limit < MIN_RUN)); then echo "$name: not started, ${limit}s left"; continue; fi
+    started+=("$name")
+    if ((PARALLEL > 1)); then
+      one_run "$name" "$limit" &
+      pids+=($!)
+      if ((${#pids[@]} >= PARALLEL)); then wait -n; pids=($(jobs -pr)); fi
+      sleep "$STAGGER"  # vLLM checks free GPU memory as it starts: not two starts at once
+    else
+      one_run "$name" "$limit"
+    fi
+  done
+  wait
+  pack_out "${started[@]}"
+}
+
+sampled() {  # NAME GEN: the same adapter decoded greedily and with the seed's sampling, both by HF generate
+  local name=$1 gen=$2 folder adapter=()
+  folder=$RUNS/$name/sampled/gen_$gen
+  [ "$gen" = base ] && folder=$RUNS/$name/sampled/base || adapter=(--adapter $RUNS/"$name"/gen_"$gen"/adapter)
+  for way in greedy sample; do
+    flag=(); [ $way = sample ] && flag=(--sample)
+    rm -rf "$folder/$way"
+    python -m selfevo.cli evaluate $D/AIOps_eval_data.json --out "$folder/$way" --model $M "${adapter[@]}" "${flag[@]}" \
+      --batch-size 100 --max-new-tokens 512 --max-length 1024 2>&1 | tail -n 3
+  done
+  pack_out "$name"
+}
+
+step=${1:-status}
+shift || true
+setup || { echo "set-up failed"; exit 1; }
+case "$step" in
+  setup) status ;;
+  status) status ;;
+  run) run "$@" ;;
+  fetch) fetch "$@" ;;
+  sampled) sampled "$@" ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
