@@ -48,6 +48,11 @@ def generations(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for p in run_dir.glob("gen_*") if (m := GEN.fullmatch(p.name)) and p.is_dir())
 
 
+def is_run(folder: Path) -> bool:
+    """A selfevo run folder, or one that `fork` started and selfevo has not yet opened."""
+    return (folder / "config.json").is_file() or (folder / "FORKED_FROM").is_file()
+
+
 def stages_of(folder: Path) -> dict:
     try:
         return json.loads((folder / "stages.json").read_text(encoding="utf-8"))
@@ -111,13 +116,14 @@ def pack(runs_dir: Path, out: Path, names: list[str] | None, adapters: str, piec
     adapters "resume": the latest adapter of each run that is not finished (has fewer than `end` generations)."""
     if adapters == "resume" and end is None:
         raise SystemExit("reproduce_runs: --adapters resume needs --end")
-    runs = [runs_dir / n for n in names] if names else sorted(p for p in runs_dir.iterdir() if (p / "config.json").is_file())
+    runs = [runs_dir / n for n in names] if names else sorted(p for p in runs_dir.iterdir() if is_run(p))
     for run in runs:
-        if not (run / "config.json").is_file():
-            raise SystemExit(f"reproduce_runs: {run}: not a selfevo run folder (no config.json)")
+        if not is_run(run):
+            raise SystemExit(f"reproduce_runs: {run}: not a selfevo run folder (no config.json, not forked)")
     out.mkdir(parents=True, exist_ok=True)
     archive = out / f"runs-{tag}.tar.gz"
     members = {}
+    first: dict[str, str] = {}  # SHA-256 -> the member that holds those bytes
     with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
         for run in runs:
             which = adapters if adapters != "resume" else ("latest" if next_start(run) < end else "none")
@@ -127,6 +133,12 @@ def pack(runs_dir: Path, out: Path, names: list[str] | None, adapters: str, piec
                 info = tar.gettarinfo(runs_dir / rel, arcname=str(rel))
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
+                digest = sha256_file(runs_dir / rel)
+                if digest in first:  # the same bytes again (a forked run's gen_0): a link, not a copy
+                    info.type, info.linkname, info.size = tarfile.LNKTYPE, first[digest], 0
+                    tar.addfile(info)
+                    continue
+                first[digest] = str(rel)
                 with open(runs_dir / rel, "rb") as f:
                     tar.addfile(info, f)
     manifest = {
@@ -153,9 +165,12 @@ def pack(runs_dir: Path, out: Path, names: list[str] | None, adapters: str, piec
 
 
 def _check_member(member: tarfile.TarInfo) -> None:
-    parts = Path(member.name).parts
-    if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()) or not parts:
-        raise SystemExit(f"reproduce_runs: refusing archive member {member.name!r} (only plain files inside run folders)")
+    for name in (member.name, member.linkname) if member.islnk() else (member.name,):
+        parts = Path(name).parts
+        if name.startswith("/") or ".." in parts or not parts:
+            raise SystemExit(f"reproduce_runs: refusing archive member {name!r} (only paths inside run folders)")
+    if not (member.isfile() or member.isdir() or member.islnk()):
+        raise SystemExit(f"reproduce_runs: refusing archive member {member.name!r} (only plain files)")
 
 
 def unpack_archive(archive: Path, dest: Path) -> list[str]:
@@ -168,12 +183,15 @@ def unpack_archive(archive: Path, dest: Path) -> list[str]:
             members = tar.getmembers()
             for m in members:
                 _check_member(m)
-            for m in members:
-                if m.isfile():
+            for m in members:  # a link names an earlier member: it becomes a copy of that file
+                if m.isfile() or m.islnk():
                     target = tmp / m.name
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    with tar.extractfile(m) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+                    if m.islnk():
+                        shutil.copyfile(tmp / m.linkname, target)
+                    else:
+                        with tar.extractfile(m) as src, open(target, "wb") as dst:
+                            shutil.copyfileobj(src, dst)
                     os.utime(target, (m.mtime, m.mtime))
         names = sorted(p.name for p in tmp.iterdir())
         for path in sorted(tmp.rglob("*")):

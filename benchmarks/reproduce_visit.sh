@@ -25,6 +25,8 @@ M=/tmp/stage/qwen.gguf
 D=.shared/data
 CONFIG=configs/aiops_qwen_small.yaml
 FORK_FROM=qwen-hard
+# Runs that start from qwen-hard's base evaluation and generation 0 (identical in every replay mode).
+FORKS=${FORKS:-qwen-none qwen-random qwen-all qwen-easy qwen-even}
 END=${END:-6} PARALLEL=${PARALLEL:-1} STAGGER=${STAGGER:-45} RESERVE=${RESERVE:-45}
 ADAPTERS=${ADAPTERS:-resume} PIECES=${PIECES:-4}
 MIN_RUN=150  # less than this left: not worth starting a process (imports, model, vLLM engine ~100 s)
@@ -77,7 +79,6 @@ status() {
 one_run() {  # NAME SECONDS: resume one run, stopped by SIGINT when its time is up (resume is crash-safe)
   local name=$1 limit=$2 args start rc=0
   args=$(mode_args "$name") || { echo "unknown run $name" >&2; return 2; }
-  [ "$name" != $FORK_FROM ] && tools fork $RUNS/$FORK_FROM $RUNS/"$name"
   start=$(tools next-start $RUNS/"$name")
   if ((start >= END)); then echo "$name: finished ($END generations)"; return 0; fi
   echo "$name: generations $start..$((END - 1)), ${limit}s at most, $(date +%T)"
@@ -96,7 +97,10 @@ one_run() {  # NAME SECONDS: resume one run, stopped by SIGINT when its time is 
 pack_out() {  # NAMES...: pack these runs, send the manifest, a log and the first pieces
   local tag names=() name
   tag=$(date +%m%d-%H%M%S)
-  for name in "$@"; do [ -f $RUNS/"$name"/config.json ] && names+=("$name"); done
+  for name in "$@"; do
+    [[ " ${names[*]} " == *" $name "* ]] && continue
+    [ -f $RUNS/"$name"/config.json ] || [ -f $RUNS/"$name"/FORKED_FROM ] && names+=("$name")
+  done
   ((${#names[@]})) || { echo "nothing to pack"; return 0; }
   tools pack $RUNS --out $PACKS/$tag --names "${names[@]}" --adapters "$ADAPTERS" --end "$END" --piece-mib 15 --tag "$tag" || return 1
   echo "$tag" > $PACKS/last
@@ -118,12 +122,22 @@ fetch() {  # FIRST: the manifest, the visit log and pieces FIRST .. FIRST+PIECES
   fi
 }
 
+fork_all() {  # start every run of FORKS from qwen-hard's generation 0, once it is there
+  local name
+  for name in $FORKS; do
+    tools fork $RUNS/$FORK_FROM $RUNS/"$name" | grep -q forked && echo "$name" >> $R/forked
+  done
+  return 0
+}
+
 run() {  # SECONDS NAME...
   local budget=$1 deadline started=() name limit pids=()
   shift
   deadline=$((SECONDS + budget - RESERVE))
   [ -f $M ] || { echo "the model is not staged ($M)"; return 1; }
   [ -f $D/AIOps_data.json ] || { echo "the data is not carried ($D)"; return 1; }
+  rm -f $R/forked
+  fork_all
   for name in "$@"; do
     limit=$((deadline - SECONDS))
     if ((limit < MIN_RUN)); then echo "$name: not started, ${limit}s left"; continue; fi
@@ -135,10 +149,13 @@ run() {  # SECONDS NAME...
       sleep "$STAGGER"  # vLLM checks free GPU memory as it starts: not two starts at once
     else
       one_run "$name" "$limit"
+      fork_all
     fi
   done
   wait
-  pack_out "${started[@]}"
+  fork_all
+  # the runs worked on, and those forked in this call (their gen_0 is the same bytes: packed once)
+  pack_out "${started[@]}" $(cat $R/forked 2>/dev/null | sort -u)
 }
 
 sampled() {  # NAME GEN: the same adapter decoded greedily and with the seed's sampling, both by HF generate
