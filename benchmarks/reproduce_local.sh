@@ -13,6 +13,7 @@ set -euo pipefail
 top=$(git rev-parse --show-toplevel)
 cd "$top"
 STORE=${STORE:-$top/.carry/runs}
+INCOMING=${INCOMING:-$top/.carry/runs-incoming}
 END=${END:-6}
 PY=${PYTHON:-python3}
 tools() { "$PY" benchmarks/reproduce_runs.py "$@"; }
@@ -26,8 +27,8 @@ case "${1:-list}" in
     du -sh .shared ;;
   collect)
     shift
-    tools collect "$@" --incoming "$top/.carry/runs-incoming" --dest "$STORE"
-    "$0" list ;;
+    tools collect "$@" --incoming "$INCOMING" --dest "$STORE"
+    bash "$0" list ;;
   carry)
     shift
     (($#)) || { echo "usage: reproduce_local.sh carry NAME..." >&2; exit 2; }

@@ -229,28 +229,38 @@ def join_pieces(manifest_path: Path, folders: list[Path]) -> Path | None:
 
 
 def collect(sources: list[Path], incoming: Path, dest: Path) -> int:
-    """Copy manifests and pieces from `sources` into `incoming`; unpack each complete archive. Returns how many were unpacked."""
+    """Copy manifests and pieces from `sources` into `incoming`; unpack each complete archive, oldest
+    first, once (incoming/.unpacked remembers which). Returns how many were unpacked."""
     incoming.mkdir(parents=True, exist_ok=True)
+    done_file = incoming / ".unpacked"
+    done = json.loads(done_file.read_text()) if done_file.exists() else {}  # archive -> its runs
     for src in sources:
         for path in sorted(src.rglob("runs-*")):
             if path.is_file() and (path.name.endswith(".manifest.json") or ".tar.gz" in path.name):
-                shutil.copyfile(path, incoming / path.name)
+                if not any(path.name.startswith(a) for a in done):
+                    shutil.copyfile(path, incoming / path.name)
     unpacked = 0
-    for manifest_path in sorted(incoming.glob("runs-*.manifest.json")):
+    for manifest_path in sorted(incoming.glob("runs-*.manifest.json")):  # tags are times: oldest first
         manifest = json.loads(manifest_path.read_text())
-        archive = join_pieces(manifest_path, [incoming])
-        if archive is None:
-            have = sum((incoming / p["name"]).is_file() for p in manifest["pieces"])
-            print(f"{manifest['archive']}: {have} of {len(manifest['pieces'])} pieces here; waiting for the rest")
-            continue
-        names = unpack_archive(archive, dest)
-        print(f"{manifest['archive']}: unpacked {', '.join(names)} into {dest}")
+        newer = [a for a, runs in done.items() if a > manifest["archive"] and set(runs) & set(manifest["runs"])]
+        if newer:
+            print(f"{manifest['archive']}: skipped, {newer[0]} (newer) already brought these runs")
+        else:
+            archive = join_pieces(manifest_path, [incoming])
+            if archive is None:
+                have = sum((incoming / p["name"]).is_file() for p in manifest["pieces"])
+                print(f"{manifest['archive']}: {have} of {len(manifest['pieces'])} pieces here; waiting for the rest")
+                continue
+            names = unpack_archive(archive, dest)
+            print(f"{manifest['archive']}: unpacked {', '.join(names)} into {dest}")
+            if archive.parent == incoming and archive.name.startswith("."):
+                archive.unlink(missing_ok=True)
+            unpacked += 1
+        done[manifest["archive"]] = sorted(manifest["runs"])
+        done_file.write_text(json.dumps(done, indent=1) + "\n")
         for p in manifest["pieces"]:
             (incoming / p["name"]).unlink(missing_ok=True)
-        if archive.parent == incoming and archive.name.startswith("."):
-            archive.unlink(missing_ok=True)
         manifest_path.unlink()
-        unpacked += 1
     return unpacked
 
 

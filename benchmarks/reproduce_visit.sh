@@ -11,25 +11,26 @@
 # NAME is one of the runs below: the same config (configs/aiops_qwen_small.yaml), different replay.
 # Every step first does whatever of `setup` is not done yet, so a step on a warm machine costs nothing extra.
 # Environment: PARALLEL (runs at once, default 1), STAGGER (seconds between parallel starts, 45),
-# RESERVE (seconds kept for packing, 45), ADAPTERS (resume | latest | all | none: which adapters the pack
+# RESERVE (seconds kept for packing, 60), ADAPTERS (resume | latest | all | none: which adapters the pack
 # brings back, default resume = the latest of each unfinished run), END (default 6), PIECES (pieces of
 # 15 MiB per call, default 4).
 set -uo pipefail
-export PYTHONPATH=$PWD SELFEVO_SHARED=$PWD/.shared SELFEVO_CACHE=/tmp/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD SELFEVO_SHARED=$PWD/.shared SELFEVO_CACHE=${SELFEVO_CACHE:-/tmp/cache} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # The trimmed vLLM install has no FlashInfer (docs/vllm.md).
 export VLLM_USE_V2_MODEL_RUNNER=0 VLLM_USE_FLASHINFER_SAMPLER=0
 OUT=${OUT:-/tmp/out}
-R=/tmp/repro
+R=${REPRO_DIR:-/tmp/repro}  # runs, logs and packs on the GPU machine
 RUNS=$R/runs LOGS=$R/logs PACKS=$R/packs
-M=/tmp/stage/qwen.gguf
+STAGE=${STAGE_DIR:-/tmp/stage}  # where benchmarks/device_setup.sh joins what was carried
+M=$STAGE/qwen.gguf
 D=.shared/data
 CONFIG=configs/aiops_qwen_small.yaml
 FORK_FROM=qwen-hard
 # Runs that start from qwen-hard's base evaluation and generation 0 (identical in every replay mode).
 FORKS=${FORKS:-qwen-none qwen-random qwen-all qwen-easy qwen-even}
-END=${END:-6} PARALLEL=${PARALLEL:-1} STAGGER=${STAGGER:-45} RESERVE=${RESERVE:-45}
-ADAPTERS=${ADAPTERS:-resume} PIECES=${PIECES:-4}
-MIN_RUN=150  # less than this left: not worth starting a process (imports, model, vLLM engine ~100 s)
+END=${END:-6} PARALLEL=${PARALLEL:-1} STAGGER=${STAGGER:-45} RESERVE=${RESERVE:-60}
+ADAPTERS=${ADAPTERS:-resume} PIECES=${PIECES:-4} PIECE_MIB=${PIECE_MIB:-15}
+MIN_RUN=${MIN_RUN:-150}  # less than this left: not worth starting a process (imports, model, vLLM engine ~100 s)
 mkdir -p "$OUT" $RUNS $LOGS $PACKS $R/log
 tools() { python benchmarks/reproduce_runs.py "$@"; }
 
@@ -52,28 +53,32 @@ setup() {
     bash benchmarks/device_setup.sh || return 1
     rm -rf .carry/wheels-*  # installed now; they would be installed again by every later call
   fi
-  if ! python -c "import vllm" 2>/dev/null && [ -f /tmp/stage/vllm-wheels.tar ]; then
-    tar -xf /tmp/stage/vllm-wheels.tar -C /tmp/stage && rm /tmp/stage/vllm-wheels.tar
-    bash benchmarks/vllm_h100_setup.sh /tmp/stage/vllm-wheels || return 1
+  if ! python -c "import vllm" 2>/dev/null && [ -f $STAGE/vllm-wheels.tar ]; then
+    tar -xf $STAGE/vllm-wheels.tar -C $STAGE && rm $STAGE/vllm-wheels.tar
+    bash benchmarks/vllm_h100_setup.sh $STAGE/vllm-wheels || return 1
   fi
-  if [ -f $M ] && [ ! -f /tmp/cache/.qwen-converted ]; then  # dequantize once (~70 s), before any run needs it
-    python -c "from selfevo.models import resolve_model; print('model:', resolve_model('$M'))" && touch /tmp/cache/.qwen-converted
+  if [ -f $M ] && [ ! -f $SELFEVO_CACHE/.qwen-converted ]; then  # dequantize once (~70 s), before any run needs it
+    python -c "from selfevo.models import resolve_model; print('model:', resolve_model('$M'))" || return 1
+    touch $SELFEVO_CACHE/.qwen-converted
   fi
-  if [ -f /tmp/stage/runs-carry.tar.gz ]; then  # run folders carried in from the last visit
-    tools unpack /tmp/stage/runs-carry.tar.gz --dest $RUNS && rm /tmp/stage/runs-carry.tar.gz
+  if [ -f $STAGE/runs-carry.tar.gz ]; then  # run folders carried in from the last visit
+    tools unpack $STAGE/runs-carry.tar.gz --dest $RUNS || { echo "could not restore the carried runs"; return 1; }
+    rm $STAGE/runs-carry.tar.gz
   fi
   shopt -u nullglob
+  return 0
 }
 
 status() {
-  echo "staged: $(ls /tmp/stage 2>/dev/null | tr '\n' ' ')"
+  echo "staged: $(ls $STAGE 2>/dev/null | tr '\n' ' ')"
   python -c "import vllm; print('vllm', vllm.__version__)" 2>/dev/null || echo "vllm: not installed"
   python -c "import jieba, gguf, jsonargparse; print('jieba, gguf, jsonargparse: installed')" 2>/dev/null || echo "jieba/gguf/jsonargparse: missing"
-  [ -f /tmp/cache/.qwen-converted ] && echo "qwen: converted" || echo "qwen: not converted"
+  [ -f $SELFEVO_CACHE/.qwen-converted ] && echo "qwen: converted" || echo "qwen: not converted"
   [ -f $D/AIOps_data.json ] && echo "data: $D" || echo "data: MISSING ($D; carry .shared)"
   for run in $RUNS/*/; do
     [ -d "$run" ] && echo "run $(basename "$run"): next generation $(tools next-start "$run") of $END"
   done
+  return 0
 }
 
 one_run() {  # NAME SECONDS: resume one run, stopped by SIGINT when its time is up (resume is crash-safe)
@@ -102,7 +107,7 @@ pack_out() {  # NAMES...: pack these runs, send the manifest, a log and the firs
     [ -f $RUNS/"$name"/config.json ] || [ -f $RUNS/"$name"/FORKED_FROM ] && names+=("$name")
   done
   ((${#names[@]})) || { echo "nothing to pack"; return 0; }
-  tools pack $RUNS --out $PACKS/$tag --names "${names[@]}" --adapters "$ADAPTERS" --end "$END" --piece-mib 15 --tag "$tag" || return 1
+  tools pack $RUNS --out $PACKS/$tag --names "${names[@]}" --adapters "$ADAPTERS" --end "$END" --piece-mib "$PIECE_MIB" --tag "$tag" || return 1
   echo "$tag" > $PACKS/last
   fetch 0
 }
@@ -113,6 +118,7 @@ fetch() {  # FIRST: the manifest, the visit log and pieces FIRST .. FIRST+PIECES
   cp $PACKS/$tag/runs-$tag.manifest.json "$OUT"/
   mapfile -t all < <(python -c "import json,sys; [print(p['name']) for p in json.load(open(sys.argv[1]))['pieces']]" $PACKS/$tag/runs-$tag.manifest.json)
   total=${#all[@]}
+  if ((first >= total)); then echo "pack runs-$tag has $total piece(s): none from $first"; return 0; fi
   for ((k = first; k < first + PIECES && k < total; k++)); do cp $PACKS/$tag/"${all[$k]}" "$OUT"/; done
   for f in $R/log/*.log; do echo "=== $(basename "$f")"; tail -n 40 "$f"; done > "$OUT"/runs-$tag.log 2>/dev/null
   if ((first + PIECES < total)); then
