@@ -237,7 +237,7 @@ def collect(sources: list[Path], incoming: Path, dest: Path) -> int:
     for src in sources:
         for path in sorted(src.rglob("runs-*")):
             if path.is_file() and (path.name.endswith(".manifest.json") or ".tar.gz" in path.name):
-                if not any(path.name.startswith(a) for a in done):
+                if not any(path.name.startswith(a.removesuffix(".tar.gz") + ".") for a in done):
                     shutil.copyfile(path, incoming / path.name)
     unpacked = 0
     for manifest_path in sorted(incoming.glob("runs-*.manifest.json")):  # tags are times: oldest first

@@ -51,7 +51,7 @@ def travel(run_dir: Path, dest: Path, tmp: Path, **kwargs) -> Path:
     assert rr.collect([call1], incoming, dest) == 0  # pieces missing: nothing unpacked yet
     assert not (dest / run_dir.name).exists()
     assert rr.collect([call2], incoming, dest) == 1
-    assert not list(incoming.iterdir())
+    assert not [p for p in incoming.iterdir() if not p.name.startswith(".")]  # .unpacked remembers the pack
     return dest / run_dir.name
 
 
@@ -166,3 +166,15 @@ def test_results_doc_tables_and_charts(tmp_path):
     assert "| qwen-hard | gen_2 | 10 | 20 | 0 | 30 | 40 | 10 | 110 |" in md
     assert "| qwen-none | gen_0 |" not in md  # a forked run's gen_0 is timed once, in the run it came from
     assert "| qwen-hard | gen_1 | sampled (T 0.95, top-p 0.7, top-k 50) | 10.40 |" in md
+
+
+def test_a_pack_is_unpacked_once_and_an_older_one_never_over_a_newer(finished_run, tmp_path, capsys):
+    root, _ = finished_run
+    for tag in ("1125-0900", "1125-1000"):
+        rr.pack(root / "runs", tmp_path / tag, ["t"], "none", 0, tag)
+    incoming, dest = tmp_path / "incoming", tmp_path / "dest"
+    assert rr.collect([tmp_path / "1125-1000"], incoming, dest) == 1
+    assert rr.collect([tmp_path / "1125-1000"], incoming, dest) == 0  # the same files again (a fetch re-sends the manifest)
+    assert not list(incoming.glob("runs-*"))
+    assert rr.collect([tmp_path / "1125-0900"], incoming, dest) == 0
+    assert "runs-1125-0900.tar.gz: skipped, runs-1125-1000.tar.gz (newer) already brought these runs" in capsys.readouterr().out
