@@ -20,8 +20,10 @@ Subcommands (standard library only, so they run on the GPU machine as they are):
       gather pieces that came back over several calls (each call's files land in another folder);
       unpack every archive whose pieces are all there, then delete its pieces
   next-start RUN_DIR      the first generation without an evaluation (0 for a new run)
-  fork SRC DST            start run DST from SRC's base model evaluation and generation 0 (which do
-                          not depend on the replay settings), if SRC has them and DST does not exist
+  fork SRC DST [--before-train]
+                          start run DST from SRC's base model evaluation and generation 0 (which do
+                          not depend on the replay settings), if SRC has them and DST does not exist;
+                          --before-train: only generation 0's questions and answers (a learning-rate probe)
 """
 
 from __future__ import annotations
@@ -264,18 +266,33 @@ def collect(sources: list[Path], incoming: Path, dest: Path) -> int:
     return unpacked
 
 
-def fork(src: Path, dst: Path) -> bool:
+BEFORE_TRAIN = ("questions", "answers", "replay")
+
+
+def fork(src: Path, dst: Path, before_train: bool = False) -> bool:
     """Copy SRC's base/ and gen_0/ into a new run DST: generation 0 replays nothing whatever the replay
-    settings (its history is empty), so runs that differ only in those share it exactly."""
+    settings (its history is empty), so runs that differ only in those share it exactly. With
+    before_train, only gen_0's questions, answers and (empty) replay: runs that differ in training
+    settings (a learning-rate probe) share what generation 0 wrote before training."""
     if dst.exists():
         return False
-    if not (stage_done(src / "base", "evaluate") and stage_done(src / "gen_0", "evaluate") and stage_done(src / "gen_0", "train")):
+    needed = ("answers", "replay") if before_train else ("train", "evaluate")
+    if not (stage_done(src / "base", "evaluate") and all(stage_done(src / "gen_0", s) for s in needed)):
         return False
     dst.mkdir(parents=True)
-    for folder in ("base", "gen_0"):
-        shutil.copytree(src / folder, dst / folder, ignore=shutil.ignore_patterns("checkpoints", "*.tmp"))
-    (dst / "FORKED_FROM").write_text(f"{src.name}: base/ and gen_0/ copied from it ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-    print(f"forked {dst.name} from {src.name} (base model evaluation and generation 0)")
+    shutil.copytree(src / "base", dst / "base", ignore=shutil.ignore_patterns("*.tmp"))
+    if before_train:
+        stages = {k: v for k, v in stages_of(src / "gen_0").items() if k in BEFORE_TRAIN}
+        (dst / "gen_0").mkdir()
+        for record in stages.values():
+            for f in record.get("files", {}):
+                shutil.copy2(src / "gen_0" / f, dst / "gen_0" / f)
+        (dst / "gen_0" / "stages.json").write_text(json.dumps(stages, ensure_ascii=False, indent=1) + "\n")
+    else:
+        shutil.copytree(src / "gen_0", dst / "gen_0", ignore=shutil.ignore_patterns("checkpoints", "*.tmp"))
+    what = "generation 0 before training" if before_train else "generation 0"
+    (dst / "FORKED_FROM").write_text(f"{src.name}: base/ and {what} copied from it ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    print(f"forked {dst.name} from {src.name} (base model evaluation and {what})")
     return True
 
 
@@ -302,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("fork")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
+    p.add_argument("--before-train", action="store_true", help="only what generation 0 wrote before training")
     a = ap.parse_args(argv)
     if a.cmd == "pack":
         pack(a.runs_dir, a.out, a.names, a.adapters, a.piece_mib, a.tag, a.end)
@@ -312,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     elif a.cmd == "next-start":
         print(next_start(a.run_dir))
     elif a.cmd == "fork":
-        fork(a.src, a.dst)
+        fork(a.src, a.dst, a.before_train)
 
 
 if __name__ == "__main__":

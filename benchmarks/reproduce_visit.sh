@@ -6,6 +6,7 @@
 #   bash benchmarks/reproduce_visit.sh run SECONDS NAME...  # resume the named runs until SECONDS are spent, then pack
 #   bash benchmarks/reproduce_visit.sh fetch FIRST          # the pieces FIRST.. of the last pack into $OUT
 #   bash benchmarks/reproduce_visit.sh sampled NAME GEN     # greedy and the seed's sampled decoding, HF, on one adapter
+#   bash benchmarks/reproduce_visit.sh probe SECONDS LR...  # generation 0 trained at other learning rates (runs qwen-lr-LR)
 #   bash benchmarks/reproduce_visit.sh status               # what is staged, installed and how far each run is
 #
 # NAME is one of the runs below: the same config (configs/aiops_qwen_small.yaml), different replay.
@@ -164,6 +165,28 @@ run() {  # SECONDS NAME...
   pack_out "${started[@]}" $(cat $R/forked 2>/dev/null | sort -u)
 }
 
+probe() {  # SECONDS LR...: generation 0 trained at each learning rate, from qwen-hard's questions and answers
+  local budget=$1 deadline name lr limit rc started=()
+  shift
+  deadline=$((SECONDS + budget - RESERVE))
+  for lr in "$@"; do
+    name=qwen-lr-$lr
+    limit=$((deadline - SECONDS))
+    if ((limit < 60)); then echo "$name: not started, ${limit}s left"; continue; fi
+    tools fork $RUNS/$FORK_FROM $RUNS/"$name" --before-train
+    [ -d $RUNS/"$name" ] || { echo "$name: $FORK_FROM has no generation 0 answers yet"; continue; }
+    started+=("$name")
+    rc=0
+    # Hugging Face generate for the evaluation: one short process per rate, no vLLM engine start (~80 s)
+    timeout -s INT -k 30 "$limit" python -m selfevo.cli evolve --config $CONFIG --name "$name" --end 1 \
+      --train.learning_rate "$lr" --generation.backend hf \
+      --model.name $M --data.fragments $D/AIOps_data.json --data.eval $D/AIOps_eval_data.json \
+      --runs_dir $RUNS --logs_dir $LOGS >> $R/log/"$name".log 2>&1 || rc=$?
+    echo "$name: rc $rc; $(cat $RUNS/"$name"/gen_0/metrics.json 2>/dev/null | tr -d '\n ')"
+  done
+  ADAPTERS=none pack_out "${started[@]}"
+}
+
 sampled() {  # NAME GEN: the same adapter decoded greedily and with the seed's sampling, both by HF generate
   local name=$1 gen=$2 folder adapter=()
   folder=$RUNS/$name/sampled/gen_$gen
@@ -186,5 +209,6 @@ case "$step" in
   run) run "$@" ;;
   fetch) fetch "$@" ;;
   sampled) sampled "$@" ;;
+  probe) probe "$@" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -178,3 +178,18 @@ def test_a_pack_is_unpacked_once_and_an_older_one_never_over_a_newer(finished_ru
     assert not list(incoming.glob("runs-*"))
     assert rr.collect([tmp_path / "1125-0900"], incoming, dest) == 0
     assert "runs-1125-0900.tar.gz: skipped, runs-1125-1000.tar.gz (newer) already brought these runs" in capsys.readouterr().out
+
+
+def test_learning_rate_probe_shares_generation_0_up_to_training(finished_run, tiny_model, tmp_path):
+    root, inputs = finished_run
+    runs = tmp_path / "runs"
+    shutil.copytree(root / "runs" / "t", runs / "t", ignore=shutil.ignore_patterns(".lock"))
+    assert rr.fork(runs / "t", runs / "lr", before_train=True)
+    assert sorted(rr.stages_of(runs / "lr" / "gen_0")) == ["answers", "questions", "replay"]
+    result = run(evolve_args(tiny_model, inputs, tmp_path, "lr", "--end", "1", "--train.learning_rate", "5e-3"))
+    assert result.exit_code == 0, result.output
+    assert "questions:" not in result.output and "answers:" not in result.output  # not written again
+    for f in ("questions.jsonl", "answers.jsonl"):
+        assert (runs / "lr" / "gen_0" / f).read_bytes() == (runs / "t" / "gen_0" / f).read_bytes()
+    trained = "gen_0/adapter/adapter_model.safetensors"
+    assert (runs / "lr" / trained).read_bytes() != (runs / "t" / trained).read_bytes()
