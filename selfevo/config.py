@@ -27,7 +27,13 @@ class DataConfig:
     eval: str = "data/quillmesh_eval.json"
     """Eval QA: JSON list or JSONL of {"instruction": fragment, "input": question, "output": answer}."""
     limit: Optional[int] = None
-    """Use only the first N unique fragments (None: all)."""
+    """Use only N unique fragments (None: all): the first N, unless include_eval or fill say otherwise."""
+    include_eval: bool = False
+    """Make every eval fragment (the eval records' `instruction`) a training fragment: they are kept
+    whatever `limit` is, and count towards it; each must be in the fragment file."""
+    fill: Literal["first", "random"] = "first"
+    """Which fragments make up the rest of `limit`: the first in file order, or a random choice seeded
+    by `seed`. Either way the chosen fragments keep their file order."""
 
 
 @dataclass
@@ -256,4 +262,9 @@ def identity_of(config: dict) -> dict:
     d.get("generation", {}).pop("vllm_tensor_parallel_size", None)
     for key in ("devices", "strategy", "num_nodes"):
         d.get("trainer", {}).pop(key, None)
+    # Keys added after runs were made: at their defaults they select what those runs selected, so
+    # they are left out and such runs stay resumable.
+    for key, default in (("include_eval", False), ("fill", "first")):
+        if d.get("data", {}).get(key, default) == default:
+            d.get("data", {}).pop(key, None)
     return d

@@ -7,8 +7,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+import random
 from typing import Any, Iterable
 
+from selfevo.config import DataConfig
 from selfevo.faults import kill_point
 
 
@@ -110,6 +112,38 @@ def load_eval(path: str | os.PathLike) -> list[dict]:
             }
         )
     return out
+
+
+def select_fragments(fragments: list[str], eval_set: list[dict], data: DataConfig, seed: int) -> tuple[list[str], int]:
+    """The training fragments that `data.limit`, `data.include_eval` and `data.fill` choose from the
+    deduplicated `fragments`, in file order; returns (fragments, how many of them are eval fragments).
+
+    With include_eval, every eval fragment is chosen first (bad input, one line: an eval fragment that
+    is not in the fragment file, or a limit below their number); the rest of the limit is filled with
+    the other fragments, the first ones or a random choice seeded by `seed`.
+    """
+    keep: set[str] = set()
+    if data.include_eval:
+        known = set(fragments)
+        for i, record in enumerate(eval_set):
+            fragment = record["fragment"].strip()  # fragments are stripped when loaded
+            if fragment not in known:
+                raise DataError(
+                    f"{data.eval}: record {i}: its fragment ('instruction') is not among the fragments of "
+                    f"{data.fragments}; data.include_eval needs every eval fragment in the fragment file"
+                )
+            keep.add(fragment)
+        if data.limit is not None and data.limit < len(keep):
+            raise DataError(
+                f"{data.eval}: holds {len(keep)} distinct fragments, which data.include_eval keeps, "
+                f"more than data.limit ({data.limit}); raise data.limit or leave data.include_eval off"
+            )
+    if data.limit is not None and data.limit < len(fragments):
+        others = [f for f in fragments if f not in keep]
+        room = data.limit - len(keep)
+        chosen = set(others[:room] if data.fill == "first" else random.Random(seed).sample(others, room))
+        fragments = [f for f in fragments if f in keep or f in chosen]
+    return fragments, len(keep)
 
 
 def load_qa(path: str | os.PathLike) -> list[dict]:

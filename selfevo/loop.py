@@ -42,7 +42,7 @@ from selfevo import generate
 from selfevo.config import EvolveConfig, identity, identity_of, validate
 from selfevo.data import (
     DataError, RunError, check_can_create, load_eval, load_fragments, read_json, read_jsonl, remove_temporary_files,
-    write_json, write_jsonl,
+    select_fragments, write_json, write_jsonl,
 )
 from selfevo.evaluate import evaluate_model
 from selfevo.faults import kill_point
@@ -270,9 +270,8 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
         engine_lora_rank(cfg.lora.r)
         require_vllm()
     fragments, duplicates = load_fragments(cfg.data.fragments)
-    if cfg.data.limit:
-        fragments = fragments[: cfg.data.limit]
     eval_set = load_eval(cfg.data.eval)
+    fragments, from_eval = select_fragments(fragments, eval_set, cfg.data, cfg.seed)
     resolve_model(cfg.model.name, cfg.model.trust_remote_code)  # a bad model path fails before anything is written
     if cfg.model.quantization == "nf4":
         nf4_quantization()  # likewise a missing GPU or bitsandbytes
@@ -292,7 +291,9 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
 
         run_dir = on_rank_zero(strategy, take_run)
         console.print(
-            f"[bold]{len(fragments)}[/] fragments ({duplicates} duplicates dropped), [bold]{len(eval_set)}[/] eval pairs"
+            f"[bold]{len(fragments)}[/] fragments ({duplicates} duplicates dropped"
+            + (f"; {from_eval} of them the eval set's" if cfg.data.include_eval else "")
+            + f"), [bold]{len(eval_set)}[/] eval pairs"
         )
         return run_generations(cfg, run_dir, fragments, eval_set, strategy)
 
@@ -310,7 +311,10 @@ def check_earlier_generations(run_dir: Path, start: int) -> None:
     """What generation `start` builds on must be there, intact."""
     for j in range(start):
         earlier = Stages(inside(run_dir, run_dir / f"gen_{j}"), None, j + 1)
-        for stage, files in (("train", ADAPTER_FILES), ("score", ("qa.jsonl",)), ("evaluate", EVAL_FILES)):
+        # It needs the previous generation's adapter and every earlier generation's scored pairs; the
+        # older adapters may have been left out (docs/reproduce.md: runs that travel between machines).
+        needed = (("train", ADAPTER_FILES),) if j == cfg.start - 1 else ()
+        for stage, files in needed + (("score", ("qa.jsonl",)), ("evaluate", EVAL_FILES)):
             if not earlier.done(stage, files):
                 raise RunError(f"{earlier.folder} is unfinished ({stage}); resume from it with --start {j}")
 

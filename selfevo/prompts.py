@@ -20,10 +20,13 @@ QUESTION_PROMPT = {
         "without the passage, so name the product or topic it is about. "
         "Reply with the question only."
     ),
+    # Qwen2.5-Coder-0.5B answered the previous wording ("...所以请写明它涉及的产品或主题。只输出这个问题。")
+    # with a title or a label such as "产品：订单管理" for half of the fragments; with example question
+    # forms it wrote a question for each (docs/results.md, "The Chinese question prompt").
     "zh": (
-        "请阅读下面这段文字：\n\n{fragment}\n\n"
-        "请根据这段文档提出一个具体的问题，要求这段文档能够回答它。问题在不看文档时也要能看懂，"
-        "所以请写明它涉及的产品或主题。只输出这个问题。"
+        "下面是一段产品文档：\n\n{fragment}\n\n"
+        "根据上面的文档，提出一个这段文档能够回答的具体问题，例如“如何……？”、“……是什么？”或“……有哪些……？”，"
+        "并在问题中写出所涉及的产品或功能的名称。只输出问题本身。"
     ),
 }
 

@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# The small-scale reproduction of the paper on the GPU machine (docs/reproduce.md has the whole flow,
+# the exact device calls and the plan). Run from the repository root, one step per device call:
+#
+#   bash benchmarks/reproduce_visit.sh setup                # after the staging calls: install, join, convert, restore runs
+#   bash benchmarks/reproduce_visit.sh run SECONDS NAME...  # resume the named runs until SECONDS are spent, then pack
+#   bash benchmarks/reproduce_visit.sh fetch FIRST          # the pieces FIRST.. of the last pack into $OUT
+#   bash benchmarks/reproduce_visit.sh sampled NAME GEN     # greedy and the seed's sampled decoding, HF, on one adapter
+#   bash benchmarks/reproduce_visit.sh probe SECONDS LR...  # generation 0 trained at other learning rates (runs qwen-lr-LR)
+#   bash benchmarks/reproduce_visit.sh status               # what is staged, installed and how far each run is
+#
+# NAME is one of the runs below: the same config (configs/aiops_qwen_small.yaml), different replay.
+# Every step first does whatever of `setup` is not done yet, so a step on a warm machine costs nothing extra.
+# Environment: PARALLEL (runs at once, default 1), STAGGER (seconds between parallel starts, 45),
+# RESERVE (seconds kept for packing, 60), ADAPTERS (resume | latest | all | none: which adapters the pack
+# brings back, default resume = the latest of each unfinished run), END (default 6), PIECES (pieces of
+# 15 MiB per call, default 4).
+set -uo pipefail
+export PYTHONPATH=$PWD SELFEVO_SHARED=$PWD/.shared SELFEVO_CACHE=${SELFEVO_CACHE:-/tmp/cache} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# The trimmed vLLM install has no FlashInfer (docs/vllm.md).
+export VLLM_USE_V2_MODEL_RUNNER=0 VLLM_USE_FLASHINFER_SAMPLER=0
+OUT=${OUT:-/tmp/out}
+R=${REPRO_DIR:-/tmp/repro}  # runs, logs and packs on the GPU machine
+RUNS=$R/runs LOGS=$R/logs PACKS=$R/packs
+STAGE=${STAGE_DIR:-/tmp/stage}  # where benchmarks/device_setup.sh joins what was carried
+M=$STAGE/qwen.gguf
+D=.shared/data
+CONFIG=configs/aiops_qwen_small.yaml
+FORK_FROM=qwen-hard
+# Runs that start from qwen-hard's base evaluation and generation 0 (identical in every replay mode).
+FORKS=${FORKS:-qwen-none qwen-random qwen-all qwen-easy qwen-even}
+END=${END:-6} PARALLEL=${PARALLEL:-1} STAGGER=${STAGGER:-45} RESERVE=${RESERVE:-60}
+ADAPTERS=${ADAPTERS:-resume} PIECES=${PIECES:-4} PIECE_MIB=${PIECE_MIB:-15}
+MIN_RUN=${MIN_RUN:-150}  # less than this left: not worth starting a process (imports, model, vLLM engine ~100 s)
+mkdir -p "$OUT" $RUNS $LOGS $PACKS $R/log
+tools() { python benchmarks/reproduce_runs.py "$@"; }
+
+mode_args() {  # the ablations differ only here (and in --name)
+  case "$1" in
+    qwen-hard) echo "--replay.mode hard" ;;
+    qwen-none) echo "--replay.mode hard --replay.k 0" ;;
+    qwen-random) echo "--replay.mode random" ;;
+    qwen-all) echo "--replay.mode all" ;;
+    qwen-easy) echo "--replay.mode easy" ;;
+    qwen-even) echo "--replay.mode even" ;;
+    *) return 1 ;;
+  esac
+}
+
+setup() {
+  shopt -s nullglob
+  local carried=(.carry/*/*)
+  if ((${#carried[@]})); then
+    bash benchmarks/device_setup.sh || return 1
+    rm -rf .carry/wheels-*  # installed now; they would be installed again by every later call
+  fi
+  if ! python -c "import vllm" 2>/dev/null && [ -f $STAGE/vllm-wheels.tar ]; then
+    tar -xf $STAGE/vllm-wheels.tar -C $STAGE && rm $STAGE/vllm-wheels.tar
+    bash benchmarks/vllm_h100_setup.sh $STAGE/vllm-wheels || return 1
+  fi
+  if [ -f $M ] && [ ! -f $SELFEVO_CACHE/.qwen-converted ]; then  # dequantize once (~70 s), before any run needs it
+    python -c "from selfevo.models import resolve_model; print('model:', resolve_model('$M'))" || return 1
+    touch $SELFEVO_CACHE/.qwen-converted
+  fi
+  if [ -f $STAGE/runs-carry.tar.gz ]; then  # run folders carried in from the last visit
+    tools unpack $STAGE/runs-carry.tar.gz --dest $RUNS || { echo "could not restore the carried runs"; return 1; }
+    rm $STAGE/runs-carry.tar.gz
+  fi
+  shopt -u nullglob
+  return 0
+}
+
+status() {
+  echo "staged: $(ls $STAGE 2>/dev/null | tr '\n' ' ')"
+  python -c "import vllm; print('vllm', vllm.__version__)" 2>/dev/null || echo "vllm: not installed"
+  python -c "import jieba, gguf, jsonargparse; print('jieba, gguf, jsonargparse: installed')" 2>/dev/null || echo "jieba/gguf/jsonargparse: missing"
+  [ -f $SELFEVO_CACHE/.qwen-converted ] && echo "qwen: converted" || echo "qwen: not converted"
+  [ -f $D/AIOps_data.json ] && echo "data: $D" || echo "data: MISSING ($D; carry .shared)"
+  for run in $RUNS/*/; do
+    [ -d "$run" ] && echo "run $(basename "$run"): next generation $(tools next-start "$run") of $END"
+  done
+  return 0
+}
+
+one_run() {  # NAME SECONDS: resume one run, stopped by SIGINT when its time is up (resume is crash-safe)
+  local name=$1 limit=$2 args start rc=0
+  args=$(mode_args "$name") || { echo "unknown run $name" >&2; return 2; }
+  start=$(tools next-start $RUNS/"$name")
+  if ((start >= END)); then echo "$name: finished ($END generations)"; return 0; fi
+  echo "$name: generations $start..$((END - 1)), ${limit}s at most, $(date +%T)"
+  # shellcheck disable=SC2086
+  timeout -s INT -k 30 "$limit" python -m selfevo.cli evolve --config $CONFIG --name "$name" --start "$start" --end "$END" \
+    --model.name $M --data.fragments $D/AIOps_data.json --data.eval $D/AIOps_eval_data.json \
+    --runs_dir $RUNS --logs_dir $LOGS $args >> $R/log/"$name".log 2>&1 || rc=$?
+  case $rc in
+    0) echo "$name: done, now at generation $(tools next-start $RUNS/"$name")" ;;
+    124 | 130 | 137) echo "$name: stopped by the time budget (rc $rc), now at generation $(tools next-start $RUNS/"$name")" ;;
+    *) echo "$name: FAILED (rc $rc); the end of its log:"; tail -n 15 $R/log/"$name".log ;;
+  esac
+  return 0
+}
+
+pack_out() {  # NAMES...: pack these runs, send the manifest, a log and the first pieces
+  local tag names=() name
+  tag=$(date +%m%d-%H%M%S)
+  for name in "$@"; do
+    [[ " ${names[*]} " == *" $name "* ]] && continue
+    [ -f $RUNS/"$name"/config.json ] || [ -f $RUNS/"$name"/FORKED_FROM ] && names+=("$name")
+  done
+  ((${#names[@]})) || { echo "nothing to pack"; return 0; }
+  tools pack $RUNS --out $PACKS/$tag --names "${names[@]}" --adapters "$ADAPTERS" --end "$END" --piece-mib "$PIECE_MIB" --tag "$tag" || return 1
+  echo "$tag" > $PACKS/last
+  fetch 0
+}
+
+fetch() {  # FIRST: the manifest, the visit log and pieces FIRST .. FIRST+PIECES-1 of the last pack into $OUT
+  local tag first=$1 k=0 total
+  tag=$(cat $PACKS/last 2>/dev/null) || { echo "no pack yet"; return 1; }
+  cp $PACKS/$tag/runs-$tag.manifest.json "$OUT"/
+  mapfile -t all < <(python -c "import json,sys; [print(p['name']) for p in json.load(open(sys.argv[1]))['pieces']]" $PACKS/$tag/runs-$tag.manifest.json)
+  total=${#all[@]}
+  if ((first >= total)); then echo "pack runs-$tag has $total piece(s): none from $first"; return 0; fi
+  for ((k = first; k < first + PIECES && k < total; k++)); do cp $PACKS/$tag/"${all[$k]}" "$OUT"/; done
+  for f in $R/log/*.log; do echo "=== $(basename "$f")"; tail -n 40 "$f"; done > "$OUT"/runs-$tag.log 2>/dev/null
+  if ((first + PIECES < total)); then
+    echo "pack runs-$tag: pieces $first..$((k - 1)) of $total sent; NEXT CALL: bash benchmarks/reproduce_visit.sh fetch $k"
+  else
+    echo "pack runs-$tag: pieces $first..$((total - 1)) of $total sent; the pack is complete"
+  fi
+}
+
+fork_all() {  # start every run of FORKS from qwen-hard's generation 0, once it is there
+  local name
+  for name in $FORKS; do
+    tools fork $RUNS/$FORK_FROM $RUNS/"$name" | grep -q forked && echo "$name" >> $R/forked
+  done
+  return 0
+}
+
+run() {  # SECONDS NAME...
+  local budget=$1 deadline started=() name limit pids=()
+  shift
+  deadline=$((SECONDS + budget - RESERVE))
+  [ -f $M ] || { echo "the model is not staged ($M)"; return 1; }
+  [ -f $D/AIOps_data.json ] || { echo "the data is not carried ($D)"; return 1; }
+  rm -f $R/forked
+  fork_all
+  for name in "$@"; do
+    limit=$((deadline - SECONDS))
+    if ((limit < MIN_RUN)); then echo "$name: not started, ${limit}s left"; continue; fi
+    started+=("$name")
+    if ((PARALLEL > 1)); then
+      one_run "$name" "$limit" &
+      pids+=($!)
+      if ((${#pids[@]} >= PARALLEL)); then wait -n; pids=($(jobs -pr)); fi
+      sleep "$STAGGER"  # vLLM checks free GPU memory as it starts: not two starts at once
+    else
+      one_run "$name" "$limit"
+      fork_all
+    fi
+  done
+  wait
+  fork_all
+  # the runs worked on, and those forked in this call (their gen_0 is the same bytes: packed once)
+  pack_out "${started[@]}" $(cat $R/forked 2>/dev/null | sort -u)
+}
+
+probe() {  # SECONDS LR...: generation 0 trained at each learning rate, from qwen-hard's questions and answers
+  local budget=$1 deadline name lr limit rc started=()
+  shift
+  deadline=$((SECONDS + budget - RESERVE))
+  for lr in "$@"; do
+    name=qwen-lr-$lr
+    limit=$((deadline - SECONDS))
+    if ((limit < 60)); then echo "$name: not started, ${limit}s left"; continue; fi
+    tools fork $RUNS/$FORK_FROM $RUNS/"$name" --before-train
+    [ -d $RUNS/"$name" ] || { echo "$name: $FORK_FROM has no generation 0 answers yet"; continue; }
+    started+=("$name")
+    rc=0
+    # Hugging Face generate for the evaluation: one short process per rate, no vLLM engine start (~80 s)
+    timeout -s INT -k 30 "$limit" python -m selfevo.cli evolve --config $CONFIG --name "$name" --end 1 \
+      --train.learning_rate "$lr" --generation.backend hf \
+      --model.name $M --data.fragments $D/AIOps_data.json --data.eval $D/AIOps_eval_data.json \
+      --runs_dir $RUNS --logs_dir $LOGS >> $R/log/"$name".log 2>&1 || rc=$?
+    echo "$name: rc $rc; $(cat $RUNS/"$name"/gen_0/metrics.json 2>/dev/null | tr -d '\n ')"
+  done
+  ADAPTERS=none pack_out "${started[@]}"
+}
+
+sampled() {  # NAME GEN: the same adapter decoded greedily and with the seed's sampling, both by HF generate
+  local name=$1 gen=$2 folder adapter=()
+  folder=$RUNS/$name/sampled/gen_$gen
+  [ "$gen" = base ] && folder=$RUNS/$name/sampled/base || adapter=(--adapter $RUNS/"$name"/gen_"$gen"/adapter)
+  for way in greedy sample; do
+    flag=(); [ $way = sample ] && flag=(--sample)
+    rm -rf "$folder/$way"
+    python -m selfevo.cli evaluate $D/AIOps_eval_data.json --out "$folder/$way" --model $M "${adapter[@]}" "${flag[@]}" \
+      --batch-size 100 --max-new-tokens 512 --max-length 1024 2>&1 | tail -n 3
+  done
+  pack_out "$name"
+}
+
+step=${1:-status}
+shift || true
+setup || { echo "set-up failed"; exit 1; }
+case "$step" in
+  setup) status ;;
+  status) status ;;
+  run) run "$@" ;;
+  fetch) fetch "$@" ;;
+  sampled) sampled "$@" ;;
+  probe) probe "$@" ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac

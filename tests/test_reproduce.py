@@ -1,0 +1,195 @@
+"""The small-scale reproduction's tools: run folders that travel slim between machines and resume
+there (benchmarks/reproduce_runs.py, the loop's --start), and the results document
+(benchmarks/results_doc.py) on run folders written by selfevo's own writers."""
+
+import importlib.util
+import json
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from selfevo.cli import app
+from selfevo.config import EvolveConfig, identity
+from selfevo.data import write_json, write_jsonl
+from selfevo.loop import config_digest
+from tests.conftest import ROOT, evolve_args, run_files
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+rr = _load("reproduce_runs")
+results_doc = _load("results_doc")
+
+
+def run(args):
+    return CliRunner().invoke(app, args)
+
+
+def travel(run_dir: Path, dest: Path, tmp: Path, **kwargs) -> Path:
+    """Pack run_dir as the GPU machine would, in small pieces over two 'calls', and collect it into dest."""
+    out = tmp / "pack"
+    rr.pack(run_dir.parent, out, [run_dir.name], kwargs.get("adapters", "latest"), 0.02, "t", kwargs.get("end"))
+    pieces = sorted(out.glob("*.part*"))
+    assert len(pieces) >= 2  # 20 KiB pieces
+    call1, call2 = tmp / "call1", tmp / "call2"
+    for folder, chosen in ((call1, pieces[:1]), (call2, pieces[1:])):
+        folder.mkdir()
+        shutil.copy(out / "runs-t.manifest.json", folder)
+        for p in chosen:
+            shutil.copy(p, folder)
+    incoming = tmp / "incoming"
+    assert rr.collect([call1], incoming, dest) == 0  # pieces missing: nothing unpacked yet
+    assert not (dest / run_dir.name).exists()
+    assert rr.collect([call2], incoming, dest) == 1
+    assert not [p for p in incoming.iterdir() if not p.name.startswith(".")]  # .unpacked remembers the pack
+    return dest / run_dir.name
+
+
+def test_slim_run_travels_and_resumes_with_start(finished_run, tiny_model, tmp_path):
+    root, inputs = finished_run
+    full = root / "runs" / "t"
+    assert rr.next_start(full) == 2 and rr.latest_adapter(full) == 1
+    slim = travel(full, tmp_path / "back" / "runs", tmp_path)
+    assert not (slim / "gen_0" / "adapter").exists() and (slim / "gen_1" / "adapter" / "adapter_model.safetensors").exists()
+    assert not list(slim.rglob(".lock")) and not list(slim.rglob("checkpoints"))
+    files = lambda d: {p.relative_to(d) for p in d.rglob("*") if p.is_file()}  # noqa: E731
+    left = {f for f in files(full) - files(slim)}
+    assert left == {f for f in files(full) if f.parts[0] == "gen_0" and f.parts[1] == "adapter"} | {Path(".lock")}
+    assert (slim / "gen_1" / "qa.jsonl").read_bytes() == (full / "gen_1" / "qa.jsonl").read_bytes()
+
+    # One more generation from the slim copy equals one from the full run (CPU: byte for byte).
+    base = tmp_path / "back"
+    resumed = run(evolve_args(tiny_model, inputs, base, "t", "--start", "2", "--end", "3"))
+    assert resumed.exit_code == 0, resumed.output
+    shutil.copytree(full, tmp_path / "full" / "runs" / "t", ignore=shutil.ignore_patterns(".lock"))
+    reference = run(evolve_args(tiny_model, inputs, tmp_path / "full", "t", "--start", "2", "--end", "3"))
+    assert reference.exit_code == 0, reference.output
+    same = {k: v for k, v in run_files(tmp_path / "full" / "runs" / "t").items() if k.startswith("gen_2")}
+    assert same and same == {k: v for k, v in run_files(slim).items() if k.startswith("gen_2")}
+
+    # Generation 1 needs generation 0's adapter, which stayed behind: refused, with the way out.
+    again = run(evolve_args(tiny_model, inputs, base, "t", "--start", "1", "--end", "3"))
+    assert again.exit_code == 2 and "gen_0 is unfinished (train)" in again.output
+
+
+def test_damaged_piece_is_refused(finished_run, tmp_path):
+    root, _ = finished_run
+    out = tmp_path / "pack"
+    rr.pack(root / "runs", out, ["t"], "none", 0.02, "t")
+    piece = sorted(out.glob("*.part*"))[1]
+    piece.write_bytes(b"x" + piece.read_bytes()[1:])
+    with pytest.raises(SystemExit, match="damaged"):
+        rr.collect([out], tmp_path / "incoming", tmp_path / "dest")
+
+
+def test_resume_mode_leaves_the_adapters_of_finished_runs(finished_run, tmp_path):
+    root, _ = finished_run
+    slim = travel(root / "runs" / "t", tmp_path / "back", tmp_path, adapters="resume", end=2)
+    assert not list(slim.rglob("adapter_model.safetensors"))  # 2 of 2 generations: finished
+
+
+def test_forked_run_shares_generation_0_and_continues_as_its_own(finished_run, tiny_model, tmp_path):
+    root, inputs = finished_run
+    runs = tmp_path / "runs"
+    shutil.copytree(root / "runs" / "t", runs / "t", ignore=shutil.ignore_patterns(".lock"))
+    assert rr.fork(runs / "t", runs / "r") and not rr.fork(runs / "t", runs / "r")  # once only
+    assert rr.next_start(runs / "r") == 1 and not (runs / "r" / "gen_1").exists()
+    # packed together, the fork's copy of generation 0 travels as links to the original's bytes
+    rr.pack(runs, tmp_path / "pack", ["t", "r"], "all", 0, "f")
+    with tarfile.open(tmp_path / "pack" / "runs-f.tar.gz") as tar:
+        links = [m.name for m in tar.getmembers() if m.islnk()]
+    assert "r/gen_0/adapter/adapter_model.safetensors" in links and "r/gen_0/qa.jsonl" in links
+    rr.collect([tmp_path / "pack"], tmp_path / "incoming", tmp_path / "back")
+    for f in ("gen_0/qa.jsonl", "gen_0/adapter/adapter_model.safetensors", "base/metrics.json", "FORKED_FROM"):
+        assert (tmp_path / "back" / "r" / f).read_bytes() == (runs / "r" / f).read_bytes()
+    result = run(evolve_args(tiny_model, inputs, tmp_path, "r", "--start", "1", "--replay.mode", "random"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((runs / "r" / "config.json").read_text())["config"]["replay"]["mode"] == "random"
+    assert (runs / "r" / "gen_0" / "qa.jsonl").read_bytes() == (runs / "t" / "gen_0" / "qa.jsonl").read_bytes()
+    assert (runs / "r" / "gen_1" / "metrics.json").exists() and rr.next_start(runs / "r") == 2
+
+
+# --- results_doc on synthetic run folders, written by selfevo's writers ---------------------------
+
+
+def fake_run(runs: Path, name: str, mode: str, k: int, bleu: list[float], forked: bool = False) -> Path:
+    cfg = EvolveConfig(name=name)
+    cfg.replay.mode, cfg.replay.k = mode, k
+    d = runs / name
+    write_json(d / "config.json", {"config": identity(cfg), "sha256": config_digest(identity(cfg)), "seed": 0})
+    for i, b in enumerate(bleu):
+        folder = d / ("base" if i == 0 else f"gen_{i - 1}")
+        metrics = {"bleu-4": b, "rouge-1": b + 10, "rouge-2": b / 2, "rouge-l": b + 5}
+        write_json(folder / "metrics.json", metrics)
+        write_jsonl(folder / "predictions.jsonl", [{"prediction": "p"}])
+        stages = {"evaluate": {"seconds": 9.5, "pairs": 100, "files": {}}}
+        if i:
+            stages.update({s: {"seconds": 10.0 * (j + 1), "files": {}} for j, s in enumerate(("questions", "answers", "train", "score"))})
+            stages["answers"]["kept"] = 990
+            stages["replay"] = {"seconds": 0.1, "history": 990 * (i - 1), "chosen": min(k, 990 * (i - 1)), "files": {}}
+        write_json(folder / "stages.json", stages)
+    if forked:
+        (d / "FORKED_FROM").write_text("qwen-hard: base/ and gen_0/ copied from it\n")
+    return d
+
+
+def test_results_doc_tables_and_charts(tmp_path):
+    runs = tmp_path / "runs"
+    dirs = [
+        fake_run(runs, "qwen-none", "hard", 0, [7.0, 9.0, 8.5], forked=True),
+        fake_run(runs, "qwen-hard", "hard", 500, [7.0, 9.0, 12.0, 11.0]),
+        fake_run(runs, "qwen-all", "all", 500, [7.0, 9.0, 10.0], forked=True),
+    ]
+    write_json(dirs[1] / "sampled" / "gen_1" / "greedy" / "metrics.json", {"bleu-4": 12.1, "rouge-1": 1, "rouge-2": 2, "rouge-l": 3})
+    write_json(dirs[1] / "sampled" / "gen_1" / "sample" / "metrics.json", {"bleu-4": 10.4, "rouge-1": 1, "rouge-2": 2, "rouge-l": 3})
+    docs = tmp_path / "docs"
+    results_doc.main([*map(str, dirs), "--out", str(docs), "--prefix", "r", "--fragment", str(docs / "tables.md")])
+    md = (docs / "tables.md").read_text()
+    assert (docs / "r_bleu_by_mode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (docs / "r_generations.png").stat().st_size > 10_000
+    assert "![BLEU-4, best generation per mode](r_bleu_by_mode.png)" in md
+    # modes come from config.json, ordered hard, none, ..., all; the best generation and its gain
+    assert "| model | hard (k=500) | no replay | all |" in md
+    assert "| gen_1 | 12.00 | 8.50 | 10.00 |" in md and "| gen_2 | 11.00 |  |  |" in md
+    assert "**12.00** (gen_1, +71% over base)" in md
+    assert "| gen_0 (shared) | 9.00 | 19.00 | 4.50 | 14.00 | 990 | 0 | 110 |" in md
+    assert "| qwen-hard | gen_2 | 10 | 20 | 0 | 30 | 40 | 10 | 110 |" in md
+    assert "| qwen-none | gen_0 |" not in md  # a forked run's gen_0 is timed once, in the run it came from
+    assert "| qwen-hard | gen_1 | sampled (T 0.95, top-p 0.7, top-k 50) | 10.40 |" in md
+
+
+def test_a_pack_is_unpacked_once_and_an_older_one_never_over_a_newer(finished_run, tmp_path, capsys):
+    root, _ = finished_run
+    for tag in ("1125-0900", "1125-1000"):
+        rr.pack(root / "runs", tmp_path / tag, ["t"], "none", 0, tag)
+    incoming, dest = tmp_path / "incoming", tmp_path / "dest"
+    assert rr.collect([tmp_path / "1125-1000"], incoming, dest) == 1
+    assert rr.collect([tmp_path / "1125-1000"], incoming, dest) == 0  # the same files again (a fetch re-sends the manifest)
+    assert not list(incoming.glob("runs-*"))
+    assert rr.collect([tmp_path / "1125-0900"], incoming, dest) == 0
+    assert "runs-1125-0900.tar.gz: skipped, runs-1125-1000.tar.gz (newer) already brought these runs" in capsys.readouterr().out
+
+
+def test_learning_rate_probe_shares_generation_0_up_to_training(finished_run, tiny_model, tmp_path):
+    root, inputs = finished_run
+    runs = tmp_path / "runs"
+    shutil.copytree(root / "runs" / "t", runs / "t", ignore=shutil.ignore_patterns(".lock"))
+    assert rr.fork(runs / "t", runs / "lr", before_train=True)
+    assert sorted(rr.stages_of(runs / "lr" / "gen_0")) == ["answers", "questions", "replay"]
+    result = run(evolve_args(tiny_model, inputs, tmp_path, "lr", "--end", "1", "--train.learning_rate", "5e-3"))
+    assert result.exit_code == 0, result.output
+    assert "questions:" not in result.output and "answers:" not in result.output  # not written again
+    for f in ("questions.jsonl", "answers.jsonl"):
+        assert (runs / "lr" / "gen_0" / f).read_bytes() == (runs / "t" / "gen_0" / f).read_bytes()
+    trained = "gen_0/adapter/adapter_model.safetensors"
+    assert (runs / "lr" / trained).read_bytes() != (runs / "t" / trained).read_bytes()
