@@ -313,7 +313,7 @@ def check_earlier_generations(run_dir: Path, start: int) -> None:
         earlier = Stages(inside(run_dir, run_dir / f"gen_{j}"), None, j + 1)
         # It needs the previous generation's adapter and every earlier generation's scored pairs; the
         # older adapters may have been left out (docs/reproduce.md: runs that travel between machines).
-        needed = (("train", ADAPTER_FILES),) if j == cfg.start - 1 else ()
+        needed = (("train", ADAPTER_FILES),) if j == start - 1 else ()
         for stage, files in needed + (("score", ("qa.jsonl",)), ("evaluate", EVAL_FILES)):
             if not earlier.done(stage, files):
                 raise RunError(f"{earlier.folder} is unfinished ({stage}); resume from it with --start {j}")
