@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 from pathlib import Path
 from typing import Optional
 
+import numpy
 import torch
 from rich.console import Console
 from transformers import GenerationConfig as HFGenerationConfig
@@ -59,9 +61,16 @@ def startup_memory_fraction() -> float:
     return round(0.9 * free / total, 3)
 
 
-def seed_worker(worker, seed: int) -> None:
-    """Run on each of the engine's workers (`collective_rpc`): seed the generators its sampler draws from."""
-    torch.manual_seed(seed)
+class SeedingWorker:
+    """Mixed into each of the engine's workers (vLLM's `worker_extension_cls`), so that
+    `collective_rpc("seed_generators", ...)` reaches them by name, in this process or in worker processes."""
+
+    def seed_generators(self, seed: int) -> None:
+        """Seed what vLLM's samplers draw from: torch's generators, and numpy's and Python's, from
+        which a runner may draw a request's seed."""
+        random.seed(seed)
+        numpy.random.seed(seed)
+        torch.manual_seed(seed)
 
 
 class VLLMEngine:
@@ -74,8 +83,10 @@ class VLLMEngine:
         eval_max_new_tokens: int = 0,
     ):
         require_vllm()
-        # In-process engine: no worker processes to spawn (which would need a __main__ guard in every
-        # entry point), and the run's other stages keep the same process. Set it to 1 to override.
+        # In-process engine core: with one GPU nothing is spawned (a spawned process would need a
+        # __main__ guard in every entry point) and the run's other stages keep the same process. Set
+        # it to 1 to override. With vllm_tensor_parallel_size > 1, vLLM starts a worker process per
+        # GPU whatever this says.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # selfevo reports the stages itself
         from vllm import LLM
@@ -101,6 +112,11 @@ class VLLMEngine:
             # Not the stop tokens and sampling defaults of the model's generation_config.json: the
             # Hugging Face backend stops at the tokenizer's EOS only, and so must this one.
             generation_config="vllm",
+            worker_extension_cls=f"{__name__}.SeedingWorker",
+            # Cached prefixes of earlier calls would change how a call is scheduled, and so which
+            # random draws each request gets: without the cache, a call's texts depend on its prompts
+            # and seed alone, in a resumed run too. (The prompts share little beyond the chat template.)
+            enable_prefix_caching=False,
         )
         # On a CPU, vLLM sets torch to one thread and disables torch.set_num_threads, as suits its own
         # serving process; in this one, the training and scoring that follow need their threads back.
@@ -143,11 +159,11 @@ class VLLMEngine:
         if cut:
             console.print(f"[yellow]warning: {cut} of {len(prompts)} prompts exceed {limit} tokens and were cut from the left[/]")
         # The engine's generators are seeded for each call, as the Hugging Face backend seeds each
-        # batch: the same prompts give the same texts, whatever ran before (a resumed run included).
-        # A seed per request would not depend on the batching either, but vLLM then draws each
-        # request's noise separately, one small kernel per request per step: 1.7x slower, measured
-        # (docs/benchmarks.md).
-        self.llm.collective_rpc(seed_worker, args=(seed,))
+        # batch: the same prompts give the same texts, whatever ran before (a resumed run included),
+        # though, as there, a prompt's text depends on the batch it is sampled in. A seed per request
+        # would not, but vLLM then draws each request's noise separately, one small kernel per request
+        # per step: 1.7x slower with an adapter on an H100 (docs/benchmarks.md).
+        self.llm.collective_rpc("seed_generators", args=(seed,))
         params = SamplingParams(
             max_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature if sampling.do_sample else 0.0,
