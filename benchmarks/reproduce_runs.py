@@ -3,8 +3,9 @@
 A run of the small-scale reproduction (docs/reproduce.md) spans several GPU visits. Between them its
 folder travels: back through the device tool's $OUT (at most 8 files of 16 MiB, 64 MiB a call) and
 out again as carried chunks. What travels is the run *slim*: every file except
-  - the adapters of all but the latest trained generation (17.6 MB each for Qwen2.5-0.5B, r=8, fp32);
-    `selfevo evolve --start N` needs only gen_<N-1>'s adapter and every earlier generation's qa.jsonl,
+  - the adapters older than the one `selfevo evolve --start N` needs (17.6 MB each for Qwen2.5-0.5B,
+    r=8, fp32): it needs only gen_<N-1>'s adapter (and any trained since) and every earlier
+    generation's qa.jsonl,
   - checkpoints/ (mid-training state, three times an adapter; a training cut off there starts again),
   - .lock and the temporary files of interrupted writes,
 and the TensorBoard logs, which live outside the run folder. `--adapters all` keeps every adapter.
@@ -78,15 +79,16 @@ def next_start(run_dir: Path) -> int:
     return n
 
 
-def latest_adapter(run_dir: Path) -> int | None:
-    """The highest generation whose train stage is complete."""
-    done = [i for i, folder in generations(run_dir) if stage_done(folder, "train")]
-    return max(done) if done else None
+def resume_adapters(run_dir: Path) -> set[int]:
+    """The generations whose adapters `selfevo evolve --start next_start` needs: the one before it,
+    and any trained since (a generation cut off after training resumes from its own adapter)."""
+    start = next_start(run_dir)
+    return {i for i, folder in generations(run_dir) if i >= start - 1 and stage_done(folder, "train")}
 
 
 def slim_files(run_dir: Path, adapters: str) -> list[Path]:
     """The files of one run that travel, relative to the run's parent, in a stable order."""
-    keep_adapter = latest_adapter(run_dir) if adapters == "latest" else None
+    keep = resume_adapters(run_dir) if adapters == "latest" else set()
     out = []
     for path in sorted(run_dir.rglob("*")):
         if not path.is_file() or path.is_symlink():
@@ -98,7 +100,7 @@ def slim_files(run_dir: Path, adapters: str) -> list[Path]:
         if "checkpoints" in parts:
             continue
         if len(parts) >= 3 and GEN.fullmatch(parts[0]) and parts[1] == ADAPTER:
-            if adapters == "none" or (adapters == "latest" and int(parts[0][4:]) != keep_adapter):
+            if adapters == "none" or (adapters == "latest" and int(parts[0][4:]) not in keep):
                 continue
         out.append(path.relative_to(run_dir.parent))
     return out

@@ -58,7 +58,7 @@ def travel(run_dir: Path, dest: Path, tmp: Path, **kwargs) -> Path:
 def test_slim_run_travels_and_resumes_with_start(finished_run, tiny_model, tmp_path):
     root, inputs = finished_run
     full = root / "runs" / "t"
-    assert rr.next_start(full) == 2 and rr.latest_adapter(full) == 1
+    assert rr.next_start(full) == 2 and rr.resume_adapters(full) == {1}
     slim = travel(full, tmp_path / "back" / "runs", tmp_path)
     assert not (slim / "gen_0" / "adapter").exists() and (slim / "gen_1" / "adapter" / "adapter_model.safetensors").exists()
     assert not list(slim.rglob(".lock")) and not list(slim.rglob("checkpoints"))
@@ -80,6 +80,23 @@ def test_slim_run_travels_and_resumes_with_start(finished_run, tiny_model, tmp_p
     # Generation 1 needs generation 0's adapter, which stayed behind: refused, with the way out.
     again = run(evolve_args(tiny_model, inputs, base, "t", "--start", "1", "--end", "3"))
     assert again.exit_code == 2 and "gen_0 is unfinished (train)" in again.output
+
+
+def test_a_run_cut_off_after_training_travels_with_the_adapter_it_resumes_from(finished_run, tiny_model, tmp_path):
+    root, inputs = finished_run
+    cut = tmp_path / "cut" / "runs" / "t"
+    shutil.copytree(root / "runs" / "t", cut, ignore=shutil.ignore_patterns(".lock"))
+    # Generation 1 trained, then the visit ended before its evaluation was recorded.
+    stages = json.loads((cut / "gen_1" / "stages.json").read_text())
+    for f in stages.pop("evaluate")["files"]:
+        (cut / "gen_1" / f).unlink()
+    write_json(cut / "gen_1" / "stages.json", stages)
+    assert rr.next_start(cut) == 1 and rr.resume_adapters(cut) == {0, 1}
+    slim = travel(cut, tmp_path / "back" / "runs", tmp_path)
+    assert (slim / "gen_0" / "adapter").is_dir() and (slim / "gen_1" / "adapter").is_dir()
+    resumed = run(evolve_args(tiny_model, inputs, tmp_path / "back", "t", "--start", "1", "--end", "2"))
+    assert resumed.exit_code == 0, resumed.output
+    assert (slim / "gen_1" / "metrics.json").is_file()
 
 
 def test_damaged_piece_is_refused(finished_run, tmp_path):
