@@ -52,6 +52,7 @@ from selfevo.models import (
     accelerator_device, add_lora, load_adapter_weights, load_model, nf4_quantization, resolve_model, save_adapter,
 )
 from selfevo.ranks import Strategy, launch_ranks, on_rank_zero
+from selfevo.prompts import ANSWER_PROMPT, QUESTION_PROMPT
 from selfevo.report import write_report, write_summary
 from selfevo.select import select_replay
 from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint, build_trainer
@@ -78,6 +79,14 @@ def _first_difference(a, b, prefix: str = "") -> str:
             if a.get(key) != b.get(key):
                 return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
     return f"{prefix.rstrip('.')}: {a!r} -> {b!r}"
+
+
+def prompts_digest(cfg: EvolveConfig) -> str:
+    """SHA-256 of the question and answer prompts of the run's language: they are selfevo's code, not
+    the config, but a run whose generations were written from different prompts is not one run.
+    (Snapshots made before 2026-11-25 do not record it, and are taken as they are.)"""
+    language = cfg.generation.language
+    return hashlib.sha256((QUESTION_PROMPT[language] + "\0" + ANSWER_PROMPT[language]).encode()).hexdigest()
 
 
 def config_digest(config: dict) -> str:
@@ -116,6 +125,12 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
                 f"{snapshot}: changed since the run began (its checksum does not match); put the original back, "
                 "or pass --force to set this run aside and start over"
             )
+        elif old.get("prompts", prompts_digest(cfg)) != prompts_digest(cfg):
+            problem = (
+                f"{run_dir} was begun with other question and answer prompts (this version of selfevo changed "
+                f"them; its earlier one is named in {snapshot}); pass --force to set it aside and start over, "
+                "or finish it with that version"
+            )
         elif identity_of(old["config"]) != identity(cfg):
             problem = (
                 f"{run_dir} holds a run of a different config "
@@ -142,6 +157,7 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
                 "config": identity(cfg),
                 "sha256": config_digest(identity(cfg)),
                 "seed": cfg.seed,
+                "prompts": prompts_digest(cfg),
                 "versions": library_versions(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             },

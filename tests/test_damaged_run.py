@@ -91,6 +91,15 @@ def test_run_of_an_older_selfevo_is_named_as_such(copy_of_run, finished_run, tin
     refused(tiny_model, inputs, run_dir, f"{snapshot}: made by an older selfevo", "--force")
 
 
+def test_run_begun_with_other_prompts_is_refused(copy_of_run, finished_run, tiny_model):
+    run_dir, inputs = copy_of_run
+    snapshot = run_dir / "config.json"
+    data = json.loads(snapshot.read_text())
+    data["prompts"] = "0" * 64  # as if a later selfevo had changed its prompts
+    snapshot.write_text(json.dumps(data))
+    refused(tiny_model, inputs, run_dir, f"{run_dir} was begun with other question and answer prompts", "--force")
+
+
 def test_damaged_stage_record(copy_of_run, finished_run, tiny_model):
     run_dir, inputs = copy_of_run
     stages = run_dir / "gen_1" / "stages.json"
