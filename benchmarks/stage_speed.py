@@ -62,18 +62,18 @@ def bench_ifd(model, tokenizer, pairs, seed_pairs, batch_sizes, device, compile_
                  "pairs_per_s": seed_pairs / secs})
     trainer = build_trainer(TrainerConfig(), enable_progress_bar=False)
     eager = {}
-    for bs in batch_sizes + ([compile_batch] if compile_batch else []):
-        compiled = len(rows) == 1 + len(batch_sizes)
-        warm = None
-        if compiled:
-            (_, warm) = timed(lambda: model.get_decoder().compile(dynamic=True))
+    ways = [(bs, False) for bs in batch_sizes] + ([(compile_batch, True)] if compile_batch else [])
+    for bs, compiled in ways:
+        if compiled:  # in place: from here on every forward of the decoder runs compiled
+            model.get_decoder().compile(dynamic=True)
         _, w = timed(lambda: score_pairs(model, tokenizer, pairs[: 2 * bs], IFDConfig(batch_size=bs), 1024, trainer))
         scored, secs = timed(lambda: score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=bs), 1024, trainer))
         row = {"stage": "ifd", "way": f"selfevo batch {bs}" + (", compiled decoder" if compiled else ""),
                "items": len(pairs), "seconds": secs, "pairs_per_s": len(pairs) / secs, "warmup_s": w}
         if compiled and bs in eager:
             row["max_abs_ifd_diff_vs_eager"] = max(abs(a["ifd"] - b["ifd"]) for a, b in zip(scored, eager[bs]))
-        eager.setdefault(bs, scored)
+        if not compiled:
+            eager[bs] = scored
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
