@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from selfevo.cli import app
-from selfevo.config import IFDConfig, ModelConfig, TrainerConfig
+from selfevo.config import EvalConfig, IFDConfig, ModelConfig, TrainerConfig
+from selfevo.data import load_eval
+from selfevo.evaluate import evaluate_model
 from selfevo.ifd import score_pairs
 from selfevo.models import load_model
 from selfevo.train import PlannedBatches, build_trainer
@@ -65,8 +67,36 @@ QA = [
 ]
 
 
+FEWER_BATCHES_THAN_RANKS = '''
+"""IFD scoring and evaluation on 2 ranks, each stage one batch: rank 1 gets none."""
+import json, sys
+
+import torch
+
+from selfevo.config import EvalConfig, IFDConfig, ModelConfig, TrainerConfig
+from selfevo.data import load_eval
+from selfevo.evaluate import evaluate_model
+from selfevo.ifd import score_pairs
+from selfevo.models import load_model
+from selfevo.ranks import launch_ranks
+from selfevo.train import build_trainer
+
+torch.set_num_threads(1)
+model_name, qa_file, eval_file, out = sys.argv[1:]
+hardware = TrainerConfig(accelerator="cpu", devices=2, strategy="ddp")
+strategy = launch_ranks(hardware)  # Lightning's launcher runs this script again for rank 1
+model, tokenizer = load_model(ModelConfig(name=model_name, dtype="float32"))
+pairs, eval_set = json.load(open(qa_file)), load_eval(eval_file)
+scored = score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=len(pairs)), 1024, build_trainer(hardware))
+metrics, predictions = evaluate_model(model, tokenizer, eval_set, EvalConfig(batch_size=len(eval_set), max_new_tokens=8),
+                                      256, build_trainer(hardware), seed=1)
+if strategy.global_rank == 0:
+    json.dump({"scored": scored, "metrics": metrics, "predictions": predictions}, open(out, "w"))
+'''
+
+
 def run_ranks(args: list[str], tmp_path: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
-    """`selfevo ARGS` as a real process (which starts its other ranks itself), one thread per rank, with
+    """`selfevo ARGS` (or `python SCRIPT.py ARGS`) as a real process (which starts its other ranks itself), one thread per rank, with
     the audit hook; returns the process and, per rank that ran, the paths it wrote under tmp_path."""
     audit = tmp_path / "audit"
     hook = tmp_path / "hook"
@@ -76,7 +106,7 @@ def run_ranks(args: list[str], tmp_path: Path, env: dict | None = None) -> tuple
     for old in audit.iterdir():
         old.unlink()
     proc = subprocess.run(
-        [sys.executable, "-m", "selfevo.cli", *args],
+        [sys.executable, *(args if args[0].endswith(".py") else ["-m", "selfevo.cli", *args])],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{hook}:{ROOT}", "SELFEVO_AUDIT": str(audit),
              **(env or {})},
@@ -125,6 +155,28 @@ def test_two_ranks_score_as_one(tiny_model, tmp_path):
     assert [p["question"] for p in two] == [p["question"] for p in QA]  # input order, no pair twice
     for key in ("ifd", "loss_cond", "loss_alone"):
         assert [p[key] for p in two] == pytest.approx([p[key] for p in one], rel=1e-6)
+
+
+def test_two_ranks_score_and_evaluate_fewer_batches_than_ranks(tiny_model, tmp_path):
+    """One batch for 2 ranks in IFD scoring and in evaluation: rank 1 has nothing to do, and still
+    the results (the metrics too, to the bit) are one process's."""
+    qa = write_records(tmp_path / "qa.json", QA[:5])
+    eval_file = write_records(tmp_path / "eval.json", json.loads((ROOT / "data" / "quillmesh_eval.json").read_text())[:3])
+    (tmp_path / "stages.py").write_text(FEWER_BATCHES_THAN_RANKS)
+    out = tmp_path / "out.json"
+    proc, touched = run_ranks([str(tmp_path / "stages.py"), tiny_model, str(qa), str(eval_file), str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(touched) == {"rank0", "rank1"} and not outside(touched["rank1"], tmp_path / "audit")
+    two = json.loads(out.read_text())
+
+    model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    one = score_pairs(model, tokenizer, QA[:5], IFDConfig(batch_size=5), 1024, build_trainer(TrainerConfig(), logger=False))
+    for key in ("ifd", "loss_cond", "loss_alone"):
+        assert [p[key] for p in two["scored"]] == pytest.approx([p[key] for p in one], rel=1e-6)
+    metrics, predictions = evaluate_model(model, tokenizer, load_eval(eval_file), EvalConfig(batch_size=3, max_new_tokens=8), 256,
+                                          build_trainer(TrainerConfig()), seed=1)
+    assert two["predictions"] == predictions
+    assert two["metrics"] == metrics
 
 
 def test_two_ranks_train_as_one(tiny_model, tmp_path):
