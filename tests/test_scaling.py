@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from selfevo.cli import app
 from selfevo.config import EvalConfig, IFDConfig, ModelConfig, TrainerConfig
-from selfevo.data import load_eval
+from selfevo.data import RunError, load_eval
 from selfevo.evaluate import evaluate_model
 from selfevo.ifd import score_pairs
 from selfevo.models import load_model
@@ -141,6 +141,55 @@ def test_ranks_share_each_step_as_one_device_takes_it():
     assert PlannedBatches(lengths, 4, seed=3, rank=2, ranks=3, window=6).plan()[-1] == []  # 2 left for 3 ranks
 
 
+def trained(batches: PlannedBatches, steps: int | None = None) -> list[list[int]]:
+    """The micro-batches a rank trains, all of them or those of its first `steps` optimizer steps."""
+    it = iter(batches)
+    if steps is None:
+        return list(it)
+    return [next(it) for _ in range(steps * batches.window // batches.ranks)]
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, 2), (2, 1), (2, 4), (1, 1)])
+def test_checkpoint_resumes_on_another_number_of_ranks(before, after):
+    """Stopped after 2 optimizer steps of an epoch on `before` ranks, resumed on `after` ranks: the
+    rest of the epoch is exactly the micro-batches not yet trained."""
+    lengths = [1 + (i * 7) % 23 for i in range(45)]  # 12 micro-batches of 4: 3 steps of 4
+    one = PlannedBatches(lengths, 4, seed=3, window=4)
+    one.set_epoch(1)
+    whole = [b for b in one.plan() if b]
+
+    def share(rank: int, ranks: int) -> PlannedBatches:
+        batches = PlannedBatches(lengths, 4, seed=3, rank=rank, ranks=ranks, window=4)
+        batches.set_epoch(1)
+        return batches
+
+    first = [share(r, before) for r in range(before)]
+    done = [b for s in first for b in trained(s, steps=2)]
+    states = [s.state_dict() for s in first]
+    rest = []
+    for r in range(after):
+        resumed = share(r, after)
+        resumed.load_state_dict(states[min(r, before - 1)])  # each rank reads the checkpoint (rank 0's, as Lightning saves it)
+        assert resumed.epoch == 1
+        rest += [b for b in trained(resumed) if b]
+    assert sorted(done) == sorted(whole[:8]) and sorted(rest) == sorted(whole[8:])
+
+
+def test_older_checkpoint_resumes_on_more_ranks():
+    """A checkpoint of a version before the ranks (one device; {"epoch", "done"}) goes on over 2 ranks."""
+    lengths = [1 + (i * 7) % 23 for i in range(45)]
+    whole = PlannedBatches(lengths, 4, seed=3, window=4).plan()
+    rest = []
+    for r in range(2):
+        resumed = PlannedBatches(lengths, 4, seed=3, rank=r, ranks=2, window=4)
+        resumed.load_state_dict({"epoch": 0, "done": 4})
+        rest += list(resumed)
+    assert sorted(rest) == sorted(whole[4:])
+    odd = PlannedBatches(lengths, 4, seed=3, rank=0, ranks=2, window=4)
+    with pytest.raises(RunError, match="resume it on 1 ranks"):
+        odd.load_state_dict({"epoch": 0, "done": 3})
+
+
 def test_two_ranks_score_as_one(tiny_model, tmp_path):
     qa = write_records(tmp_path / "qa.jsonl", QA, jsonl=True)
     proc, touched = run_ranks(
@@ -205,24 +254,27 @@ def test_two_ranks_train_as_one(tiny_model, tmp_path):
 
 
 def test_two_ranks_evolve_write_on_rank_zero_only_resume_and_match_one(tiny_model, tmp_path):
-    """A generation on 2 ranks, killed in training (both ranks, after a checkpoint), then resumed:
-    its files are one process's, and rank 1 never wrote into the run or log folders."""
+    """A generation on 2 ranks, killed in training (both ranks, after a checkpoint), then resumed on
+    one device (the checkpoint's position converted from 2 ranks to 1): its files are one process's,
+    and rank 1 never wrote into the run or log folders."""
     two_root, one_root = tmp_path / "two", tmp_path / "one"
     two_root.mkdir()
     one_root.mkdir()
-    extra = ["--end", "1", "--train.grad_accum", "2", "--train.checkpoint_every", "1", "--trainer.accelerator", "cpu"]
+    # 6 micro-batches an epoch, 3 steps: killed after the first step, the resumed steps group its micro-batches right.
+    extra = ["--end", "1", "--train.micro_batch_size", "1", "--train.grad_accum", "2", "--train.checkpoint_every", "1",
+             "--trainer.accelerator", "cpu"]
     inputs = toy_domain_inputs(two_root)
     args = [*evolve_args(tiny_model, inputs, two_root)[1:], *extra, "--trainer.devices", "2"]
-    killed, touched = run_ranks(["evolve", *args], two_root, env={"SELFEVO_KILL_AT": "train:3"})
+    killed, touched = run_ranks(["evolve", *args], two_root, env={"SELFEVO_KILL_AT": "train:1"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     gen = two_root / "runs" / "t" / "gen_0"
     assert (gen / "checkpoints" / "last.ckpt").is_file() and not (gen / "adapter").exists()
-    resumed, touched_again = run_ranks(["evolve", *args], two_root)
+    resumed, touched_again = run_ranks(["evolve", *args, "--trainer.devices", "1"], two_root)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming training from" in resumed.stderr
-    for paths in (touched, touched_again):
-        assert any(p.startswith(str(gen)) for p in paths["rank0"])  # the hook sees rank 0's writes
-        assert not outside(paths["rank1"], two_root / "audit")  # and rank 1's: none
+    assert set(touched_again) == {"rank0"}
+    assert any(p.startswith(str(gen)) for p in touched["rank0"])  # the hook sees rank 0's writes
+    assert not outside(touched["rank1"], two_root / "audit")  # and rank 1's: none
 
     one = CliRunner().invoke(app, [*evolve_args(tiny_model, toy_domain_inputs(one_root), one_root), *extra])
     assert one.exit_code == 0, one.output
