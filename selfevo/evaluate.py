@@ -87,7 +87,12 @@ class SeedROUGE(Metric):
 
 
 class Evaluator(L.LightningModule):
-    """`trainer.test`: answer each eval question closed book and score it against the reference."""
+    """`trainer.test`: answer this rank's share of the eval questions closed book.
+
+    The scores come after, from every rank's answers (evaluate_model): a rank whose share is empty
+    (fewer batches than ranks) skips Lightning's test loop, so nothing in the loop may wait on the
+    other ranks.
+    """
 
     def __init__(
         self,
@@ -105,9 +110,9 @@ class Evaluator(L.LightningModule):
         self.max_length = max_length
         self.seed = seed
         self.use_adapter = use_adapter
-        self.bleu = SeedBLEU4()
-        self.rouge = SeedROUGE()
         self.predictions: dict[int, str] = {}
+        # Lightning refuses a rank with no batch unless told that this is intended.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def _answer(self, prompts: list[str], number: int) -> list[str]:
         cfg = self.cfg
@@ -124,17 +129,20 @@ class Evaluator(L.LightningModule):
         else:
             with self.model.disable_adapter():
                 answers = self._answer(batch["prompt"], batch["number"])
-        answers = [a.strip() for a in answers]
-        self.bleu.update(answers, batch["reference"])
-        self.rouge.update(answers, batch["reference"])
-        self.predictions.update(zip(batch["index"], answers))
+        self.predictions.update(zip(batch["index"], (a.strip() for a in answers)))
         kill_point("evaluate")
 
-    def on_test_epoch_end(self) -> None:
-        # compute() sums the metrics' states over the ranks (torchmetrics' sync), so every rank logs the whole set's means.
-        self.log("eval/bleu-4", self.bleu.compute())
-        for key, value in self.rouge.compute().items():
-            self.log(f"eval/{key}", value)
+
+def score_answers(answers: list[str], references: list[str]) -> dict[str, float]:
+    """The means of the whole eval set, rounded to 4 decimals: SeedBLEU4 and SeedROUGE updated with
+    every answer in eval-set order. Every rank holds all the answers and computes the same sums in the
+    same order, so no rank waits on another (sync_on_compute off) and the means are the same bits on
+    any number of ranks."""
+    bleu, rouge_metric = SeedBLEU4(sync_on_compute=False), SeedROUGE(sync_on_compute=False)
+    bleu.update(answers, references)
+    rouge_metric.update(answers, references)
+    means = {"bleu-4": bleu.compute(), **rouge_metric.compute()}
+    return {k: round(float(v), 4) for k, v in means.items()}
 
 
 def evaluate_model(
@@ -156,22 +164,22 @@ def evaluate_model(
     ]
     items.sort(key=lambda it: -len(it["prompt"]))  # similar lengths share a batch
 
-    def run(size: int):
+    def run(size: int) -> Evaluator:
         batches = [
             {"number": b, **{k: [it[k] for it in items[s : s + size]] for k in ("index", "prompt", "reference")}}
             for b, s in enumerate(range(0, len(items), size))
         ]
-        # This rank's share of the batches (all of them on one device), each batch made here.
+        # This rank's share of the batches (all of them on one device; none where there are fewer batches than ranks).
         loader = DataLoader(share(batches, trainer.strategy), batch_size=None, collate_fn=lambda b: b)
         evaluator = Evaluator(model, tokenizer, cfg, max_length, seed, use_adapter)
-        (result,) = trainer.test(evaluator, dataloaders=loader, verbose=False)
-        return evaluator, result
+        trainer.test(evaluator, dataloaders=loader, verbose=False)
+        return evaluator
 
-    evaluator, result = halving_batch_on_oom(run, cfg.batch_size, "evaluation")
-    metrics = {k.removeprefix("eval/"): round(float(v), 4) for k, v in result.items()}
+    evaluator = halving_batch_on_oom(run, cfg.batch_size, "evaluation")
     answers = gather_in_order(evaluator.predictions, len(records), trainer.strategy, "evaluation")
+    references = [r["reference"] for r in records]
     predictions = [
         {**r, "prediction": a, "bleu-4": bleu4(a, r["reference"]), **rouge(a, r["reference"])}
         for r, a in zip(records, answers)
     ]
-    return metrics, predictions
+    return score_answers(answers, references), predictions

@@ -123,6 +123,9 @@ class IFDScorer(L.LightningModule):
         super().__init__()
         self.model = model
         self.use_adapter = use_adapter
+        # Lightning refuses a rank with no batch (fewer batches than ranks) unless told it is intended;
+        # such a rank skips the predict loop, and trainer.predict returns None there.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         args = (self.model, batch["input_ids"], batch["length"], batch["answer_len"])

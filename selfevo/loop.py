@@ -29,7 +29,7 @@ from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -59,7 +59,6 @@ from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepChec
 from selfevo.vllm_engine import VLLMEngine, engine_lora_rank, require_vllm
 
 console = Console(stderr=True)
-T = TypeVar("T")
 LIBRARIES = ("selfevo", "torch", "transformers", "peft", "lightning", "torchmetrics", "nltk", "jieba", "rouge-chinese")
 
 
@@ -216,10 +215,7 @@ class Stages:
         self.step = step
         self.strategy = strategy
         self.log_file = folder / "stages.json"
-        self.log = self.on_rank_zero(self._read_log)
-
-    def on_rank_zero(self, make: Callable[[], T]) -> T:
-        return make() if self.strategy is None else on_rank_zero(self.strategy, make)
+        self.log = on_rank_zero(strategy, self._read_log)
 
     def _read_log(self) -> dict:
         try:
@@ -230,7 +226,7 @@ class Stages:
             ) from None
 
     def done(self, stage: str, files: tuple[str, ...]) -> bool:
-        return self.on_rank_zero(lambda: self._done_here(stage, files))
+        return on_rank_zero(self.strategy, lambda: self._done_here(stage, files))
 
     def _done_here(self, stage: str, files: tuple[str, ...]) -> bool:
         recorded = self.log.get(stage, {}).get("files")
@@ -249,13 +245,13 @@ class Stages:
     def begin(self, stage: str) -> None:
         """Forget a stage's record before its files are rewritten, so that a crash in between leaves no stale checksums."""
         if self.log.pop(stage, None) is not None:
-            self.on_rank_zero(lambda: write_json(self.log_file, self.log))
+            on_rank_zero(self.strategy, lambda: write_json(self.log_file, self.log))
 
     def record(self, stage: str, seconds: float, files: tuple[str, ...], **counts) -> None:
         """Record a stage whose files are written (on rank 0: call it after on_rank_zero wrote them)."""
-        digests = self.on_rank_zero(lambda: {f: file_digest(self.folder / f) for f in files})
+        digests = on_rank_zero(self.strategy, lambda: {f: file_digest(self.folder / f) for f in files})
         self.log[stage] = {"seconds": round(seconds, 2), **counts, "files": digests}
-        self.on_rank_zero(lambda: write_json(self.log_file, self.log))
+        on_rank_zero(self.strategy, lambda: write_json(self.log_file, self.log))
         if self.writer is not None:
             self.writer.add_scalar(f"seconds/{stage}", seconds, self.step)
         extra = ", ".join(f"{k} {v}" for k, v in counts.items())
@@ -266,11 +262,11 @@ class Stages:
         """Load `file` if a previous attempt finished it; otherwise make and write it."""
         path = self.folder / file
         if self.done(stage, (file,)):
-            return self.on_rank_zero(lambda: read_jsonl(path))
+            return on_rank_zero(self.strategy, lambda: read_jsonl(path))
         self.begin(stage)
         t = time.perf_counter()
         records, counts = make()
-        self.on_rank_zero(lambda: write_jsonl(path, records))
+        on_rank_zero(self.strategy, lambda: write_jsonl(path, records))
         self.record(stage, time.perf_counter() - t, (file,), **counts)
         return records
 
@@ -338,9 +334,6 @@ def check_earlier_generations(run_dir: Path, start: int) -> None:
 def run_generations(
     cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval_set: list[dict], strategy: Strategy
 ) -> Path:
-    def on_zero(make: Callable[[], T]) -> T:
-        return on_rank_zero(strategy, make)
-
     console.print(f"loading {cfg.model.name} ...")
     base, tokenizer = load_model(cfg.model)
     model = add_lora(base, cfg.lora, cfg.seed)
@@ -356,13 +349,13 @@ def run_generations(
         return write_summary(run_dir)  # summary.json and summary.md; the table, for the terminal
 
     def stages_of(folder_name: str, step: int) -> Stages:
-        return Stages(on_zero(lambda: inside(run_dir, run_dir / folder_name)), writer, step, strategy)
+        return Stages(on_rank_zero(strategy, lambda: inside(run_dir, run_dir / folder_name)), writer, step, strategy)
 
     def evaluate_into(stages: Stages, adapter: Path | None) -> dict:
         """Evaluate M_0 (adapter None) or the model with `adapter`, already loaded into `model`."""
         folder, step = stages.folder, stages.step
         if stages.done("evaluate", EVAL_FILES):
-            return on_zero(lambda: read_json(folder / "metrics.json"))
+            return on_rank_zero(strategy, lambda: read_json(folder / "metrics.json"))
         stages.begin("evaluate")
         t = time.perf_counter()
         metrics, predictions = evaluate_model(
@@ -372,9 +365,11 @@ def run_generations(
 
         def write():
             write_jsonl(folder / "predictions.jsonl", predictions)
-            write_json(folder / "metrics.json", metrics)  # no timings here: metrics reproduce byte for byte
+            # No timings here: the metrics are those of predictions.jsonl alone, summed in eval-set order on
+            # every rank, so the same predictions give the same file on any number of ranks.
+            write_json(folder / "metrics.json", metrics)
 
-        on_zero(write)
+        on_rank_zero(strategy, write)
         stages.record("evaluate", time.perf_counter() - t, EVAL_FILES, pairs=len(predictions))
         for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
             if writer is not None:
@@ -427,7 +422,9 @@ def run_generations(
             return [{**r, "generation": i} for r in records], {"kept": len(records), "dropped": dropped}
 
         def make_replay():
-            history = on_zero(lambda: [p for j in range(i) for p in read_jsonl(run_dir / f"gen_{j}" / "qa.jsonl")])
+            history = on_rank_zero(
+                strategy, lambda: [p for j in range(i) for p in read_jsonl(run_dir / f"gen_{j}" / "qa.jsonl")]
+            )
             chosen = select_replay(history, cfg.replay.mode, cfg.replay.k, seed)
             return chosen, {"history": len(history), "chosen": len(chosen)}
 
@@ -436,7 +433,7 @@ def run_generations(
         replay = stages.jsonl("replay", "replay.jsonl", make_replay)
         if stages.done("train", ADAPTER_FILES):
             # a kill can come before their removal
-            on_zero(lambda: shutil.rmtree(inside(run_dir, folder / "checkpoints"), ignore_errors=True))
+            on_rank_zero(strategy, lambda: shutil.rmtree(inside(run_dir, folder / "checkpoints"), ignore_errors=True))
             load_adapter_weights(model, folder / "adapter")
         else:
 
@@ -448,7 +445,7 @@ def run_generations(
                         f"in {folder}/stages.json, then delete {folder} and run again with other generation settings"
                     )
 
-            on_zero(check_pairs)
+            on_rank_zero(strategy, check_pairs)
             stages.begin("train")
             t = time.perf_counter()
             train_adapter(cfg, model, qa + replay, folder, log_dir, seed, strategy)
@@ -466,7 +463,7 @@ def run_generations(
 
         stages.jsonl("score", "qa.jsonl", make_scores)
         evaluate_into(stages, adapter=folder / "adapter")
-        on_zero(summarize)
+        on_rank_zero(strategy, summarize)
         if writer is not None:
             writer.flush()
 
@@ -474,8 +471,8 @@ def run_generations(
         writer.close()
     if engine is not None:
         engine.close()
-    summary = on_zero(summarize)
-    png = on_zero(lambda: write_report(run_dir))
+    summary = on_rank_zero(strategy, summarize)
+    png = on_rank_zero(strategy, lambda: write_report(run_dir))
     console.rule("summary")
     console.print(summary)
     console.print(f"report: {png}\nTensorBoard: tensorboard --logdir {log_dir}")
@@ -529,7 +526,8 @@ def train_adapter(
     except torch.OutOfMemoryError:
         raise RunError(
             f"out of GPU memory in training: lower train.micro_batch_size (now {cfg.train.micro_batch_size}) "
-            f"and raise train.grad_accum to keep the effective batch, or lower model.max_length "
+            f"and raise train.grad_accum to keep the effective batch (a multiple of trainer.devices x "
+            f"trainer.num_nodes, now {strategy.world_size}), or lower model.max_length "
             f"(now {cfg.model.max_length}); then run the same command to resume"
         ) from None
 

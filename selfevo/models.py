@@ -73,6 +73,13 @@ def _converted_gguf(gguf: Path, trust_remote_code: bool) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Several processes converting at once (the ranks of a node under torchrun or SLURM, each
+        # resolving the model before they meet): the first rename wins, and a folder is renamed whole.
+        if (target / "config.json").is_file():
+            return target
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -54,18 +54,22 @@ def gather_in_order(mine: dict[int, V], count: int, strategy: Strategy | None, w
     return [merged[i] for i in range(count)]
 
 
-def on_rank_zero(strategy: Strategy, make: Callable[[], T]) -> T:
-    """make() on global rank 0 only (what writes or reads run files), its result handed to every rank.
+def on_rank_zero(strategy: Strategy | None, make: Callable[[], T]) -> T:
+    """make() on global rank 0 only (what writes or reads run files), its result handed to every rank;
+    without a strategy (one process, or work before the ranks start), just make().
 
     An error it raises is rank 0's to report: rank 0 raises it, and the other ranks exit quietly
     with code 0, so that the command's exit code and one-line message are rank 0's (Lightning's
-    launcher kills rank 0 when another rank fails first).
+    launcher kills rank 0 when another rank fails first). A KeyboardInterrupt or SystemExit on rank
+    0 is handed on the same way, so that no rank is left waiting in the broadcast.
     """
-    outcome: tuple[T | None, Exception | None] = (None, None)
+    if strategy is None:
+        return make()
+    outcome: tuple[T | None, BaseException | None] = (None, None)
     if strategy.global_rank == 0:
         try:
             outcome = (make(), None)
-        except Exception as e:
+        except BaseException as e:
             outcome = (None, e)
     result, error = strategy.broadcast(outcome, src=0)
     if error is not None:

@@ -94,13 +94,26 @@ class PlannedBatches:
         return self
 
     # Kept in checkpoints (by StepCheckpoint), so a training resumed mid-epoch goes on with the
-    # batch after the last one trained instead of starting the epoch again.
+    # batch after the last one trained instead of starting the epoch again. On the checkpoint's
+    # number of ranks, each rank goes on after its own last micro-batch ("done"). On another number,
+    # the position is taken in optimizer steps, which mean the same data on any number of ranks (a
+    # step is `window` micro-batches of one device's plan; StepCheckpoint saves between steps).
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "done": self.done}
+        return {"epoch": self.epoch, "done": self.done, "ranks": self.ranks, "window": self.window}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
-        self.skip = state["done"]
+        done, ranks = state["done"], state.get("ranks", 1)  # a checkpoint of an older version: one device's
+        window = state.get("window", self.window if ranks == 1 else None)
+        if (ranks, window) == (self.ranks, self.window):
+            self.skip = done
+            return
+        if window is None or window != self.window or done % (window // ranks):
+            raise RunError(
+                f"this training's checkpoint ({ranks} ranks, {done} micro-batches into a step of {window}) cannot "
+                f"go on over {self.ranks} ranks in steps of {self.window}: resume it on {ranks} ranks"
+            )
+        self.skip = done // (window // ranks) * (self.window // self.ranks)
 
     def plan(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
@@ -301,6 +314,14 @@ class StepCheckpoint(Callback):
         self.batches = trainer.train_dataloader.batch_sampler
         if self.resume_position is not None:  # before the first batch is drawn: the plan is made lazily
             self.batches.load_state_dict(self.resume_position)
+            # Lightning counts a rank's own micro-batches (batch_idx, when to step, the epoch's end): on
+            # another number of ranks than the checkpoint's, move its counts to where this rank's share resumes.
+            shift = self.batches.skip - self.resume_position["done"]
+            if shift:
+                progress = trainer.fit_loop.epoch_loop.batch_progress
+                for tracker in (progress.current, progress.total):
+                    for field in ("ready", "started", "processed", "completed"):
+                        setattr(tracker, field, getattr(tracker, field) + shift)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0

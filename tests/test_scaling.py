@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from selfevo.cli import app
-from selfevo.config import IFDConfig, ModelConfig, TrainerConfig
+from selfevo.config import EvalConfig, IFDConfig, ModelConfig, TrainerConfig
+from selfevo.data import RunError, load_eval
+from selfevo.evaluate import evaluate_model
 from selfevo.ifd import score_pairs
 from selfevo.models import load_model
 from selfevo.train import PlannedBatches, build_trainer
@@ -65,8 +67,36 @@ QA = [
 ]
 
 
+FEWER_BATCHES_THAN_RANKS = '''
+"""IFD scoring and evaluation on 2 ranks, each stage one batch: rank 1 gets none."""
+import json, sys
+
+import torch
+
+from selfevo.config import EvalConfig, IFDConfig, ModelConfig, TrainerConfig
+from selfevo.data import load_eval
+from selfevo.evaluate import evaluate_model
+from selfevo.ifd import score_pairs
+from selfevo.models import load_model
+from selfevo.ranks import launch_ranks
+from selfevo.train import build_trainer
+
+torch.set_num_threads(1)
+model_name, qa_file, eval_file, out = sys.argv[1:]
+hardware = TrainerConfig(accelerator="cpu", devices=2, strategy="ddp")
+strategy = launch_ranks(hardware)  # Lightning's launcher runs this script again for rank 1
+model, tokenizer = load_model(ModelConfig(name=model_name, dtype="float32"))
+pairs, eval_set = json.load(open(qa_file)), load_eval(eval_file)
+scored = score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=len(pairs)), 1024, build_trainer(hardware))
+metrics, predictions = evaluate_model(model, tokenizer, eval_set, EvalConfig(batch_size=len(eval_set), max_new_tokens=8),
+                                      256, build_trainer(hardware), seed=1)
+if strategy.global_rank == 0:
+    json.dump({"scored": scored, "metrics": metrics, "predictions": predictions}, open(out, "w"))
+'''
+
+
 def run_ranks(args: list[str], tmp_path: Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
-    """`selfevo ARGS` as a real process (which starts its other ranks itself), one thread per rank, with
+    """`selfevo ARGS` (or `python SCRIPT.py ARGS`) as a real process (which starts its other ranks itself), one thread per rank, with
     the audit hook; returns the process and, per rank that ran, the paths it wrote under tmp_path."""
     audit = tmp_path / "audit"
     hook = tmp_path / "hook"
@@ -76,7 +106,7 @@ def run_ranks(args: list[str], tmp_path: Path, env: dict | None = None) -> tuple
     for old in audit.iterdir():
         old.unlink()
     proc = subprocess.run(
-        [sys.executable, "-m", "selfevo.cli", *args],
+        [sys.executable, *(args if args[0].endswith(".py") else ["-m", "selfevo.cli", *args])],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{hook}:{ROOT}", "SELFEVO_AUDIT": str(audit),
              **(env or {})},
@@ -111,6 +141,55 @@ def test_ranks_share_each_step_as_one_device_takes_it():
     assert PlannedBatches(lengths, 4, seed=3, rank=2, ranks=3, window=6).plan()[-1] == []  # 2 left for 3 ranks
 
 
+def trained(batches: PlannedBatches, steps: int | None = None) -> list[list[int]]:
+    """The micro-batches a rank trains, all of them or those of its first `steps` optimizer steps."""
+    it = iter(batches)
+    if steps is None:
+        return list(it)
+    return [next(it) for _ in range(steps * batches.window // batches.ranks)]
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, 2), (2, 1), (2, 4), (1, 1)])
+def test_checkpoint_resumes_on_another_number_of_ranks(before, after):
+    """Stopped after 2 optimizer steps of an epoch on `before` ranks, resumed on `after` ranks: the
+    rest of the epoch is exactly the micro-batches not yet trained."""
+    lengths = [1 + (i * 7) % 23 for i in range(45)]  # 12 micro-batches of 4: 3 steps of 4
+    one = PlannedBatches(lengths, 4, seed=3, window=4)
+    one.set_epoch(1)
+    whole = [b for b in one.plan() if b]
+
+    def share(rank: int, ranks: int) -> PlannedBatches:
+        batches = PlannedBatches(lengths, 4, seed=3, rank=rank, ranks=ranks, window=4)
+        batches.set_epoch(1)
+        return batches
+
+    first = [share(r, before) for r in range(before)]
+    done = [b for s in first for b in trained(s, steps=2)]
+    states = [s.state_dict() for s in first]
+    rest = []
+    for r in range(after):
+        resumed = share(r, after)
+        resumed.load_state_dict(states[min(r, before - 1)])  # each rank reads the checkpoint (rank 0's, as Lightning saves it)
+        assert resumed.epoch == 1
+        rest += [b for b in trained(resumed) if b]
+    assert sorted(done) == sorted(whole[:8]) and sorted(rest) == sorted(whole[8:])
+
+
+def test_older_checkpoint_resumes_on_more_ranks():
+    """A checkpoint of a version before the ranks (one device; {"epoch", "done"}) goes on over 2 ranks."""
+    lengths = [1 + (i * 7) % 23 for i in range(45)]
+    whole = PlannedBatches(lengths, 4, seed=3, window=4).plan()
+    rest = []
+    for r in range(2):
+        resumed = PlannedBatches(lengths, 4, seed=3, rank=r, ranks=2, window=4)
+        resumed.load_state_dict({"epoch": 0, "done": 4})
+        rest += list(resumed)
+    assert sorted(rest) == sorted(whole[4:])
+    odd = PlannedBatches(lengths, 4, seed=3, rank=0, ranks=2, window=4)
+    with pytest.raises(RunError, match="resume it on 1 ranks"):
+        odd.load_state_dict({"epoch": 0, "done": 3})
+
+
 def test_two_ranks_score_as_one(tiny_model, tmp_path):
     qa = write_records(tmp_path / "qa.jsonl", QA, jsonl=True)
     proc, touched = run_ranks(
@@ -125,6 +204,28 @@ def test_two_ranks_score_as_one(tiny_model, tmp_path):
     assert [p["question"] for p in two] == [p["question"] for p in QA]  # input order, no pair twice
     for key in ("ifd", "loss_cond", "loss_alone"):
         assert [p[key] for p in two] == pytest.approx([p[key] for p in one], rel=1e-6)
+
+
+def test_two_ranks_score_and_evaluate_fewer_batches_than_ranks(tiny_model, tmp_path):
+    """One batch for 2 ranks in IFD scoring and in evaluation: rank 1 has nothing to do, and still
+    the results (the metrics too, to the bit) are one process's."""
+    qa = write_records(tmp_path / "qa.json", QA[:5])
+    eval_file = write_records(tmp_path / "eval.json", json.loads((ROOT / "data" / "quillmesh_eval.json").read_text())[:3])
+    (tmp_path / "stages.py").write_text(FEWER_BATCHES_THAN_RANKS)
+    out = tmp_path / "out.json"
+    proc, touched = run_ranks([str(tmp_path / "stages.py"), tiny_model, str(qa), str(eval_file), str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(touched) == {"rank0", "rank1"} and not outside(touched["rank1"], tmp_path / "audit")
+    two = json.loads(out.read_text())
+
+    model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    one = score_pairs(model, tokenizer, QA[:5], IFDConfig(batch_size=5), 1024, build_trainer(TrainerConfig(), logger=False))
+    for key in ("ifd", "loss_cond", "loss_alone"):
+        assert [p[key] for p in two["scored"]] == pytest.approx([p[key] for p in one], rel=1e-6)
+    metrics, predictions = evaluate_model(model, tokenizer, load_eval(eval_file), EvalConfig(batch_size=3, max_new_tokens=8), 256,
+                                          build_trainer(TrainerConfig()), seed=1)
+    assert two["predictions"] == predictions
+    assert two["metrics"] == metrics
 
 
 def test_two_ranks_train_as_one(tiny_model, tmp_path):
@@ -153,24 +254,27 @@ def test_two_ranks_train_as_one(tiny_model, tmp_path):
 
 
 def test_two_ranks_evolve_write_on_rank_zero_only_resume_and_match_one(tiny_model, tmp_path):
-    """A generation on 2 ranks, killed in training (both ranks, after a checkpoint), then resumed:
-    its files are one process's, and rank 1 never wrote into the run or log folders."""
+    """A generation on 2 ranks, killed in training (both ranks, after a checkpoint), then resumed on
+    one device (the checkpoint's position converted from 2 ranks to 1): its files are one process's,
+    and rank 1 never wrote into the run or log folders."""
     two_root, one_root = tmp_path / "two", tmp_path / "one"
     two_root.mkdir()
     one_root.mkdir()
-    extra = ["--end", "1", "--train.grad_accum", "2", "--train.checkpoint_every", "1", "--trainer.accelerator", "cpu"]
+    # 6 micro-batches an epoch, 3 steps: killed after the first step, the resumed steps group its micro-batches right.
+    extra = ["--end", "1", "--train.micro_batch_size", "1", "--train.grad_accum", "2", "--train.checkpoint_every", "1",
+             "--trainer.accelerator", "cpu"]
     inputs = toy_domain_inputs(two_root)
     args = [*evolve_args(tiny_model, inputs, two_root)[1:], *extra, "--trainer.devices", "2"]
-    killed, touched = run_ranks(["evolve", *args], two_root, env={"SELFEVO_KILL_AT": "train:3"})
+    killed, touched = run_ranks(["evolve", *args], two_root, env={"SELFEVO_KILL_AT": "train:1"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     gen = two_root / "runs" / "t" / "gen_0"
     assert (gen / "checkpoints" / "last.ckpt").is_file() and not (gen / "adapter").exists()
-    resumed, touched_again = run_ranks(["evolve", *args], two_root)
+    resumed, touched_again = run_ranks(["evolve", *args, "--trainer.devices", "1"], two_root)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming training from" in resumed.stderr
-    for paths in (touched, touched_again):
-        assert any(p.startswith(str(gen)) for p in paths["rank0"])  # the hook sees rank 0's writes
-        assert not outside(paths["rank1"], two_root / "audit")  # and rank 1's: none
+    assert set(touched_again) == {"rank0"}
+    assert any(p.startswith(str(gen)) for p in touched["rank0"])  # the hook sees rank 0's writes
+    assert not outside(touched["rank1"], two_root / "audit")  # and rank 1's: none
 
     one = CliRunner().invoke(app, [*evolve_args(tiny_model, toy_domain_inputs(one_root), one_root), *extra])
     assert one.exit_code == 0, one.output
