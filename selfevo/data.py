@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
-import random
 from typing import Any, Iterable
 
 from selfevo.config import DataConfig

@@ -52,7 +52,7 @@ from selfevo.models import (
     accelerator_device, add_lora, load_adapter_weights, load_model, nf4_quantization, resolve_model, save_adapter,
 )
 from selfevo.ranks import Strategy, launch_ranks, on_rank_zero
-from selfevo.prompts import ANSWER_PROMPT, QUESTION_PROMPT
+from selfevo.prompts import prompts_digest
 from selfevo.report import write_report, write_summary
 from selfevo.select import select_replay
 from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint, build_trainer
@@ -80,14 +80,6 @@ def _first_difference(a, b, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')}: {a!r} -> {b!r}"
 
 
-def prompts_digest(cfg: EvolveConfig) -> str:
-    """SHA-256 of the question and answer prompts of the run's language: they are selfevo's code, not
-    the config, but a run whose generations were written from different prompts is not one run.
-    (Snapshots made before 2026-11-25 do not record it, and are taken as they are.)"""
-    language = cfg.generation.language
-    return hashlib.sha256((QUESTION_PROMPT[language] + "\0" + ANSWER_PROMPT[language]).encode()).hexdigest()
-
-
 def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
@@ -108,6 +100,7 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
         if folder.is_symlink():
             raise RunError(f"{folder}: is a symbolic link; selfevo writes a run only into a real folder of its own")
     snapshot = run_dir / "config.json"
+    prompts = prompts_digest(cfg.generation.language)
     if snapshot.exists():
         try:
             old = read_json(snapshot)
@@ -124,7 +117,7 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
                 f"{snapshot}: changed since the run began (its checksum does not match); put the original back, "
                 "or pass --force to set this run aside and start over"
             )
-        elif old.get("prompts", prompts_digest(cfg)) != prompts_digest(cfg):
+        elif old.get("prompts", prompts) != prompts:  # snapshots made before 2026-11-25 record none
             problem = (
                 f"{run_dir} was begun with other question and answer prompts (this version of selfevo changed "
                 f"them; its earlier one is named in {snapshot}); pass --force to set it aside and start over, "
@@ -156,7 +149,7 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
                 "config": identity(cfg),
                 "sha256": config_digest(identity(cfg)),
                 "seed": cfg.seed,
-                "prompts": prompts_digest(cfg),
+                "prompts": prompts,
                 "versions": library_versions(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             },

@@ -6,6 +6,7 @@ evaluation are closed book (the question alone), so the knowledge must end up in
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Literal, Optional
 
@@ -41,6 +42,13 @@ ANSWER_PROMPT = {
         "请依据文档中的事实，准确、简洁地回答。"
     ),
 }
+
+
+def prompts_digest(language: Language) -> str:
+    """SHA-256 of the question and answer prompts of a language. They are code, not config, but a run
+    whose generations were written from different prompts is not one run: its snapshot records this
+    (snapshots made before 2026-11-25 do not, and are taken as they are)."""
+    return hashlib.sha256((QUESTION_PROMPT[language] + "\0" + ANSWER_PROMPT[language]).encode()).hexdigest()
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
