@@ -33,8 +33,8 @@ STAGES = ("questions", "answers", "replay", "train", "score", "evaluate")
 ORDER = ("hard", "none", "random", "all", "easy", "even")
 
 
-def mode_of(run_dir: Path) -> str:
-    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["config"]
+def mode_of(config: dict) -> str:
+    """The replay mode of a run's config ("none": replay of k = 0 pairs)."""
     replay = config["replay"]
     if replay["mode"] != "all" and replay["k"] == 0:
         return "none"
@@ -57,7 +57,7 @@ def load_runs(run_dirs: list[Path]) -> list[dict]:
         for m in sorted((d / "sampled").glob("*/*/metrics.json")):
             sampled.setdefault(m.parent.parent.name, {})[m.parent.name] = json.loads(m.read_text())
         runs.append({
-            "dir": d, "name": d.name, "mode": mode_of(d), "k": config["replay"]["k"], "rows": rows,
+            "dir": d, "name": d.name, "mode": mode_of(config), "k": config["replay"]["k"], "rows": rows,
             "forked": (d / "FORKED_FROM").read_text().split(":")[0] if (d / "FORKED_FROM").exists() else None,
             "sampled": sampled,
         })
