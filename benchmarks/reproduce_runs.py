@@ -21,6 +21,8 @@ Subcommands (standard library only, so they run on the GPU machine as they are):
       gather pieces that came back over several calls (each call's files land in another folder);
       unpack every archive whose pieces are all there, then delete its pieces
   next-start RUN_DIR      the first generation without an evaluation (0 for a new run)
+  stage-done FOLDER STAGE...
+                          exit status 0 when a run folder (base/, gen_N/) has finished every STAGE
   fork SRC DST [--before-train]
                           start run DST from SRC's base model evaluation and generation 0 (which do
                           not depend on the replay settings), if SRC has them and DST does not exist;
@@ -318,6 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dest", type=Path, required=True)
     p = sub.add_parser("next-start")
     p.add_argument("run_dir", type=Path)
+    p = sub.add_parser("stage-done")
+    p.add_argument("folder", type=Path)
+    p.add_argument("stages", nargs="+")
     p = sub.add_parser("fork")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
@@ -331,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
         collect(a.sources, a.incoming, a.dest)
     elif a.cmd == "next-start":
         print(next_start(a.run_dir))
+    elif a.cmd == "stage-done":
+        sys.exit(0 if all(stage_done(a.folder, s) for s in a.stages) else 1)
     elif a.cmd == "fork":
         fork(a.src, a.dst, a.before_train)
 

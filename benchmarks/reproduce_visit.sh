@@ -6,15 +6,20 @@
 #   bash benchmarks/reproduce_visit.sh run SECONDS NAME...  # resume the named runs until SECONDS are spent, then pack
 #   bash benchmarks/reproduce_visit.sh fetch FIRST          # the pieces FIRST.. of the last pack into $OUT
 #   bash benchmarks/reproduce_visit.sh sampled NAME GEN     # greedy and the seed's sampled decoding, HF, on one adapter
+#   bash benchmarks/reproduce_visit.sh first SECONDS LR...  # qwen-hard from the start, and the learning-rate probe beside it
 #   bash benchmarks/reproduce_visit.sh probe SECONDS LR...  # generation 0 trained at other learning rates (runs qwen-lr-LR)
 #   bash benchmarks/reproduce_visit.sh status               # what is staged, installed and how far each run is
 #
-# NAME is one of the runs below: the same config (configs/aiops_qwen_small.yaml), different replay.
+# NAME is one of the runs below: the same config (configs/aiops_qwen_small.yaml), different replay; or a
+# probe run qwen-lr-RATE (generation 0 only, trained at RATE).
 # Every step first does whatever of `setup` is not done yet, so a step on a warm machine costs nothing extra.
 # Environment: PARALLEL (runs at once, default 1), STAGGER (seconds between parallel starts, 45),
 # RESERVE (seconds kept for packing, 60), ADAPTERS (resume | latest | all | none: which adapters the pack
 # brings back, default resume = the latest of each unfinished run), END (default 6), PIECES (pieces of
-# 15 MiB per call, default 4).
+# 15 MiB per call, default 4), LR (the learning rate every run but the probes trains at, once the probe
+# chose one: passed as --train.learning_rate; a qwen-hard begun at another rate is set aside and
+# qwen-hard starts again from the probe run qwen-lr-LR's generation 0), KV (GiB of vLLM KV cache per
+# process, for several processes on one GPU).
 set -uo pipefail
 export PYTHONPATH=$PWD SELFEVO_SHARED=$PWD/.shared SELFEVO_CACHE=${SELFEVO_CACHE:-/tmp/cache} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # The trimmed vLLM install has no FlashInfer (docs/vllm.md).
@@ -30,7 +35,7 @@ FORK_FROM=qwen-hard
 # Runs that start from qwen-hard's base evaluation and generation 0 (identical in every replay mode).
 FORKS=${FORKS:-qwen-none qwen-random qwen-all qwen-easy qwen-even}
 END=${END:-6} PARALLEL=${PARALLEL:-1} STAGGER=${STAGGER:-45} RESERVE=${RESERVE:-60}
-ADAPTERS=${ADAPTERS:-resume} PIECES=${PIECES:-4} PIECE_MIB=${PIECE_MIB:-15}
+ADAPTERS=${ADAPTERS:-resume} PIECES=${PIECES:-4} PIECE_MIB=${PIECE_MIB:-15} LR=${LR:-} KV=${KV:-}
 MIN_RUN=${MIN_RUN:-150}  # less than this left: not worth starting a process (imports, model, vLLM engine ~100 s)
 mkdir -p "$OUT" $RUNS $LOGS $PACKS $R/log
 tools() { python benchmarks/reproduce_runs.py "$@"; }
@@ -43,8 +48,14 @@ mode_args() {  # the ablations differ only here (and in --name)
     qwen-all) echo "--replay.mode all" ;;
     qwen-easy) echo "--replay.mode easy" ;;
     qwen-even) echo "--replay.mode even" ;;
+    qwen-lr-*) echo "--replay.mode hard --train.learning_rate ${1#qwen-lr-}"; return 0 ;;
     *) return 1 ;;
   esac
+  if [ -n "$LR" ]; then echo "--train.learning_rate $LR"; fi
+}
+
+run_end() {  # the generation a run stops before: a probe run trains generation 0 only
+  case "$1" in qwen-lr-*) echo 1 ;; *) echo "$END" ;; esac
 }
 
 setup() {
@@ -83,13 +94,14 @@ status() {
 }
 
 one_run() {  # NAME SECONDS: resume one run, stopped by SIGINT when its time is up (resume is crash-safe)
-  local name=$1 limit=$2 args start rc=0
+  local name=$1 limit=$2 args start end rc=0
   args=$(mode_args "$name") || { echo "unknown run $name" >&2; return 2; }
-  start=$(tools next-start $RUNS/"$name")
-  if ((start >= END)); then echo "$name: finished ($END generations)"; return 0; fi
-  echo "$name: generations $start..$((END - 1)), ${limit}s at most, $(date +%T)"
+  if [ -n "$KV" ]; then args="$args --generation.vllm_kv_cache_gib $KV"; fi
+  start=$(tools next-start $RUNS/"$name") end=$(run_end "$name")
+  if ((start >= end)); then echo "$name: finished ($end generations)"; return 0; fi
+  echo "$name: generations $start..$((end - 1)), ${limit}s at most, $(date +%T)"
   # shellcheck disable=SC2086
-  timeout -s INT -k 30 "$limit" python -m selfevo.cli evolve --config $CONFIG --name "$name" --start "$start" --end "$END" \
+  timeout -s INT -k 30 "$limit" python -m selfevo.cli evolve --config $CONFIG --name "$name" --start "$start" --end "$end" \
     --model.name $M --data.fragments $D/AIOps_data.json --data.eval $D/AIOps_eval_data.json \
     --runs_dir $RUNS --logs_dir $LOGS $args >> $R/log/"$name".log 2>&1 || rc=$?
   case $rc in
@@ -137,12 +149,28 @@ fork_all() {  # start every run of FORKS from qwen-hard's generation 0, once it 
   return 0
 }
 
+adopt_rate() {  # with LR set: qwen-hard trains at LR; one begun at another rate gives way to the probe's run
+  [ -n "$LR" ] && [ -f $RUNS/$FORK_FROM/config.json ] || return 0
+  local have
+  have=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['train']['learning_rate'])" $RUNS/$FORK_FROM/config.json)
+  python -c "import sys; sys.exit(float(sys.argv[1]) != float(sys.argv[2]))" "$have" "$LR" && return 0
+  [ -e $RUNS/$FORK_FROM-lr$have ] && { echo "LR=$LR: $RUNS/$FORK_FROM-lr$have is in the way"; return 1; }
+  tools fork $RUNS/qwen-lr-"$LR" $RUNS/$FORK_FROM.new | grep -q forked \
+    || { echo "LR=$LR: the probe run qwen-lr-$LR has no finished generation 0"; rm -rf $RUNS/$FORK_FROM.new; return 1; }
+  mv $RUNS/$FORK_FROM $RUNS/$FORK_FROM-lr"$have" && mv $RUNS/$FORK_FROM.new $RUNS/$FORK_FROM
+  [ -d $LOGS/$FORK_FROM ] && mv $LOGS/$FORK_FROM $LOGS/$FORK_FROM-lr"$have"
+  # the forks of the old one trained at the old rate too
+  for name in $FORKS; do [ -d $RUNS/"$name" ] && mv $RUNS/"$name" $RUNS/"$name"-lr"$have"; done
+  echo "LR=$LR: $FORK_FROM (begun at $have) set aside as $FORK_FROM-lr$have; $FORK_FROM goes on from qwen-lr-$LR's generation 0"
+}
+
 run() {  # SECONDS NAME...
   local budget=$1 deadline started=() name limit pids=()
   shift
   deadline=$((SECONDS + budget - RESERVE))
   [ -f $M ] || { echo "the model is not staged ($M)"; return 1; }
   [ -f $D/AIOps_data.json ] || { echo "the data is not carried ($D)"; return 1; }
+  adopt_rate || return 1
   rm -f $R/forked
   fork_all
   for name in "$@"; do
@@ -165,26 +193,44 @@ run() {  # SECONDS NAME...
   pack_out "${started[@]}" $(cat $R/forked 2>/dev/null | sort -u)
 }
 
-probe() {  # SECONDS LR...: generation 0 trained at each learning rate, from qwen-hard's questions and answers
-  local budget=$1 deadline name lr limit rc started=()
+probe_runs() {  # DEADLINE LR...: generation 0 trained at each rate, from qwen-hard's questions and answers,
+  # all at once beside whatever runs (vLLM like qwen-hard, so a probe's generation 0 can become its own)
+  local deadline=$1 lr name started=()
   shift
-  deadline=$((SECONDS + budget - RESERVE))
   for lr in "$@"; do
     name=qwen-lr-$lr
-    limit=$((deadline - SECONDS))
-    if ((limit < 60)); then echo "$name: not started, ${limit}s left"; continue; fi
-    tools fork $RUNS/$FORK_FROM $RUNS/"$name" --before-train
+    tools fork $RUNS/$FORK_FROM $RUNS/"$name" --before-train >/dev/null
     [ -d $RUNS/"$name" ] || { echo "$name: $FORK_FROM has no generation 0 answers yet"; continue; }
     started+=("$name")
-    rc=0
-    # Hugging Face generate for the evaluation: one short process per rate, no vLLM engine start (~80 s)
-    timeout -s INT -k 30 "$limit" python -m selfevo.cli evolve --config $CONFIG --name "$name" --end 1 \
-      --train.learning_rate "$lr" --generation.backend hf \
-      --model.name $M --data.fragments $D/AIOps_data.json --data.eval $D/AIOps_eval_data.json \
-      --runs_dir $RUNS --logs_dir $LOGS >> $R/log/"$name".log 2>&1 || rc=$?
-    echo "$name: rc $rc; $(cat $RUNS/"$name"/gen_0/metrics.json 2>/dev/null | tr -d '\n ')"
+    one_run "$name" $((deadline - SECONDS)) &
+    sleep "$STAGGER"  # vLLM checks free GPU memory as it starts: not two starts at once
   done
-  ADAPTERS=none pack_out "${started[@]}"
+  wait
+  for name in "${started[@]}"; do echo "$name: $(cat $RUNS/"$name"/gen_0/metrics.json 2>/dev/null | tr -d '\n ')"; done
+  echo "${started[*]}" > $R/probed
+}
+
+probe() {  # SECONDS LR...
+  local deadline=$(($1 + SECONDS - RESERVE))
+  shift
+  probe_runs $deadline "$@"
+  ADAPTERS=none pack_out $(cat $R/probed)
+}
+
+first() {  # SECONDS LR...: qwen-hard from the start; once its generation 0 answers are there, the probe beside it
+  local deadline=$(($1 + SECONDS - RESERVE)) pid
+  shift
+  one_run $FORK_FROM $((deadline - SECONDS)) &
+  pid=$!
+  until tools stage-done $RUNS/$FORK_FROM/gen_0 answers replay; do
+    kill -0 $pid 2>/dev/null && ((SECONDS < deadline - MIN_RUN)) || break
+    sleep 5
+  done
+  probe_runs $deadline "$@"
+  wait $pid
+  echo "$FORK_FROM: $(cat $RUNS/$FORK_FROM/gen_0/metrics.json 2>/dev/null | tr -d '\n ') (rate $(python -c "import json; print(json.load(open('$RUNS/$FORK_FROM/config.json'))['train']['learning_rate'])" 2>/dev/null))"
+  echo "base: $(cat $RUNS/$FORK_FROM/base/metrics.json 2>/dev/null | tr -d '\n ')"
+  ADAPTERS=none pack_out $FORK_FROM $(cat $R/probed 2>/dev/null)
 }
 
 sampled() {  # NAME GEN: the same adapter decoded greedily and with the seed's sampling, both by HF generate
@@ -203,10 +249,16 @@ sampled() {  # NAME GEN: the same adapter decoded greedily and with the seed's s
 step=${1:-status}
 shift || true
 setup || { echo "set-up failed"; exit 1; }
+case "$step" in  # the GPU's memory and load every 5 s while runs share it (comes back in $OUT)
+  # (in a subshell, so that no `wait` of the runs waits for it too)
+  run | first | probe) command -v nvidia-smi >/dev/null && (nvidia-smi --format=csv,noheader -l 5 \
+    --query-gpu=timestamp,memory.used,utilization.gpu > "$OUT"/gpu-$step-$(date +%H%M%S).csv &) ;;
+esac
 case "$step" in
   setup) status ;;
   status) status ;;
   run) run "$@" ;;
+  first) first "$@" ;;
   fetch) fetch "$@" ;;
   sampled) sampled "$@" ;;
   probe) probe "$@" ;;

@@ -242,6 +242,10 @@ class Stages:
 
     def record(self, stage: str, seconds: float, files: tuple[str, ...], **counts) -> None:
         """Record a stage whose files are written (on rank 0: call it after on_rank_zero wrote them)."""
+        # The stage's cached GPU blocks go back to the device, for what shares it between stages: the
+        # vLLM engine, or another run's process.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         digests = on_rank_zero(self.strategy, lambda: {f: file_digest(self.folder / f) for f in files})
         self.log[stage] = {"seconds": round(seconds, 2), **counts, "files": digests}
         on_rank_zero(self.strategy, lambda: write_json(self.log_file, self.log))

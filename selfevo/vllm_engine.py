@@ -53,12 +53,13 @@ def engine_lora_rank(r: int) -> int:
 def startup_memory_fraction() -> float:
     """The gpu_memory_utilization to pass: vLLM refuses to start unless the device's free memory is at
     least that fraction of its total. The KV cache is sized in bytes instead, so the fraction only has
-    to let vLLM start beside the run's Hugging Face model, whatever that holds."""
+    to let vLLM start beside the run's Hugging Face model, whatever that holds. Half of what is free
+    now: other processes on the device (another run, its training) may take memory before vLLM looks."""
     if not torch.cuda.is_available():
         return 0.9  # on a CPU, vLLM skips this check when the KV cache size is given
     torch.cuda.empty_cache()  # the blocks that training and evaluation left cached
     free, total = torch.cuda.mem_get_info()
-    return round(0.9 * free / total, 3)
+    return round(0.5 * free / total, 3)
 
 
 class SeedingWorker:

@@ -210,3 +210,17 @@ def test_learning_rate_probe_shares_generation_0_up_to_training(finished_run, ti
         assert (runs / "lr" / "gen_0" / f).read_bytes() == (runs / "t" / "gen_0" / f).read_bytes()
     trained = "gen_0/adapter/adapter_model.safetensors"
     assert (runs / "lr" / trained).read_bytes() != (runs / "t" / trained).read_bytes()
+    # The probe's rate chosen: a run forked from the probe's finished generation 0 goes on at that rate
+    # (reproduce_visit.sh with LR set), with the probe's adapter as its generation 0.
+    with pytest.raises(SystemExit) as before:
+        rr.main(["stage-done", str(runs / "lr" / "gen_1"), "train"])
+    assert before.value.code == 1
+    with pytest.raises(SystemExit) as done:
+        rr.main(["stage-done", str(runs / "lr" / "gen_0"), "answers", "train", "evaluate"])
+    assert done.value.code == 0
+    assert rr.fork(runs / "lr", runs / "adopted")
+    result = run(evolve_args(tiny_model, inputs, tmp_path, "adopted", "--start", "1", "--end", "2", "--train.learning_rate", "5e-3"))
+    assert result.exit_code == 0, result.output
+    assert (runs / "adopted" / trained).read_bytes() == (runs / "lr" / trained).read_bytes()
+    assert json.loads((runs / "adopted" / "config.json").read_text())["config"]["train"]["learning_rate"] == 5e-3
+    assert rr.next_start(runs / "adopted") == 2
