@@ -250,9 +250,10 @@ step=${1:-status}
 shift || true
 setup || { echo "set-up failed"; exit 1; }
 case "$step" in  # the GPU's memory and load every 5 s while runs share it (comes back in $OUT)
-  # (in a subshell, so that no `wait` of the runs waits for it too)
+  # (in a subshell, so that no `wait` of the runs waits for it, and off this script's output, so
+  # that a pipe from it ends when it does)
   run | first | probe) command -v nvidia-smi >/dev/null && (nvidia-smi --format=csv,noheader -l 5 \
-    --query-gpu=timestamp,memory.used,utilization.gpu > "$OUT"/gpu-$step-$(date +%H%M%S).csv &) ;;
+    --query-gpu=timestamp,memory.used,utilization.gpu > "$OUT"/gpu-$step-$(date +%H%M%S).csv 2>/dev/null </dev/null &) ;;
 esac
 case "$step" in
   setup) status ;;

@@ -17,7 +17,7 @@ import importlib.util
 import os
 import random
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy
 import torch
@@ -62,6 +62,26 @@ def startup_memory_fraction() -> float:
     return round(0.5 * free / total, 3)
 
 
+def keep_cublas_workspaces() -> Callable[[], None]:
+    """Stop torch's cuBLAS workspaces from being freed; returns what undoes it.
+
+    Lightning frees them as each stage sets up and tears down (`_clear_cuda_memory` in
+    lightning.fabric.accelerators.cuda). vLLM's CUDA graphs captured GEMMs that write to those
+    workspaces, so the engine's next replay would touch freed memory: "an illegal memory access" at
+    the first evaluation, seen with Qwen2.5-Coder-0.5B on an H100 (benchmarks/vllm_check.py;
+    pytorch/pytorch#193402 is the same fault reached another way). While an engine lives, the
+    workspaces stay: a few tens of MiB."""
+    original = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if original is None:
+        return lambda: None
+    torch._C._cuda_clearCublasWorkspaces = lambda: None
+
+    def restore() -> None:
+        torch._C._cuda_clearCublasWorkspaces = original
+
+    return restore
+
+
 class SeedingWorker:
     """Mixed into each of the engine's workers (vLLM's `worker_extension_cls`), so that
     `collective_rpc("seed_generators", ...)` reaches them by name, in this process or in worker processes."""
@@ -92,6 +112,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # selfevo reports the stages itself
         from vllm import LLM
 
+        self._restore_workspace_clearing = keep_cublas_workspaces()
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         longest_new = max(generation.question_max_new_tokens, generation.answer_max_new_tokens, eval_max_new_tokens)
         self.llm = LLM(
@@ -181,3 +202,4 @@ class VLLMEngine:
     def close(self) -> None:
         """Shut the engine down now and free its memory (the KV cache, the weights)."""
         self.llm.llm_engine.engine_core.shutdown()
+        self._restore_workspace_clearing()

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -155,3 +156,22 @@ def test_sampling_reproduces_with_the_same_seed_and_varies_with_another(vllm_run
     first = texts(3)
     assert texts(3) == first
     assert texts(4) != first
+
+
+def test_lightning_stages_leave_the_cublas_workspaces_an_engines_cuda_graphs_use(monkeypatch):
+    """Lightning frees cuBLAS's workspaces at each stage's setup and teardown; an engine's captured
+    CUDA graphs write to them, so while an engine lives they must stay (and be freed again after)."""
+    from lightning.fabric.accelerators.cuda import _clear_cuda_memory
+
+    from selfevo.vllm_engine import keep_cublas_workspaces
+
+    freed = []
+    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: freed.append(1), raising=False)
+    _clear_cuda_memory()
+    assert freed == [1]
+    restore = keep_cublas_workspaces()
+    _clear_cuda_memory()
+    assert freed == [1]
+    restore()
+    _clear_cuda_memory()
+    assert freed == [1, 1]
