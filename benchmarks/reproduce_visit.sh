@@ -58,6 +58,25 @@ run_end() {  # the generation a run stops before: a probe run trains generation 
   case "$1" in qwen-lr-*) echo 1 ;; *) echo "$END" ;; esac
 }
 
+best_rate() {  # the probed rate (qwen-hard's own among them) whose generation 0 scores the highest BLEU-4
+  python - "$RUNS" "$FORK_FROM" "$@" <<'PY'
+import json, sys
+from pathlib import Path
+runs, hard, rates = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+def bleu(run):
+    try:
+        return json.loads((runs / run / "gen_0" / "metrics.json").read_text())["bleu-4"]
+    except (OSError, ValueError, KeyError):
+        return None
+own = json.loads((runs / hard / "config.json").read_text())["config"]["train"]["learning_rate"]
+scores = {str(own): bleu(hard), **{r: bleu(f"qwen-lr-{r}") for r in rates}}
+for rate, score in scores.items():
+    print(f"rate {rate}: generation 0 BLEU-4 {score}", file=sys.stderr)
+done = {r: b for r, b in scores.items() if b is not None}
+print(max(done, key=done.get) if done else "")
+PY
+}
+
 setup() {
   shopt -s nullglob
   local carried=(.carry/*/*)
@@ -93,11 +112,11 @@ status() {
   return 0
 }
 
-one_run() {  # NAME SECONDS: resume one run, stopped by SIGINT when its time is up (resume is crash-safe)
-  local name=$1 limit=$2 args start end rc=0
+one_run() {  # NAME SECONDS [END]: resume one run, stopped by SIGINT when its time is up (resume is crash-safe)
+  local name=$1 limit=$2 end=${3:-} args start rc=0
   args=$(mode_args "$name") || { echo "unknown run $name" >&2; return 2; }
   if [ -n "$KV" ]; then args="$args --generation.vllm_kv_cache_gib $KV"; fi
-  start=$(tools next-start $RUNS/"$name") end=$(run_end "$name")
+  start=$(tools next-start $RUNS/"$name") end=${end:-$(run_end "$name")}
   if ((start >= end)); then echo "$name: finished ($end generations)"; return 0; fi
   echo "$name: generations $start..$((end - 1)), ${limit}s at most, $(date +%T)"
   # shellcheck disable=SC2086
@@ -165,18 +184,25 @@ adopt_rate() {  # with LR set: qwen-hard trains at LR; one begun at another rate
 }
 
 run() {  # SECONDS NAME...
-  local budget=$1 deadline started=() name limit pids=()
+  local deadline=$(($1 + SECONDS - RESERVE))
   shift
-  deadline=$((SECONDS + budget - RESERVE))
   [ -f $M ] || { echo "the model is not staged ($M)"; return 1; }
   [ -f $D/AIOps_data.json ] || { echo "the data is not carried ($D)"; return 1; }
+  rm -f $R/forked $R/started
+  run_until $deadline "$@" || return 1
+  # the runs worked on, and those forked in this call (their gen_0 is the same bytes: packed once)
+  pack_out $(cat $R/started $R/forked 2>/dev/null | sort -u)
+}
+
+run_until() {  # DEADLINE NAME...: the runs, PARALLEL at a time, until DEADLINE (in $SECONDS)
+  local deadline=$1 name limit pids=()
+  shift
   adopt_rate || return 1
-  rm -f $R/forked
   fork_all
   for name in "$@"; do
     limit=$((deadline - SECONDS))
     if ((limit < MIN_RUN)); then echo "$name: not started, ${limit}s left"; continue; fi
-    started+=("$name")
+    echo "$name" >> $R/started
     if ((PARALLEL > 1)); then
       one_run "$name" "$limit" &
       pids+=($!)
@@ -189,8 +215,6 @@ run() {  # SECONDS NAME...
   done
   wait
   fork_all
-  # the runs worked on, and those forked in this call (their gen_0 is the same bytes: packed once)
-  pack_out "${started[@]}" $(cat $R/forked 2>/dev/null | sort -u)
 }
 
 probe_runs() {  # DEADLINE LR...: generation 0 trained at each rate, from qwen-hard's questions and answers,
@@ -217,20 +241,27 @@ probe() {  # SECONDS LR...
   ADAPTERS=none pack_out $(cat $R/probed)
 }
 
-first() {  # SECONDS LR...: qwen-hard from the start; once its generation 0 answers are there, the probe beside it
+first() {  # SECONDS LR...: a visit's first call on a new reproduction. qwen-hard's base evaluation and
+  # generation 0, and beside it the probe (generation 0 at each LR); then the rate whose generation 0
+  # scores best (qwen-hard's own among them) is taken (LR, adopt_rate), and RUNS go on PARALLEL at a
+  # time for the rest of the call.
   local deadline=$(($1 + SECONDS - RESERVE)) pid
   shift
-  one_run $FORK_FROM $((deadline - SECONDS)) &
+  rm -f $R/forked $R/started $R/probed
+  one_run $FORK_FROM $((deadline - SECONDS)) 1 &
   pid=$!
   until tools stage-done $RUNS/$FORK_FROM/gen_0 answers replay; do
     kill -0 $pid 2>/dev/null && ((SECONDS < deadline - MIN_RUN)) || break
     sleep 5
   done
-  probe_runs $deadline "$@"
-  wait $pid
-  echo "$FORK_FROM: $(cat $RUNS/$FORK_FROM/gen_0/metrics.json 2>/dev/null | tr -d '\n ') (rate $(python -c "import json; print(json.load(open('$RUNS/$FORK_FROM/config.json'))['train']['learning_rate'])" 2>/dev/null))"
+  probe_runs $deadline "$@"  # waits for qwen-hard's generation 0 too
   echo "base: $(cat $RUNS/$FORK_FROM/base/metrics.json 2>/dev/null | tr -d '\n ')"
-  ADAPTERS=none pack_out $FORK_FROM $(cat $R/probed 2>/dev/null)
+  LR=$(best_rate "$@")
+  if [ -n "$LR" ]; then
+    echo "learning rate taken: $LR"
+    run_until $deadline ${RUNS_AFTER:-qwen-hard qwen-none qwen-random qwen-all}
+  fi
+  pack_out $FORK_FROM $(cat $R/probed $R/started $R/forked 2>/dev/null | sort -u)
 }
 
 sampled() {  # NAME GEN: the same adapter decoded greedily and with the seed's sampling, both by HF generate
