@@ -28,9 +28,10 @@ OUT=${OUT:-/tmp/out}
 R=${REPRO_DIR:-/tmp/repro}  # runs, logs and packs on the GPU machine
 RUNS=$R/runs LOGS=$R/logs PACKS=$R/packs
 STAGE=${STAGE_DIR:-/tmp/stage}  # where benchmarks/device_setup.sh joins what was carried
-M=$STAGE/qwen.gguf
-D=.shared/data
-CONFIG=configs/aiops_qwen_small.yaml
+# MODEL, DATA_DIR and CONFIG are for the tests (tests/test_reproduce.py: a tiny model on the CPU)
+M=${MODEL:-$STAGE/qwen.gguf}
+D=${DATA_DIR:-.shared/data}
+CONFIG=${CONFIG:-configs/aiops_qwen_small.yaml}
 FORK_FROM=qwen-hard
 # Runs that start from qwen-hard's base evaluation and generation 0 (identical in every replay mode).
 FORKS=${FORKS:-qwen-none qwen-random qwen-all qwen-easy qwen-even}
@@ -171,7 +172,7 @@ fork_all() {  # start every run of FORKS from qwen-hard's generation 0, once it 
 adopt_rate() {  # with LR set: qwen-hard trains at LR; one begun at another rate gives way to the probe's run
   [ -n "$LR" ] && [ -f $RUNS/$FORK_FROM/config.json ] || return 0
   local have
-  have=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['train']['learning_rate'])" $RUNS/$FORK_FROM/config.json)
+  have=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['config']['train']['learning_rate'])" $RUNS/$FORK_FROM/config.json)
   python -c "import sys; sys.exit(float(sys.argv[1]) != float(sys.argv[2]))" "$have" "$LR" && return 0
   [ -e $RUNS/$FORK_FROM-lr$have ] && { echo "LR=$LR: $RUNS/$FORK_FROM-lr$have is in the way"; return 1; }
   tools fork $RUNS/qwen-lr-"$LR" $RUNS/$FORK_FROM.new | grep -q forked \
@@ -186,7 +187,7 @@ adopt_rate() {  # with LR set: qwen-hard trains at LR; one begun at another rate
 run() {  # SECONDS NAME...
   local deadline=$(($1 + SECONDS - RESERVE))
   shift
-  [ -f $M ] || { echo "the model is not staged ($M)"; return 1; }
+  [ -e $M ] || { echo "the model is not staged ($M)"; return 1; }
   [ -f $D/AIOps_data.json ] || { echo "the data is not carried ($D)"; return 1; }
   rm -f $R/forked $R/started
   run_until $deadline "$@" || return 1

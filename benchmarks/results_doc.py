@@ -7,8 +7,10 @@ writes
                                    paper's figures in a panel of their own (another model, so another scale)
   OUT/PREFIX_generations.png       BLEU-4 and ROUGE-L across generations, one line per mode
   FRAGMENT                         the markdown tables: BLEU-4 per generation and mode; every metric per
-                                   mode; seconds per generation and per stage; greedy vs. sampled decoding
-                                   where `reproduce_visit.sh sampled` made it
+                                   mode; seconds per generation and per stage; how long the answers are
+                                   (the eval answers, the answers each generation wrote and trained on,
+                                   beside the references); greedy vs. sampled decoding where
+                                   `reproduce_visit.sh sampled` made it
 Each run's mode is read from its config.json (replay.mode and replay.k), not from its name.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -131,6 +134,33 @@ def seconds_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def median_length(path: Path, key: str) -> float | None:
+    """Median length in characters of one field of a JSONL file's records; None without the file."""
+    if not path.is_file():
+        return None
+    values = sorted(len(json.loads(line)[key]) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return statistics.median(values) if values else None
+
+
+def lengths_table(runs: list[dict], references: float | None) -> str:
+    """How long the answers are, in characters (median): what each model answers to the eval questions,
+    and what each generation wrote (open book) and trained on."""
+    head = f"eval answers (references: {fmt(references, 0)})"
+    lines = [f"| run | model | {head} | answers written and trained on | median IFD |", "|---" * 5 + "|"]
+    for run in runs:
+        for r in run["rows"]:
+            if run["forked"] and r["model"] in ("base", "gen_0"):
+                continue  # the same folders as the run it was forked from
+            folder = run["dir"] / r["model"]
+            ifd = None
+            if (folder / "qa.jsonl").is_file():
+                scores = [json.loads(x)["ifd"] for x in (folder / "qa.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+                ifd = statistics.median(scores) if scores else None
+            lines.append(f"| {run['name']} | {r['model']} | {fmt(median_length(folder / 'predictions.jsonl', 'prediction'), 0)} | "
+                         f"{fmt(median_length(folder / 'qa.jsonl', 'answer'), 0)} | {fmt(ifd, 3)} |")
+    return "\n".join(lines) + "\n"
+
+
 def sampled_table(runs: list[dict]) -> str:
     lines = []
     for run in runs:
@@ -213,6 +243,8 @@ def fragment(runs: list[dict], bar: Path, line: Path, md_dir: Path) -> str:
         note = f" (base and gen_0 shared with {run['forked']}: generation 0 replays nothing in any mode)" if run["forked"] else ""
         parts += [f"### {run['name']}: {label_of(run)}{note}\n", run_table(run)]
     parts += ["### Seconds per generation and stage\n", seconds_table(runs)]
+    references = median_length(runs[0]["dir"] / "base" / "predictions.jsonl", "reference")
+    parts += ["### How long the answers are (median characters)\n", lengths_table(runs, references)]
     sampled = sampled_table(runs)
     if sampled:
         parts += ["### Greedy and sampled decoding of the same model\n", sampled]

@@ -95,7 +95,9 @@ def loop_engine_check() -> None:
 
 def lightning_eval_check() -> None:
     """selfevo's evaluation (a Lightning test loop) with its engine, as the loop's base evaluation:
-      python -c 'from benchmarks.vllm_check import lightning_eval_check as c; c()' MODEL_FOLDER EVAL_JSON [hf]"""
+      python -c 'from benchmarks.vllm_check import lightning_eval_check as c; c()' MODEL_FOLDER EVAL_JSON [hf] [fp32] [grad]
+    Before the engine kept cuBLAS's workspaces (selfevo.vllm_engine.keep_cublas_workspaces), this failed
+    with an illegal memory access (benchmarks/results/vllm_check_h100_2026-11-25.txt)."""
     from pathlib import Path
 
     from selfevo.config import EvalConfig, GenerationConfig, ModelConfig, TrainerConfig
@@ -109,10 +111,6 @@ def lightning_eval_check() -> None:
     hf = "hf" in sys.argv[3:]
     precision = "32-true" if "fp32" in sys.argv[3:] else None
     inference = "grad" not in sys.argv[3:]
-    if "keep-workspaces" in sys.argv[3:]:
-        import torch
-
-        torch._C._cuda_clearCublasWorkspaces = lambda: None
     model_cfg = ModelConfig(name=str(folder), dtype="bfloat16")
     if hf:
         base, tok = load_model(model_cfg)
@@ -121,7 +119,7 @@ def lightning_eval_check() -> None:
 
         tok = AutoTokenizer.from_pretrained(folder)
     engine = VLLMEngine(folder, model_cfg, GenerationConfig(backend="vllm", vllm_kv_cache_gib=4), 8, 0, 512)
-    label = f"Lightning evaluation hf_model={hf} precision={precision} inference_mode={inference} keep={'keep-workspaces' in sys.argv}"
+    label = f"Lightning evaluation hf_model={hf} precision={precision} inference_mode={inference}"
     try:
         metrics, _ = evaluate_model(engine, tok, load_eval(eval_path), EvalConfig(batch_size=100, max_new_tokens=512),
                                     1024, build_trainer(TrainerConfig(precision=precision), inference_mode=inference), 0,

@@ -148,7 +148,9 @@ def fake_run(runs: Path, name: str, mode: str, k: int, bleu: list[float], forked
         folder = d / ("base" if i == 0 else f"gen_{i - 1}")
         metrics = {"bleu-4": b, "rouge-1": b + 10, "rouge-2": b / 2, "rouge-l": b + 5}
         write_json(folder / "metrics.json", metrics)
-        write_jsonl(folder / "predictions.jsonl", [{"prediction": "p"}])
+        write_jsonl(folder / "predictions.jsonl", [{"prediction": "p" * (40 - 10 * i), "reference": "r" * 30}])
+        if i:
+            write_jsonl(folder / "qa.jsonl", [{"answer": "a" * (20 - 5 * i), "ifd": 0.5 / i}, {"answer": "a", "ifd": 0.1}])
         stages = {"evaluate": {"seconds": 9.5, "pairs": 100, "files": {}}}
         if i:
             stages.update({s: {"seconds": 10.0 * (j + 1), "files": {}} for j, s in enumerate(("questions", "answers", "train", "score"))})
@@ -183,6 +185,10 @@ def test_results_doc_tables_and_charts(tmp_path):
     assert "| qwen-hard | gen_2 | 10 | 20 | 0 | 30 | 40 | 10 | 110 |" in md
     assert "| qwen-none | gen_0 |" not in md  # a forked run's gen_0 is timed once, in the run it came from
     assert "| qwen-hard | gen_1 | sampled (T 0.95, top-p 0.7, top-k 50) | 10.40 |" in md
+    # the answers' lengths: eval answers beside the references', and what each generation trained on
+    assert "| run | model | eval answers (references: 30) | answers written and trained on | median IFD |" in md
+    assert "| qwen-hard | base | 40 |  |  |" in md and "| qwen-hard | gen_1 | 20 | 6 | 0.175 |" in md
+    assert "| qwen-none | gen_0 | 30 |" not in md  # shared with the run it was forked from
 
 
 def test_a_pack_is_unpacked_once_and_an_older_one_never_over_a_newer(finished_run, tmp_path, capsys):
@@ -224,3 +230,81 @@ def test_learning_rate_probe_shares_generation_0_up_to_training(finished_run, ti
     assert (runs / "adopted" / trained).read_bytes() == (runs / "lr" / trained).read_bytes()
     assert json.loads((runs / "adopted" / "config.json").read_text())["config"]["train"]["learning_rate"] == 5e-3
     assert rr.next_start(runs / "adopted") == 2
+
+
+TINY_CONFIG = """\
+name: qwen-hard
+seed: 0
+model: {{name: {model}, dtype: float32, max_length: 256}}
+generation: {{backend: hf, batch_size: 2, question_max_new_tokens: 12, answer_max_new_tokens: 16}}
+replay: {{mode: hard, k: 3}}
+ifd: {{batch_size: 4}}
+train: {{learning_rate: 1.0e-3, epochs: 1, micro_batch_size: 2, grad_accum: 1, checkpoint_every: 2}}
+evaluation: {{batch_size: 2, max_new_tokens: 12}}
+"""
+
+
+def visit(step: list[str], root: Path, **env: str) -> str:
+    """One step of benchmarks/reproduce_visit.sh as a device call runs it, on the CPU with the tiny model,
+    from a folder of its own (no .carry there: set-up has nothing to install)."""
+    import os
+    import subprocess
+
+    result = subprocess.run(
+        ["bash", "benchmarks/reproduce_visit.sh", *step], cwd=root / "checkout", capture_output=True, text=True,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(root / "out"),
+             "REPRO_DIR": str(root / "repro"), "STAGE_DIR": str(root / "stage"), "SELFEVO_CACHE": str(root / "cache"),
+             "CONFIG": str(root / "tiny.yaml"), "MODEL": env.pop("MODEL"), "DATA_DIR": str(root / "data"),
+             "END": "2", "RESERVE": "5", "MIN_RUN": "5", "STAGGER": "0", **env},
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_a_visit_probes_the_rate_takes_the_best_and_a_later_rate_sets_the_old_runs_aside(tiny_model, tmp_path):
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("benchmarks", "selfevo"):
+        (checkout / name).symlink_to(ROOT / name)
+    (tmp_path / "tiny.yaml").write_text(TINY_CONFIG.format(model=tiny_model))
+    (tmp_path / "data").mkdir()
+    _toy(tmp_path / "data")
+    runs = tmp_path / "repro" / "runs"
+
+    out = visit(["first", "600", "5e-3"], tmp_path, MODEL=tiny_model, RUNS_AFTER="qwen-none")
+    scores = {rate: json.loads((runs / run / "gen_0" / "metrics.json").read_text())["bleu-4"]
+              for rate, run in (("0.001", "qwen-hard"), ("5e-3", "qwen-lr-5e-3"))}
+    taken = max(scores, key=scores.get)
+    assert f"learning rate taken: {taken}" in out, out
+    assert rr.next_start(runs / "qwen-none") == 2, out  # forked after generation 0, then generation 1, in the same call
+    for run in ("qwen-hard", "qwen-none"):
+        assert json.loads((runs / run / "config.json").read_text())["config"]["train"]["learning_rate"] == float(taken)
+    assert (runs / "qwen-none" / "FORKED_FROM").read_text().startswith("qwen-hard:")
+    assert list((tmp_path / "out").glob("runs-*.manifest.json")), "the call's pack"
+
+    # A later call at another rate: the runs begun at the old one are set aside, and qwen-hard starts
+    # again from the probe run's generation 0 (its adapter, not a new one).
+    other = "5e-3" if taken == "0.001" else "0.001"
+    if other == "0.001":  # a probe run at the config's rate, to have one to take
+        visit(["probe", "600", "0.001"], tmp_path, MODEL=tiny_model)
+    old_adapter = (runs / "qwen-hard" / "gen_0" / "adapter" / "adapter_model.safetensors").read_bytes()
+    out = visit(["run", "600", "qwen-hard"], tmp_path, MODEL=tiny_model, LR=other, END="1")
+    aside = f"-lr{float(taken)}"  # the old rate as the run's config.json has it
+    assert (runs / f"qwen-hard{aside}" / "gen_0" / "adapter" / "adapter_model.safetensors").read_bytes() == old_adapter, out
+    old_none = json.loads((runs / f"qwen-none{aside}" / "config.json").read_text())
+    assert old_none["config"]["train"]["learning_rate"] == float(taken)
+    assert rr.next_start(runs / "qwen-none") == 1  # forked again, from the new qwen-hard
+    new = runs / "qwen-hard"
+    assert (new / "gen_0" / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        runs / f"qwen-lr-{other}" / "gen_0" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert rr.next_start(new) == 1 and "qwen-hard: finished" in out  # generation 0 came with the probe's run
+
+
+def _toy(folder: Path) -> None:
+    """The toy domain under the names reproduce_visit.sh reads."""
+    from tests.conftest import toy_domain_inputs
+
+    fragments, eval_file = toy_domain_inputs(folder)
+    fragments.rename(folder / "AIOps_data.json")
+    eval_file.rename(folder / "AIOps_eval_data.json")
