@@ -41,7 +41,8 @@ ANSWER_PROMPT = {
     # where the eval set's reference answers take 148, and each generation trained on them answered more
     # briefly still (17, then 13): the loop converged on one-phrase answers (docs/results.md, "Why later
     # generations lost BLEU-4"). Asked for the relevant steps, conditions and results in full sentences,
-    # as the reference answers give them, it writes answers of their length.
+    # as the reference answers give them, the base model wrote 225 where it had written 95 (8 questions,
+    # CPU: benchmarks/zh_answer_prompt.py).
     "zh": (
         "请根据下面的内部文档回答问题。\n\n文档：\n{fragment}\n\n问题：{question}\n\n"
         "请依据文档中的事实，用完整的句子回答：写出文档中与问题相关的操作步骤、条件和结果，不要添加文档中没有的内容。"
