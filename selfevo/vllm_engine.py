@@ -112,7 +112,6 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # selfevo reports the stages itself
         from vllm import LLM
 
-        self._restore_workspace_clearing = keep_cublas_workspaces()
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         longest_new = max(generation.question_max_new_tokens, generation.answer_max_new_tokens, eval_max_new_tokens)
         self.llm = LLM(
@@ -140,6 +139,8 @@ class VLLMEngine:
             # and seed alone, in a resumed run too. (The prompts share little beyond the chat template.)
             enable_prefix_caching=False,
         )
+        # From here on (the CUDA graphs are captured) until close(), no stage may free their workspaces.
+        self._restore_workspace_clearing = keep_cublas_workspaces()
         # On a CPU, vLLM sets torch to one thread and disables torch.set_num_threads, as suits its own
         # serving process; in this one, the training and scoring that follow need their threads back.
         torch.set_num_threads = set_threads
