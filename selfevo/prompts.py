@@ -89,8 +89,12 @@ _LIST_MARK = re.compile(r"^\s*(?:[-*•]|\d+[.)、])\s+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
+_ITEM_MARK = re.compile(r"^[\s#*>\-•\d.)、]+")
+
+
 def is_degenerate(text: str) -> bool:
-    """Looping or near-empty output: too few distinct characters, or one chunk repeated over and over."""
+    """Looping or near-empty output: too few distinct characters, one chunk repeated over and over, or
+    the same lines again and again under new list numbers."""
     compact = re.sub(r"\s+", "", text)
     if len(compact) < 4 or len(set(compact)) < 3:
         return True
@@ -99,7 +103,11 @@ def is_degenerate(text: str) -> bool:
         grams = [compact[i : i + 8] for i in range(0, len(compact) - 7)]
         if len(set(grams)) / len(grams) < 0.3:
             return True
-    return False
+    # A loop of whole lines keeps its windows varied by the item numbers ("7. X", "8. Y", "9. X", ...):
+    # Qwen2.5-0.5B wrote such answers with a collapsed adapter (benchmarks/zh_answer_prompt.py).
+    lines = [_ITEM_MARK.sub("", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if len(line) >= 6]
+    return len(lines) >= 4 and len(set(lines)) <= len(lines) / 2
 
 
 def clean_question(text: str) -> Optional[str]:

@@ -29,3 +29,13 @@ def test_answer_label_is_stripped():
 def test_control_characters_are_removed():
     assert clean_question("Which\x0e port\x07 is used?") == "Which port is used?"
     assert clean_answer("Port\x00 7741\x1b.") == "Port 7741."
+
+
+def test_answers_that_repeat_their_lines_under_new_numbers_are_dropped():
+    looped = "\n".join(f"{i}. **{'查询License版本号' if i % 2 else '填写申请单'}**：用户在此时选择“无”。" for i in range(1, 9))
+    assert clean_answer(looped) is None
+    assert clean_answer("```python\n# 1. 选择用户和抄送人\n# 2. 选择相关组和人员\n# 3. 选择相关组和人员\n# 4. 选择相关组和人员\n# 5. 选择相关组和人员") is None
+    steps = "1. 使用admin账号登陆TECS，选择系统管理→项目。\n2. 单击添加项目按钮，打开添加项目页面。\n3. 根据资源规划填写参数。\n4. 单击创建按钮，完成创建。"
+    assert clean_answer(steps) == steps  # numbered steps that differ stay
+    table = "参数A：必填。\n参数B：必填。\n参数C：可选。\n参数D：可选。"  # short rows of one shape stay too
+    assert clean_answer(table) == table
