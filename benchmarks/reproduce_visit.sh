@@ -59,18 +59,21 @@ run_end() {  # the generation a run stops before: a probe run trains generation 
   case "$1" in qwen-lr-*) echo 1 ;; *) echo "$END" ;; esac
 }
 
+run_rate() {  # RUN_DIR: the learning rate the run trains at, from its config.json
+  python -c "import json, sys; print(json.load(open(sys.argv[1]))['config']['train']['learning_rate'])" "$1/config.json"
+}
+
 best_rate() {  # the probed rate (qwen-hard's own among them) whose generation 0 scores the highest BLEU-4
-  python - "$RUNS" "$FORK_FROM" "$@" <<'PY'
+  python - "$RUNS" "$FORK_FROM" "$(run_rate $RUNS/$FORK_FROM)" "$@" <<'PY'
 import json, sys
 from pathlib import Path
-runs, hard, rates = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+runs, hard, own, rates = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 def bleu(run):
     try:
         return json.loads((runs / run / "gen_0" / "metrics.json").read_text())["bleu-4"]
     except (OSError, ValueError, KeyError):
         return None
-own = json.loads((runs / hard / "config.json").read_text())["config"]["train"]["learning_rate"]
-scores = {str(own): bleu(hard), **{r: bleu(f"qwen-lr-{r}") for r in rates}}
+scores = {own: bleu(hard), **{r: bleu(f"qwen-lr-{r}") for r in rates}}
 for rate, score in scores.items():
     print(f"rate {rate}: generation 0 BLEU-4 {score}", file=sys.stderr)
 done = {r: b for r, b in scores.items() if b is not None}
@@ -172,7 +175,7 @@ fork_all() {  # start every run of FORKS from qwen-hard's generation 0, once it 
 adopt_rate() {  # with LR set: qwen-hard trains at LR; one begun at another rate gives way to the probe's run
   [ -n "$LR" ] && [ -f $RUNS/$FORK_FROM/config.json ] || return 0
   local have
-  have=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['config']['train']['learning_rate'])" $RUNS/$FORK_FROM/config.json)
+  have=$(run_rate $RUNS/$FORK_FROM)
   python -c "import sys; sys.exit(float(sys.argv[1]) != float(sys.argv[2]))" "$have" "$LR" && return 0
   [ -e $RUNS/$FORK_FROM-lr$have ] && { echo "LR=$LR: $RUNS/$FORK_FROM-lr$have is in the way"; return 1; }
   tools fork $RUNS/qwen-lr-"$LR" $RUNS/$FORK_FROM.new | grep -q forked \

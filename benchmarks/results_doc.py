@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from selfevo.data import write_bytes, write_text  # noqa: E402
+from selfevo.data import read_jsonl, write_bytes, write_text  # noqa: E402
 from selfevo.report import METRICS, collect  # noqa: E402
 
 # arXiv 2408.12247, Qwen1.5-7B-Chat on the AIOps eval set, BLEU-4 (the issue quotes them).
@@ -134,11 +134,12 @@ def seconds_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def median_length(path: Path, key: str) -> float | None:
-    """Median length in characters of one field of a JSONL file's records; None without the file."""
-    if not path.is_file():
-        return None
-    values = sorted(len(json.loads(line)[key]) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+def records(path: Path) -> list[dict]:
+    """A JSONL file's records; none without the file."""
+    return read_jsonl(path) if path.is_file() else []
+
+
+def median_of(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
@@ -152,12 +153,9 @@ def lengths_table(runs: list[dict], references: float | None) -> str:
             if run["forked"] and r["model"] in ("base", "gen_0"):
                 continue  # the same folders as the run it was forked from
             folder = run["dir"] / r["model"]
-            ifd = None
-            if (folder / "qa.jsonl").is_file():
-                scores = [json.loads(x)["ifd"] for x in (folder / "qa.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
-                ifd = statistics.median(scores) if scores else None
-            lines.append(f"| {run['name']} | {r['model']} | {fmt(median_length(folder / 'predictions.jsonl', 'prediction'), 0)} | "
-                         f"{fmt(median_length(folder / 'qa.jsonl', 'answer'), 0)} | {fmt(ifd, 3)} |")
+            predictions, pairs = records(folder / "predictions.jsonl"), records(folder / "qa.jsonl")
+            lines.append(f"| {run['name']} | {r['model']} | {fmt(median_of([len(p['prediction']) for p in predictions]), 0)} | "
+                         f"{fmt(median_of([len(p['answer']) for p in pairs]), 0)} | {fmt(median_of([p['ifd'] for p in pairs]), 3)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -243,7 +241,7 @@ def fragment(runs: list[dict], bar: Path, line: Path, md_dir: Path) -> str:
         note = f" (base and gen_0 shared with {run['forked']}: generation 0 replays nothing in any mode)" if run["forked"] else ""
         parts += [f"### {run['name']}: {label_of(run)}{note}\n", run_table(run)]
     parts += ["### Seconds per generation and stage\n", seconds_table(runs)]
-    references = median_length(runs[0]["dir"] / "base" / "predictions.jsonl", "reference")
+    references = median_of([len(p["reference"]) for p in records(runs[0]["dir"] / "base" / "predictions.jsonl")])
     parts += ["### How long the answers are (median characters)\n", lengths_table(runs, references)]
     sampled = sampled_table(runs)
     if sampled:

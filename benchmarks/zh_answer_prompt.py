@@ -12,7 +12,6 @@ questions, and the eval set's reference answers' median.
 """
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -20,13 +19,9 @@ from pathlib import Path
 import torch
 
 from selfevo.config import GenerationConfig, LoraConfig, ModelConfig
-from selfevo.data import load_eval
+from selfevo.data import load_eval, read_jsonl
 from selfevo.generate import write_answers
 from selfevo.models import add_lora, load_adapter_weights, load_model
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 ap = argparse.ArgumentParser()
