@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -145,17 +147,22 @@ def median_of(values: list[float]) -> float | None:
 
 def lengths_table(runs: list[dict], references: float | None) -> str:
     """How long the answers are, in characters (median): what each model answers to the eval questions,
-    and what each generation wrote (open book) and trained on."""
+    and what each generation wrote (open book) and trained on; beside them, the signs of a collapsing
+    loop: how many answers the clean-up dropped, and how often the commonest answer was given."""
     head = f"eval answers (references: {fmt(references, 0)})"
-    lines = [f"| run | model | {head} | answers written and trained on | median IFD |", "|---" * 5 + "|"]
+    lines = [f"| run | model | {head} | answers written and trained on | answers dropped | commonest answer, times given | median IFD |",
+             "|---" * 7 + "|"]
     for run in runs:
         for r in run["rows"]:
             if run["forked"] and r["model"] in ("base", "gen_0"):
                 continue  # the same folders as the run it was forked from
             folder = run["dir"] / r["model"]
             predictions, pairs = records(folder / "predictions.jsonl"), records(folder / "qa.jsonl")
+            stages = json.loads((folder / "stages.json").read_text()) if (folder / "stages.json").is_file() else {}
+            commonest = max(Counter(p["answer"] for p in pairs).values(), default=None)
             lines.append(f"| {run['name']} | {r['model']} | {fmt(median_of([len(p['prediction']) for p in predictions]), 0)} | "
-                         f"{fmt(median_of([len(p['answer']) for p in pairs]), 0)} | {fmt(median_of([p['ifd'] for p in pairs]), 3)} |")
+                         f"{fmt(median_of([len(p['answer']) for p in pairs]), 0)} | {stages.get('answers', {}).get('dropped', '')} | "
+                         f"{'' if commonest is None else commonest} | {fmt(median_of([p['ifd'] for p in pairs]), 3)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -231,7 +238,7 @@ def line_chart(runs: list[dict], path: Path) -> Path:
 
 
 def fragment(runs: list[dict], bar: Path, line: Path, md_dir: Path) -> str:
-    rel = lambda p: Path(p).resolve().relative_to(md_dir.resolve()).as_posix() if Path(p).resolve().is_relative_to(md_dir.resolve()) else str(p)  # noqa: E731
+    rel = lambda p: Path(os.path.relpath(Path(p).resolve(), md_dir.resolve())).as_posix()  # noqa: E731
     parts = [
         f"![BLEU-4, best generation per mode]({rel(bar)})\n",
         f"![BLEU-4 and ROUGE-L across generations]({rel(line)})\n",

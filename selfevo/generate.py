@@ -8,6 +8,7 @@ backend (`selfevo.vllm_engine.VLLMEngine`, passed where the model goes) is dispa
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from selfevo.config import GenerationConfig
 from selfevo.faults import kill_point
 from selfevo.models import halving_batch_on_oom
-from selfevo.prompts import answer_prompt, clean_answer, clean_question, question_prompt
+from selfevo.prompts import Language, answer_prompt, clean_answer, clean_question, question_prompt
 from selfevo.ranks import Strategy, gather_in_order, share
 
 if TYPE_CHECKING:
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 
 
 console = Console(stderr=True)
+
+# An answer may be given word for word to this many questions (two questions on one topic can share it).
+MAX_SAME_ANSWER = 2
 
 
 @dataclass
@@ -167,9 +171,15 @@ def write_answers(
         model, tokenizer, prompts, sampling, batch_size=cfg.batch_size, max_length=max_length, seed=seed + 1,
         description="writing answers", strategy=strategy,
     )
-    records = []
-    for r, text in zip(questions, raw):
-        answer = clean_answer(text)
-        if answer is not None:
-            records.append({**r, "answer": answer})
+    records = pair_answers(questions, raw, cfg.language)
     return records, len(questions) - len(records)
+
+
+def pair_answers(questions: list[dict], replies: list[str], language: Language) -> list[dict]:
+    """The QA pairs worth keeping: each question with its cleaned reply, if it has one."""
+    answers = [clean_answer(text, language) for text in replies]
+    # One reply given word for word to several different questions answers none of them: it is what a
+    # collapsing model writes (a stock sentence, 7 answers of generation 1 and 288 of generation 2 in
+    # docs/results.md's second attempt), and training on it spreads it.
+    given = Counter(a for a in answers if a is not None)
+    return [{**r, "answer": a} for r, a in zip(questions, answers) if a is not None and given[a] <= MAX_SAME_ANSWER]

@@ -150,11 +150,11 @@ def fake_run(runs: Path, name: str, mode: str, k: int, bleu: list[float], forked
         write_json(folder / "metrics.json", metrics)
         write_jsonl(folder / "predictions.jsonl", [{"prediction": "p" * (40 - 10 * i), "reference": "r" * 30}])
         if i:
-            write_jsonl(folder / "qa.jsonl", [{"answer": "a" * (20 - 5 * i), "ifd": 0.5 / i}, {"answer": "a", "ifd": 0.1}])
+            write_jsonl(folder / "qa.jsonl", [{"answer": "a" * (20 - 5 * i), "ifd": 0.5 / i}] + [{"answer": "a", "ifd": 0.1}] * 2)
         stages = {"evaluate": {"seconds": 9.5, "pairs": 100, "files": {}}}
         if i:
             stages.update({s: {"seconds": 10.0 * (j + 1), "files": {}} for j, s in enumerate(("questions", "answers", "train", "score"))})
-            stages["answers"]["kept"] = 990
+            stages["answers"].update(kept=990, dropped=10 * i)
             stages["replay"] = {"seconds": 0.1, "history": 990 * (i - 1), "chosen": min(k, 990 * (i - 1)), "files": {}}
         write_json(folder / "stages.json", stages)
     if forked:
@@ -185,9 +185,11 @@ def test_results_doc_tables_and_charts(tmp_path):
     assert "| qwen-hard | gen_2 | 10 | 20 | 0 | 30 | 40 | 10 | 110 |" in md
     assert "| qwen-none | gen_0 |" not in md  # a forked run's gen_0 is timed once, in the run it came from
     assert "| qwen-hard | gen_1 | sampled (T 0.95, top-p 0.7, top-k 50) | 10.40 |" in md
-    # the answers' lengths: eval answers beside the references', and what each generation trained on
-    assert "| run | model | eval answers (references: 30) | answers written and trained on | median IFD |" in md
-    assert "| qwen-hard | base | 40 |  |  |" in md and "| qwen-hard | gen_1 | 20 | 6 | 0.175 |" in md
+    # the answers' lengths: eval answers beside the references', and what each generation trained on,
+    # with the clean-up's drops and how often the commonest answer was given
+    assert ("| run | model | eval answers (references: 30) | answers written and trained on | answers dropped "
+            "| commonest answer, times given | median IFD |") in md
+    assert "| qwen-hard | base | 40 |  |  |  |  |" in md and "| qwen-hard | gen_1 | 20 | 1 | 20 | 2 | 0.100 |" in md
     assert "| qwen-none | gen_0 | 30 |" not in md  # shared with the run it was forked from
 
 
