@@ -123,10 +123,19 @@ one_run() {  # NAME SECONDS [END]: resume one run, stopped by SIGINT when its ti
   start=$(tools next-start $RUNS/"$name") end=${end:-$(run_end "$name")}
   if ((start >= end)); then echo "$name: finished ($end generations)"; return 0; fi
   echo "$name: generations $start..$((end - 1)), ${limit}s at most, $(date +%T)"
-  # shellcheck disable=SC2086
-  timeout -s INT -k 30 "$limit" python -m selfevo.cli evolve --config $CONFIG --name "$name" --start "$start" --end "$end" \
-    --model.name $M --data.fragments $D/AIOps_data.json --data.eval $D/AIOps_eval_data.json \
-    --runs_dir $RUNS --logs_dir $LOGS $args >> $R/log/"$name".log 2>&1 || rc=$?
+  local until=$((SECONDS + limit))
+  while :; do
+    rc=0
+    # shellcheck disable=SC2086
+    timeout -s INT -k 30 $((until - SECONDS)) python -m selfevo.cli evolve --config $CONFIG --name "$name" --start "$(tools next-start $RUNS/"$name")" --end "$end" \
+      --model.name $M --data.fragments $D/AIOps_data.json --data.eval $D/AIOps_eval_data.json \
+      --runs_dir $RUNS --logs_dir $LOGS $args >> $R/log/"$name".log 2>&1 || rc=$?
+    # Runs sharing the GPU peak at different times: one that ran out of memory beside another's
+    # training (four runs at 8 x 2 did, twice) starts again from its finished stages while there is time.
+    ((rc == 2)) && tail -n 3 $R/log/"$name".log | grep -q "out of GPU memory" && ((until - SECONDS > MIN_RUN + 30)) || break
+    echo "$name: out of GPU memory, starting again in 30 s ($(date +%T))"
+    sleep 30
+  done
   case $rc in
     0) echo "$name: done, now at generation $(tools next-start $RUNS/"$name")" ;;
     124 | 130 | 137) echo "$name: stopped by the time budget (rc $rc), now at generation $(tools next-start $RUNS/"$name")" ;;
