@@ -148,9 +148,11 @@ def median_of(values: list[float]) -> float | None:
 def lengths_table(runs: list[dict], references: float | None) -> str:
     """How long the answers are, in characters (median): what each model answers to the eval questions,
     and what each generation wrote (open book) and trained on; beside them, the signs of a collapsing
-    loop: how many answers the clean-up dropped, and how often the commonest answer was given."""
+    loop: how many answers the clean-up dropped and why, and how often the commonest answer was given
+    (before the clean-up, which drops a reply given three times or more, where stages.json counts it)."""
     head = f"eval answers (references: {fmt(references, 0)})"
-    lines = [f"| run | model | {head} | answers written and trained on | answers dropped | commonest answer, times given | median IFD |",
+    lines = [f"| run | model | {head} | answers written and trained on | answers dropped (looping / restating / repeated) "
+             "| commonest answer, times given | median IFD |",
              "|---" * 7 + "|"]
     for run in runs:
         for r in run["rows"]:
@@ -159,10 +161,15 @@ def lengths_table(runs: list[dict], references: float | None) -> str:
             folder = run["dir"] / r["model"]
             predictions, pairs = records(folder / "predictions.jsonl"), records(folder / "qa.jsonl")
             stages = json.loads((folder / "stages.json").read_text()) if (folder / "stages.json").is_file() else {}
-            commonest = max(Counter(p["answer"] for p in pairs).values(), default=None)
+            answers = stages.get("answers", {})
+            dropped = answers.get("dropped", "")
+            if "repeated" in answers:  # written since the clean-up counts its reasons
+                dropped = f"{dropped} ({answers['looping']} / {answers['restating']} / {answers['repeated']})"
+            # the commonest reply before the clean-up where it was counted; else what was kept
+            commonest = answers.get("commonest_given", max(Counter(p["answer"] for p in pairs).values(), default=""))
             lines.append(f"| {run['name']} | {r['model']} | {fmt(median_of([len(p['prediction']) for p in predictions]), 0)} | "
-                         f"{fmt(median_of([len(p['answer']) for p in pairs]), 0)} | {stages.get('answers', {}).get('dropped', '')} | "
-                         f"{'' if commonest is None else commonest} | {fmt(median_of([p['ifd'] for p in pairs]), 3)} |")
+                         f"{fmt(median_of([len(p['answer']) for p in pairs]), 0)} | {dropped} | "
+                         f"{commonest} | {fmt(median_of([p['ifd'] for p in pairs]), 3)} |")
     return "\n".join(lines) + "\n"
 
 

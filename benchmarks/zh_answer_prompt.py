@@ -38,10 +38,15 @@ print(f"eval set's reference answers: median {statistics.median(references):.0f}
 base, tok = load_model(ModelConfig(name=a.model, dtype="float32"))
 model = add_lora(base, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules="all-linear"), 0)  # fresh: B = 0
 cfg = GenerationConfig(language="zh", answer_max_new_tokens=a.max_new_tokens, batch_size=a.count)
+# generation 0 is shared by every replay mode; a run keeps only its latest adapter, so take any mode's
+# copy (not a learning-rate probe's, which was trained at another rate)
+gen0_adapter = next((d / "gen_0" / "adapter" for d in sorted(a.runs.glob("qwen-*")) if not d.name.startswith("qwen-lr-")
+                     and (d / "gen_0" / "adapter").is_dir()), None)
+if gen0_adapter is None:
+    raise SystemExit(f"zh_answer_prompt: no run in {a.runs} holds gen_0/adapter")
 cases = (
     ("base model", a.runs / "qwen-hard" / "gen_0", None),
-    # generation 0 is shared by every run, so any run's copy of its adapter will do
-    ("generation-0 adapter", a.runs / "qwen-hard" / "gen_1", next(a.runs.glob("*/gen_0/adapter"))),
+    ("generation-0 adapter", a.runs / "qwen-hard" / "gen_1", gen0_adapter),
 )
 for who, folder, adapter in cases:
     if adapter is not None:
@@ -50,7 +55,7 @@ for who, folder, adapter in cases:
     old = {r["id"]: r["answer"] for r in read_jsonl(folder / "answers.jsonl")}
     before = [len(old[q["id"]]) for q in questions if q["id"] in old]
     t = time.perf_counter()
-    answers, dropped = write_answers(model, tok, questions, cfg, 1024, 0)
+    answers, drops = write_answers(model, tok, questions, cfg, 1024, 0)
     after = [len(r["answer"]) for r in answers]
     capped = sum(len(tok(r["answer"], add_special_tokens=False)["input_ids"]) >= a.max_new_tokens - 2 for r in answers)
     forms = lambda texts: sum("条件：" in x and "结果：" in x for x in texts)
@@ -58,7 +63,7 @@ for who, folder, adapter in cases:
           f"{statistics.median(before):.0f} characters with the old wording (the run's answers; {forms(old[q['id']] for q in questions if q['id'] in old)} "
           f"filled in as a form), {statistics.median(after):.0f} with the new one (min {min(after)}, max {max(after)}; "
           f"{capped} at the {a.max_new_tokens}-token cap; {forms(r['answer'] for r in answers)} filled in as a form; "
-          f"{dropped} dropped), {time.perf_counter() - t:.0f} s", flush=True)
+          f"{drops['dropped']} dropped), {time.perf_counter() - t:.0f} s", flush=True)
     for q, r in zip(questions[:3], answers[:3]):
         print("   Q:", q["question"], "\n   old:", old.get(q["id"], "")[:200].replace("\n", " "),
               "\n   new:", r["answer"][:300].replace("\n", " "), flush=True)

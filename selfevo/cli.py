@@ -183,9 +183,9 @@ def generate(
     m, tokenizer = _load(model, adapter)
     cfg = GenerationConfig(language=language, batch_size=batch_size)
     questions, q_dropped = write_questions(m, tokenizer, texts, cfg, max_length, seed)
-    qa, a_dropped = write_answers(m, tokenizer, questions, cfg, max_length, seed)
+    qa, a_drops = write_answers(m, tokenizer, questions, cfg, max_length, seed)
     write_jsonl(out, qa)
-    typer.echo(f"{len(qa)} QA pairs -> {out} ({duplicates} duplicate fragments, {q_dropped} questions and {a_dropped} answers dropped)")
+    typer.echo(f"{len(qa)} QA pairs -> {out} ({duplicates} duplicate fragments, {q_dropped} questions and {a_drops['dropped']} answers dropped)")
 
 
 @app.command()

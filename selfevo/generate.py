@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from selfevo.config import GenerationConfig
 from selfevo.faults import kill_point
 from selfevo.models import halving_batch_on_oom
-from selfevo.prompts import Language, answer_prompt, clean_answer, clean_question, question_prompt
+from selfevo.prompts import Language, answer_fault, answer_prompt, clean_answer, clean_question, question_prompt
 from selfevo.ranks import Strategy, gather_in_order, share
 
 if TYPE_CHECKING:
@@ -163,23 +163,35 @@ def write_answers(
     max_length: int,
     seed: int,
     strategy: Strategy | None = None,
-) -> tuple[list[dict], int]:
-    """Answer each question open book (fragment in the prompt); returns kept QA pairs and the number dropped."""
+) -> tuple[list[dict], dict]:
+    """Answer each question open book (fragment in the prompt); returns the kept QA pairs and what
+    `pair_answers` counts of the dropped ones."""
     prompts = [answer_prompt(tokenizer, r["fragment"], r["question"], cfg.language) for r in questions]
     sampling = Sampling(cfg.answer_max_new_tokens, True, cfg.temperature, cfg.top_p)
     raw = generate_texts(
         model, tokenizer, prompts, sampling, batch_size=cfg.batch_size, max_length=max_length, seed=seed + 1,
         description="writing answers", strategy=strategy,
     )
-    records = pair_answers(questions, raw, cfg.language)
-    return records, len(questions) - len(records)
+    return pair_answers(questions, raw, cfg.language)
 
 
-def pair_answers(questions: list[dict], replies: list[str], language: Language) -> list[dict]:
-    """The QA pairs worth keeping: each question with its cleaned reply, if it has one."""
-    answers = [clean_answer(text, language) for text in replies]
+def pair_answers(questions: list[dict], replies: list[str], language: Language) -> tuple[list[dict], dict]:
+    """The QA pairs worth keeping, each question with its cleaned reply; and how many were dropped and
+    why ("looping", "restating", "repeated"), with how often the commonest reply was given, dropped or not."""
+    answers = [clean_answer(text) for text in replies]
+    faults = [answer_fault(a, language) for a in answers]
     # One reply given word for word to several different questions answers none of them: it is what a
     # collapsing model writes (a stock sentence, 7 answers of generation 1 and 288 of generation 2 in
     # docs/results.md's second attempt), and training on it spreads it.
-    given = Counter(a for a in answers if a is not None)
-    return [{**r, "answer": a} for r, a in zip(questions, answers) if a is not None and given[a] <= MAX_SAME_ANSWER]
+    given = Counter(a for a, f in zip(answers, faults) if f != "looping")  # not the empty replies
+    records = [
+        {**r, "answer": a} for r, a, f in zip(questions, answers, faults) if f is None and given[a] <= MAX_SAME_ANSWER
+    ]
+    stats = {
+        "dropped": len(questions) - len(records),
+        "looping": faults.count("looping"),
+        "restating": faults.count("restating"),
+        "repeated": faults.count(None) - len(records),
+        "commonest_given": max(given.values(), default=0),
+    }
+    return records, stats

@@ -413,10 +413,10 @@ def run_generations(
             return records, {"kept": len(records), "dropped": dropped}
 
         def make_answers():
-            records, dropped = write_answers(
+            records, drops = write_answers(
                 generator(adapter), tokenizer, questions, cfg.generation, max_length, seed, strategy
             )
-            return [{**r, "generation": i} for r in records], {"kept": len(records), "dropped": dropped}
+            return [{**r, "generation": i} for r in records], {"kept": len(records), **drops}
 
         def make_replay():
             history = on_rank_zero(

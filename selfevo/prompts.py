@@ -138,18 +138,27 @@ def clean_question(text: str) -> Optional[str]:
 
 
 def restates_instructions(answer: str, language: Language) -> bool:
-    """An answer that is mostly the answer prompt's own instructions (at least half of its 6-character
-    windows occur in them) says nothing about the question; trained on, it teaches the next model to
-    write it again."""
+    """An answer made of the answer prompt's own instructions (fewer than 8 of its characters lie
+    outside 6-character windows that occur in them) says nothing about the question; trained on, it
+    teaches the next model to write it again. Counting what is left over, not the share of windows,
+    keeps a short answer that opens with the prompt's words ("Using the facts in the passage: port 7741.")."""
     instructions = _compact(ANSWER_PROMPT[language].format(fragment="", question="")).lower()
     compact = _compact(answer).lower()
-    if len(compact) < 8:
-        return False
-    grams = [compact[i : i + 6] for i in range(len(compact) - 5)]
-    return sum(gram in instructions for gram in grams) >= len(grams) / 2
+    covered = [False] * len(compact)
+    for i in range(len(compact) - 5):
+        if compact[i : i + 6] in instructions:
+            covered[i : i + 6] = [True] * 6
+    return any(covered) and covered.count(False) < 8
 
 
-def clean_answer(text: str, language: Language) -> Optional[str]:
-    """Strip labels and whitespace from an answer, or None if nothing worth keeping is left."""
-    answer = _LEADING_LABEL.sub("", _CONTROL.sub("", text).strip()).strip()
-    return None if is_degenerate(answer) or restates_instructions(answer, language) else answer
+def clean_answer(text: str) -> str:
+    """An answer without control characters, a leading label ("答：", "Answer:") or outer whitespace."""
+    return _LEADING_LABEL.sub("", _CONTROL.sub("", text).strip()).strip()
+
+
+def answer_fault(answer: str, language: Language) -> Optional[Literal["looping", "restating"]]:
+    """Why a cleaned answer is not worth keeping, or None: "looping" (near-empty or repeating itself),
+    "restating" (the answer prompt's instructions given back)."""
+    if is_degenerate(answer):
+        return "looping"
+    return "restating" if restates_instructions(answer, language) else None

@@ -1,5 +1,5 @@
 from selfevo.config import GenerationConfig, ModelConfig
-from selfevo.generate import Sampling, generate_texts, write_answers, write_questions
+from selfevo.generate import Sampling, generate_texts, pair_answers, write_answers, write_questions
 from selfevo.models import load_model
 from selfevo.prompts import chat_prompt
 
@@ -28,6 +28,18 @@ def test_questions_then_answers_keep_fragment_and_count_drops(tiny_model):
     questions, q_dropped = write_questions(model, tokenizer, fragments, cfg, 256, seed=0)
     assert len(questions) + q_dropped == 2
     assert all(q["fragment"] == fragments[q["id"]] and q["question"] for q in questions)
-    qa, a_dropped = write_answers(model, tokenizer, questions, cfg, 256, seed=0)
-    assert len(qa) + a_dropped == len(questions)
+    qa, drops = write_answers(model, tokenizer, questions, cfg, 256, seed=0)
+    assert len(qa) + drops["dropped"] == len(questions)
+    assert drops["dropped"] == drops["looping"] + drops["restating"] + drops["repeated"]
     assert all(p["answer"] and p["question"] for p in qa)
+
+
+def test_one_reply_given_to_several_questions_is_dropped_from_all_of_them():
+    questions = [{"id": i, "fragment": f"fragment {i}", "question": f"question {i}?"} for i in range(7)]
+    stock = "This is handled by the system administrator."
+    port = "qmeshd listens on port 7741."
+    replies = [stock, port, stock, "Answer: " + port, stock, "", "Answer accurately and concisely, using the facts in the passage."]
+    pairs, drops = pair_answers(questions, replies, "en")
+    # the reply given three times goes; the one given twice (two questions on one topic) stays
+    assert [(p["id"], p["answer"]) for p in pairs] == [(1, port), (3, port)]
+    assert drops == {"dropped": 5, "looping": 1, "restating": 1, "repeated": 3, "commonest_given": 3}

@@ -155,6 +155,8 @@ def fake_run(runs: Path, name: str, mode: str, k: int, bleu: list[float], forked
         if i:
             stages.update({s: {"seconds": 10.0 * (j + 1), "files": {}} for j, s in enumerate(("questions", "answers", "train", "score"))})
             stages["answers"].update(kept=990, dropped=10 * i)
+            if i == 2:  # the clean-up's reasons, as selfevo writes them now
+                stages["answers"].update(looping=5, restating=3, repeated=12, commonest_given=6)
             stages["replay"] = {"seconds": 0.1, "history": 990 * (i - 1), "chosen": min(k, 990 * (i - 1)), "files": {}}
         write_json(folder / "stages.json", stages)
     if forked:
@@ -188,8 +190,10 @@ def test_results_doc_tables_and_charts(tmp_path):
     # the answers' lengths: eval answers beside the references', and what each generation trained on,
     # with the clean-up's drops and how often the commonest answer was given
     assert ("| run | model | eval answers (references: 30) | answers written and trained on | answers dropped "
-            "| commonest answer, times given | median IFD |") in md
-    assert "| qwen-hard | base | 40 |  |  |  |  |" in md and "| qwen-hard | gen_1 | 20 | 1 | 20 | 2 | 0.100 |" in md
+            "(looping / restating / repeated) | commonest answer, times given | median IFD |") in md
+    assert "| qwen-hard | base | 40 |  |  |  |  |" in md
+    assert "| qwen-hard | gen_0 | 30 | 1 | 10 | 2 | 0.100 |" in md  # counted in what was kept (older stages.json)
+    assert "| qwen-hard | gen_1 | 20 | 1 | 20 (5 / 3 / 12) | 6 | 0.100 |" in md
     assert "| qwen-none | gen_0 | 30 |" not in md  # shared with the run it was forked from
 
 
