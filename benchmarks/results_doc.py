@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from selfevo.data import read_jsonl, write_bytes, write_text  # noqa: E402
+from selfevo.data import read_json, read_jsonl, write_bytes, write_text  # noqa: E402
 from selfevo.report import METRICS, collect  # noqa: E402
 
 # arXiv 2408.12247, Qwen1.5-7B-Chat on the AIOps eval set, BLEU-4 (the issue quotes them).
@@ -160,8 +160,7 @@ def lengths_table(runs: list[dict], references: float | None) -> str:
                 continue  # the same folders as the run it was forked from
             folder = run["dir"] / r["model"]
             predictions, pairs = records(folder / "predictions.jsonl"), records(folder / "qa.jsonl")
-            stages = json.loads((folder / "stages.json").read_text()) if (folder / "stages.json").is_file() else {}
-            answers = stages.get("answers", {})
+            answers = read_json(folder / "stages.json").get("answers", {}) if (folder / "stages.json").is_file() else {}
             dropped = answers.get("dropped", "")
             if "repeated" in answers:  # written since the clean-up counts its reasons
                 dropped = f"{dropped} ({answers['looping']} / {answers['restating']} / {answers['repeated']})"
