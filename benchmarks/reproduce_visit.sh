@@ -124,17 +124,17 @@ one_run() {  # NAME SECONDS [END]: resume one run, stopped by SIGINT when its ti
   if ((start >= end)); then echo "$name: finished ($end generations)"; return 0; fi
   if ((limit < 1)); then echo "$name: not started, no time left"; return 0; fi
   echo "$name: generations $start..$((end - 1)), ${limit}s at most, $(date +%T)"
-  local until=$((SECONDS + limit)) tries=0 log=$R/log/"$name".log offset
+  local stop_at=$((SECONDS + limit)) tries=0 log=$R/log/"$name".log offset
   while :; do
     rc=0 offset=$(stat -c %s "$log" 2>/dev/null || echo 0)
     # shellcheck disable=SC2086
-    timeout -s INT -k 30 $((until - SECONDS)) python -m selfevo.cli evolve --config $CONFIG --name "$name" --start "$(tools next-start $RUNS/"$name")" --end "$end" \
+    timeout -s INT -k 30 $((stop_at - SECONDS)) python -m selfevo.cli evolve --config $CONFIG --name "$name" --start "$(tools next-start $RUNS/"$name")" --end "$end" \
       --model.name $M --data.fragments $D/AIOps_data.json --data.eval $D/AIOps_eval_data.json \
       --runs_dir $RUNS --logs_dir $LOGS $args >> "$log" 2>&1 || rc=$?
     # Runs sharing the GPU peak at different times: one whose training ran out of memory beside another's
     # (four runs at 8 x 2 did, twice) starts again from its finished stages, twice at most (one that
     # does not fit alone would only spend the call), while there is time.
-    ((rc == 2 && ++tries <= 2 && until - SECONDS > MIN_RUN + 30)) || break
+    ((rc == 2 && ++tries <= 2 && stop_at - SECONDS > MIN_RUN + 30)) || break
     tail -c +$((offset + 1)) "$log" | grep "^selfevo: error: out of GPU memory in training" > /dev/null || break
     echo "$name: out of GPU memory, starting again in 30 s ($(date +%T))"
     sleep 30
