@@ -19,7 +19,8 @@
 # 15 MiB per call, default 4), LR (the learning rate every run but the probes trains at, once the probe
 # chose one: passed as --train.learning_rate; a qwen-hard begun at another rate is set aside and
 # qwen-hard starts again from the probe run qwen-lr-LR's generation 0), KV (GiB of vLLM KV cache per
-# process, for several processes on one GPU).
+# process, for several processes on one GPU), SAMPLED ("NAME GEN": with `run`, that adapter's `sampled`
+# evaluation beside the runs, packed with them).
 set -uo pipefail
 export PYTHONPATH=$PWD SELFEVO_SHARED=$PWD/.shared SELFEVO_CACHE=${SELFEVO_CACHE:-/tmp/cache} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # The trimmed vLLM install has no FlashInfer (docs/vllm.md).
@@ -33,8 +34,9 @@ M=${MODEL:-$STAGE/qwen.gguf}
 D=${DATA_DIR:-.shared/data}
 CONFIG=${CONFIG:-configs/aiops_qwen_small.yaml}
 FORK_FROM=qwen-hard
-# Runs that start from qwen-hard's base evaluation and generation 0 (identical in every replay mode).
-FORKS=${FORKS:-qwen-none qwen-random qwen-all qwen-easy qwen-even}
+# Runs that start from qwen-hard's base evaluation and generation 0 (identical in every replay mode, and
+# for either answer model: generation 0's model is the base model).
+FORKS=${FORKS:-qwen-none qwen-random qwen-all qwen-hard-current qwen-easy qwen-even}
 END=${END:-6} PARALLEL=${PARALLEL:-1} STAGGER=${STAGGER:-45} RESERVE=${RESERVE:-60}
 ADAPTERS=${ADAPTERS:-resume} PIECES=${PIECES:-4} PIECE_MIB=${PIECE_MIB:-15} LR=${LR:-} KV=${KV:-}
 MIN_RUN=${MIN_RUN:-150}  # less than this left: not worth starting a process (imports, model, vLLM engine ~100 s)
@@ -44,6 +46,7 @@ tools() { python benchmarks/reproduce_runs.py "$@"; }
 mode_args() {  # the ablations differ only here (and in --name)
   case "$1" in
     qwen-hard) echo "--replay.mode hard" ;;
+    qwen-hard-current) echo "--replay.mode hard --generation.answer_model current" ;;  # the paper's answer writer
     qwen-none) echo "--replay.mode hard --replay.k 0" ;;
     qwen-random) echo "--replay.mode random" ;;
     qwen-all) echo "--replay.mode all" ;;
@@ -205,6 +208,12 @@ run() {  # SECONDS NAME...
   [ -e $M ] || { echo "the model is not staged ($M)"; return 1; }
   [ -f $D/AIOps_data.json ] || { echo "the data is not carried ($D)"; return 1; }
   rm -f $R/forked $R/started
+  # SAMPLED="NAME GEN": that adapter's greedy and sampled evaluation beside the runs (packed with them)
+  if [ -n "${SAMPLED:-}" ]; then
+    # shellcheck disable=SC2086
+    evaluate_both_ways $SAMPLED > $R/log/sampled.log 2>&1 &
+    echo "$SAMPLED" | cut -d' ' -f1 >> $R/started
+  fi
   run_until $deadline "$@" || return 1
   # the runs worked on, and those forked in this call (their gen_0 is the same bytes: packed once)
   pack_out $(cat $R/started $R/forked 2>/dev/null | sort -u)
@@ -280,7 +289,12 @@ first() {  # SECONDS LR...: a visit's first call on a new reproduction. qwen-har
   pack_out $FORK_FROM $(cat $R/probed $R/started $R/forked 2>/dev/null | sort -u)
 }
 
-sampled() {  # NAME GEN: the same adapter decoded greedily and with the seed's sampling, both by HF generate
+sampled() {  # NAME GEN
+  evaluate_both_ways "$@"
+  pack_out "$1"
+}
+
+evaluate_both_ways() {  # NAME GEN: the same adapter decoded greedily and with the seed's sampling, both by HF generate
   local name=$1 gen=$2 folder adapter=()
   folder=$RUNS/$name/sampled/gen_$gen
   [ "$gen" = base ] && folder=$RUNS/$name/sampled/base || adapter=(--adapter $RUNS/"$name"/gen_"$gen"/adapter)
@@ -290,7 +304,6 @@ sampled() {  # NAME GEN: the same adapter decoded greedily and with the seed's s
     python -m selfevo.cli evaluate $D/AIOps_eval_data.json --out "$folder/$way" --model $M "${adapter[@]}" "${flag[@]}" \
       --batch-size 100 --max-new-tokens 512 --max-length 1024 2>&1 | tail -n 3
   done
-  pack_out "$name"
 }
 
 step=${1:-status}

@@ -48,7 +48,7 @@ def mode_of(config: dict) -> str:
 
 def label_of(run: dict) -> str:
     k = run["k"]
-    return {"none": "no replay", "all": "all"}.get(run["mode"], f"{run['mode']} (k={k})")
+    return {"none": "no replay", "all": "all"}.get(run["mode"], f"{run['mode']} (k={k})") + run["answers_note"]
 
 
 def load_runs(run_dirs: list[Path]) -> list[dict]:
@@ -65,7 +65,13 @@ def load_runs(run_dirs: list[Path]) -> list[dict]:
             "dir": d, "name": d.name, "mode": mode_of(config), "k": config["replay"]["k"], "rows": rows,
             "forked": (d / "FORKED_FROM").read_text().split(":")[0] if (d / "FORKED_FROM").exists() else None,
             "sampled": sampled,
+            # generation.answer_model (left out of config.json at its default, current)
+            "answer_model": config.get("generation", {}).get("answer_model", "current"),
         })
+    # Where the runs differ in who answered, the paper's way (current) is named in their labels.
+    mixed = len({r["answer_model"] for r in runs}) > 1
+    for r in runs:
+        r["answers_note"] = ", answers by M_i" if mixed and r["answer_model"] == "current" else ""
     return sorted(runs, key=lambda r: (ORDER.index(r["mode"]) if r["mode"] in ORDER else 99, r["name"]))
 
 

@@ -60,6 +60,11 @@ class GenerationConfig:
     answer_max_new_tokens: int = 256
     temperature: float = 0.5
     top_p: float = 0.95
+    answer_model: Literal["current", "base"] = "current"
+    """Who answers the questions: current = the model of this generation, which also wrote them (the
+    paper's loop); base = the base model, its adapter off (the questions stay the current model's).
+    base keeps each generation's answers in the base model's open-book style: with current, a small
+    model's answers drifted from one generation to the next (docs/results.md)."""
     vllm_kv_cache_gib: float = 4.0
     """vllm backend: memory for its KV cache, in GiB (the model's weights come on top)."""
     vllm_tensor_parallel_size: int = 1
@@ -264,7 +269,8 @@ def identity_of(config: dict) -> dict:
         d.get("trainer", {}).pop(key, None)
     # Keys added after runs were made: at their defaults they select what those runs selected, so
     # they are left out and such runs stay resumable.
-    for key, default in (("include_eval", False), ("fill", "first")):
-        if d.get("data", {}).get(key, default) == default:
-            d.get("data", {}).pop(key, None)
+    for section, key, default in (("data", "include_eval", False), ("data", "fill", "first"),
+                                  ("generation", "answer_model", "current")):
+        if d.get(section, {}).get(key, default) == default:
+            d.get(section, {}).pop(key, None)
     return d

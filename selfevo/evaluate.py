@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from selfevo.config import EvalConfig
 from selfevo.faults import kill_point
 from selfevo.generate import Sampling, generate_batch
-from selfevo.models import halving_batch_on_oom
+from selfevo.models import adapter_switched, halving_batch_on_oom
 from selfevo.prompts import closed_book_prompt
 from selfevo.ranks import gather_in_order, share
 from selfevo.vllm_engine import VLLMEngine
@@ -124,11 +124,8 @@ class Evaluator(L.LightningModule):
         return generate_batch(self.model, self.tokenizer, prompts, sampling, self.max_length)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        if self.use_adapter or not hasattr(self.model, "disable_adapter"):
+        with adapter_switched(self.model, self.use_adapter):
             answers = self._answer(batch["prompt"], batch["number"])
-        else:
-            with self.model.disable_adapter():
-                answers = self._answer(batch["prompt"], batch["number"])
         self.predictions.update(zip(batch["index"], (a.strip() for a in answers)))
         kill_point("evaluate")
 

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import IFDConfig
 from selfevo.faults import kill_point
-from selfevo.models import halving_batch_on_oom
+from selfevo.models import adapter_switched, halving_batch_on_oom
 from selfevo.ranks import gather_in_order, share
 
 
@@ -129,11 +129,8 @@ class IFDScorer(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         args = (self.model, batch["input_ids"], batch["length"], batch["answer_len"])
-        if self.use_adapter or not hasattr(self.model, "disable_adapter"):
+        with adapter_switched(self.model, self.use_adapter):
             losses = mean_answer_nll(*args)
-        else:
-            with self.model.disable_adapter():
-                losses = mean_answer_nll(*args)
         kill_point("score")
         return {"index": batch["index"].cpu(), "loss": losses.cpu()}
 

@@ -2,7 +2,7 @@
 
 For generation i, with M_i = base + adapter A_i (A_0: a fresh adapter, i.e. the base model):
     questions  <- M_i writes a question for every fragment (open book)
-    qa         <- M_i answers each question (open book)
+    qa         <- M_i answers each question (open book; M_0 does with generation.answer_model base)
     replay     <- k pairs of QA_0..QA_{i-1}, chosen by IFD
     A_{i+1}    <- continue A_i on qa + replay (closed book)
     qa.ifd     <- IFD of every pair of QA_i (base model by default)
@@ -49,7 +49,8 @@ from selfevo.faults import kill_point
 from selfevo.generate import write_answers, write_questions
 from selfevo.ifd import score_pairs
 from selfevo.models import (
-    accelerator_device, add_lora, load_adapter_weights, load_model, nf4_quantization, resolve_model, save_adapter,
+    accelerator_device, adapter_switched, add_lora, load_adapter_weights, load_model, nf4_quantization,
+    resolve_model, save_adapter,
 )
 from selfevo.ranks import Strategy, launch_ranks, on_rank_zero
 from selfevo.prompts import prompts_digest
@@ -413,9 +414,12 @@ def run_generations(
             return records, {"kept": len(records), "dropped": dropped}
 
         def make_answers():
-            records, drops = write_answers(
-                generator(adapter), tokenizer, questions, cfg.generation, max_length, seed, strategy
-            )
+            # generation.answer_model base: the base model answers (no adapter on either backend)
+            current = cfg.generation.answer_model == "current"
+            with adapter_switched(model, current):
+                records, drops = write_answers(
+                    generator(adapter if current else None), tokenizer, questions, cfg.generation, max_length, seed, strategy
+                )
             return [{**r, "generation": i} for r in records], {"kept": len(records), **drops}
 
         def make_replay():

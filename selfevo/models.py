@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -186,6 +187,15 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> PeftModel:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)
+
+
+def adapter_switched(model, on: bool) -> AbstractContextManager:
+    """A context in which `model` works with its adapter (on) or as the base model (off). A model
+    without an adapter (a plain model, or the vLLM engine, which picks its adapter per request) is
+    left as it is."""
+    if on or not hasattr(model, "disable_adapter"):
+        return nullcontext()
+    return model.disable_adapter()
 
 
 def save_adapter(model: PeftModel, path: str | os.PathLike) -> None:

@@ -1,12 +1,13 @@
 """End to end: `selfevo evolve` over 2 generations on the tiny model; resume; config checks."""
 
 import json
+from contextlib import nullcontext
 
 from typer.testing import CliRunner
 
 import selfevo.loop
 from selfevo.cli import app
-from tests.conftest import RUN_FILES, evolve_args, run_files
+from tests.conftest import RUN_FILES, evolve_args, run_files, toy_domain_inputs
 
 
 
@@ -91,3 +92,43 @@ def test_different_config_is_refused_unless_forced(finished_run, tiny_model):
     assert "replay.k: 3 -> 5" in refused.output and "--force" in refused.output
     # more generations of the same config are not a different config
     assert "different config" not in run(evolve_args(tiny_model, inputs, root, "t", "--start", "2", "--end", "2")).output
+
+
+def test_answer_model_base_has_the_base_model_answer_the_current_models_questions(tiny_model, tmp_path):
+    from selfevo.config import EvolveConfig, GenerationConfig, LoraConfig, ModelConfig, identity
+    from selfevo.generate import write_answers
+    from selfevo.models import add_lora, load_adapter_weights, load_model
+
+    inputs = toy_domain_inputs(tmp_path)
+    fast = ("--train.learning_rate", "5e-2")  # an adapter that changes what the tiny model writes
+    for name, answer_model in (("c", "current"), ("b", "base")):
+        result = run(evolve_args(tiny_model, inputs, tmp_path, name, *fast, "--generation.answer_model", answer_model))
+        assert result.exit_code == 0, result.output
+    current, base_run = tmp_path / "runs" / "c", tmp_path / "runs" / "b"
+
+    def records(run_dir, i, stage):
+        return [json.loads(line) for line in (run_dir / f"gen_{i}" / f"{stage}.jsonl").read_text().splitlines()]
+
+    # Generation 0's model is the base model either way; generation 1's questions are M_1's either way.
+    assert records(base_run, 0, "answers") == records(current, 0, "answers")
+    questions = records(base_run, 1, "questions")
+    assert questions == records(current, 1, "questions")
+    model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32", max_length=256))
+    model = add_lora(model, LoraConfig(), seed=0)
+    sampling = GenerationConfig(batch_size=2, question_max_new_tokens=12, answer_max_new_tokens=16)
+
+    def answers_by(adapter_of) -> list[str]:
+        if adapter_of is not None:
+            load_adapter_weights(model, adapter_of / "gen_0" / "adapter")
+        with model.disable_adapter() if adapter_of is None else nullcontext():
+            written, _ = write_answers(model, tokenizer, questions, sampling, 256, seed=1)  # the loop's seed for gen_1
+        return [a["answer"] for a in written]
+
+    by_base, by_m1 = answers_by(None), answers_by(current)
+    assert by_base != by_m1
+    assert [a["answer"] for a in records(base_run, 1, "answers")] == by_base
+    assert [a["answer"] for a in records(current, 1, "answers")] == by_m1
+    # a run begun with one answer model is not resumed with the other; runs made before the key resume
+    assert "answer_model" not in identity(EvolveConfig())["generation"]
+    refused = run(evolve_args(tiny_model, inputs, tmp_path, "c", *fast, "--generation.answer_model", "base"))
+    assert refused.exit_code == 2 and "generation.answer_model" in refused.output
