@@ -2,7 +2,7 @@
 
 For generation i, with M_i = base + adapter A_i (A_0: a fresh adapter, i.e. the base model):
     questions  <- M_i writes a question for every fragment (open book)
-    qa         <- M_i answers each question (open book; M_0 does with generation.answer_model base)
+    qa         <- M_0 answers each question (open book; M_i does with generation.answer_model current)
     replay     <- k pairs of QA_0..QA_{i-1}, chosen by IFD
     A_{i+1}    <- continue A_i on qa + replay (closed book)
     qa.ifd     <- IFD of every pair of QA_i (base model by default)

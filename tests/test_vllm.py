@@ -64,12 +64,13 @@ def test_evolve_on_vllm_uses_one_engine_and_each_generations_adapter(vllm_run):
     run_dir, engines, calls = vllm_run
     assert len(engines) == 1  # made once, reused by generation 1
     gen_0, gen_1 = (str(run_dir / f"gen_{i}" / "adapter") for i in (0, 1))
-    # Each generation writes with M_i (gen 0: the base model, its adapter being fresh) and is
-    # evaluated with M_{i+1}; the base model is evaluated first. 4 eval questions, 6 fragments.
+    # Each generation's questions are M_i's (gen 0: the base model, its adapter being fresh), its
+    # answers the base model's (generation.answer_model base, the default), and it is evaluated with
+    # M_{i+1}; the base model is evaluated first. 4 eval questions, 6 fragments.
     assert [(c["adapter"], c["prompts"], c["max_new_tokens"]) for c in calls] == [
         (None, 4, 12),
         (None, 6, 12), (None, calls[2]["prompts"], 16), (gen_0, 4, 12),
-        (gen_0, 6, 12), (gen_0, calls[5]["prompts"], 16), (gen_1, 4, 12),
+        (gen_0, 6, 12), (None, calls[5]["prompts"], 16), (gen_1, 4, 12),
     ]
     calls = [calls[k] for k in (1, 2, 4, 5)]  # the generation calls
     for i in (0, 1):
