@@ -10,7 +10,9 @@ writes
                                    mode; seconds per generation and per stage; how long the answers are
                                    (the eval answers, the answers each generation wrote and trained on,
                                    beside the references); greedy vs. sampled decoding where
-                                   `reproduce_visit.sh sampled` made it
+                                   `reproduce_visit.sh sampled` made it; what 100 eval pairs can tell
+                                   apart: each run's best and last generation against the base model
+                                   and generation 0, with a paired bootstrap interval
 Each run's mode is read from its config.json (replay.mode and replay.k), not from its name.
 """
 
@@ -20,6 +22,8 @@ import argparse
 import io
 import json
 import os
+import random
+import re
 import statistics
 import sys
 from collections import Counter
@@ -151,6 +155,16 @@ def median_of(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def restates_question(question: str, answer: str, n: int = 4) -> bool:
+    """An answer that says little beyond its question: 80% or more of its n-character windows occur in
+    the question (whitespace and punctuation aside), e.g. "填写申请单。" for "如何填写申请单？"."""
+    q, a = re.sub(r"[\W_]+", "", question), re.sub(r"[\W_]+", "", answer)
+    if len(a) < n:
+        return a in q
+    windows = [a[i : i + n] for i in range(len(a) - n + 1)]
+    return sum(w in q for w in windows) >= 0.8 * len(windows)
+
+
 def lengths_table(runs: list[dict], references: float | None) -> str:
     """How long the answers are, in characters (median): what each model answers to the eval questions,
     and what each generation wrote (open book) and trained on; beside them, the signs of a collapsing
@@ -158,8 +172,13 @@ def lengths_table(runs: list[dict], references: float | None) -> str:
     (before the clean-up, which drops a reply given three times or more, where stages.json counts it)."""
     head = f"eval answers (references: {fmt(references, 0)})"
     lines = [f"| run | model | {head} | answers written and trained on | answers dropped (looping / restating / repeated) "
-             "| commonest answer, times given | median IFD |",
-             "|---" * 7 + "|"]
+             "| commonest answer, times given | median IFD | answers restating their question (eval / written) |",
+             "|---" * 8 + "|"]
+    def echoes(items: list[dict], key: str) -> str:
+        if not items or "question" not in items[0]:
+            return ""
+        return f"{sum(restates_question(p['question'], p[key]) for p in items)} of {len(items)}"
+
     for run in runs:
         for r in run["rows"]:
             if run["forked"] and r["model"] in ("base", "gen_0"):
@@ -174,8 +193,47 @@ def lengths_table(runs: list[dict], references: float | None) -> str:
             commonest = answers.get("commonest_given", max(Counter(p["answer"] for p in pairs).values(), default=""))
             lines.append(f"| {run['name']} | {r['model']} | {fmt(median_of([len(p['prediction']) for p in predictions]), 0)} | "
                          f"{fmt(median_of([len(p['answer']) for p in pairs]), 0)} | {dropped} | "
-                         f"{commonest} | {fmt(median_of([p['ifd'] for p in pairs]), 3)} |")
+                         f"{commonest} | {fmt(median_of([p['ifd'] for p in pairs]), 3)} | {echoes(predictions, 'prediction')}"
+                         f"{' / ' + echoes(pairs, 'answer') if pairs else ''} |")
     return "\n".join(lines) + "\n"
+
+
+def paired_interval(a: list[float], b: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """The mean of a - b over the same eval pairs, and its 95% percentile-bootstrap interval (the pairs
+    resampled with replacement, `draws` times, seeded: the same scores give the same interval)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_interval: needs the same, non-zero number of scores ({len(a)} and {len(b)})")
+    differences = [x - y for x, y in zip(a, b)]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(differences, k=len(differences))) for _ in range(draws))
+    return statistics.fmean(differences), means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+
+
+def gains_table(runs: list[dict]) -> str:
+    """Each run's best and last generation against the base model and generation 0: the BLEU-4
+    difference over the same eval pairs with its 95% interval. A gap whose interval holds 0 is one that
+    this eval set cannot tell from the noise of its pairs."""
+    def scores(run: dict, model: str) -> list[float] | None:
+        predictions = records(run["dir"] / model / "predictions.jsonl")
+        return [p["bleu-4"] for p in predictions] if predictions and all("bleu-4" in p for p in predictions) else None
+
+    def cell(a, b) -> str:
+        if a is None or b is None:
+            return ""
+        mean, low, high = paired_interval(a, b)
+        return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+    lines = []
+    for run in runs:
+        last = gens(run)[-1] if gens(run) else None
+        for row in dict.fromkeys(r["model"] for r in (best(run), last) if r):
+            if run["forked"] and row == "gen_0":
+                continue  # shared with the run it was forked from, and shown there
+            here = scores(run, row)
+            over_gen_0 = cell(here, scores(run, "gen_0")) if row != "gen_0" else ""
+            lines.append(f"| {run['name']} | {row} | {cell(here, scores(run, 'base'))} | {over_gen_0} |")
+    head = "| run | model | BLEU-4 gain over the base model [95% interval] | over gen_0 [95% interval] |\n"
+    return head + "|---" * 4 + "|\n" + "\n".join(lines) + "\n"
 
 
 def sampled_table(runs: list[dict]) -> str:
@@ -262,6 +320,10 @@ def fragment(runs: list[dict], bar: Path, line: Path, md_dir: Path) -> str:
     parts += ["### Seconds per generation and stage\n", seconds_table(runs)]
     references = median_of([len(p["reference"]) for p in records(runs[0]["dir"] / "base" / "predictions.jsonl")])
     parts += ["### How long the answers are (median characters)\n", lengths_table(runs, references)]
+    parts += [
+        "### What the eval set can tell apart (BLEU-4, paired bootstrap over its pairs, 2,000 draws)\n",
+        gains_table(runs),
+    ]
     sampled = sampled_table(runs)
     if sampled:
         parts += ["### Greedy and sampled decoding of the same model\n", sampled]

@@ -4,6 +4,7 @@ there (benchmarks/reproduce_runs.py, the loop's --start), and the results docume
 
 import importlib.util
 import json
+import random
 import shutil
 import sys
 import tarfile
@@ -148,9 +149,11 @@ def fake_run(runs: Path, name: str, mode: str, k: int, bleu: list[float], forked
         folder = d / ("base" if i == 0 else f"gen_{i - 1}")
         metrics = {"bleu-4": b, "rouge-1": b + 10, "rouge-2": b / 2, "rouge-l": b + 5}
         write_json(folder / "metrics.json", metrics)
-        write_jsonl(folder / "predictions.jsonl", [{"prediction": "p" * (40 - 10 * i), "reference": "r" * 30}])
+        write_jsonl(folder / "predictions.jsonl",
+                    [{"question": "q?", "prediction": "p" * (40 - 10 * i), "reference": "r" * 30, "bleu-4": b}])
         if i:
-            write_jsonl(folder / "qa.jsonl", [{"answer": "a" * (20 - 5 * i), "ifd": 0.5 / i}] + [{"answer": "a", "ifd": 0.1}] * 2)
+            write_jsonl(folder / "qa.jsonl", [{"question": "q?", "answer": "a" * (20 - 5 * i), "ifd": 0.5 / i}]
+                        + [{"question": "what is a?", "answer": "a", "ifd": 0.1}] * 2)
         stages = {"evaluate": {"seconds": 9.5, "pairs": 100, "files": {}}}
         if i:
             stages.update({s: {"seconds": 10.0 * (j + 1), "files": {}} for j, s in enumerate(("questions", "answers", "train", "score"))})
@@ -190,11 +193,39 @@ def test_results_doc_tables_and_charts(tmp_path):
     # the answers' lengths: eval answers beside the references', and what each generation trained on,
     # with the clean-up's drops and how often the commonest answer was given
     assert ("| run | model | eval answers (references: 30) | answers written and trained on | answers dropped "
-            "(looping / restating / repeated) | commonest answer, times given | median IFD |") in md
-    assert "| qwen-hard | base | 40 |  |  |  |  |" in md
-    assert "| qwen-hard | gen_0 | 30 | 1 | 10 | 2 | 0.100 |" in md  # counted in what was kept (older stages.json)
-    assert "| qwen-hard | gen_1 | 20 | 1 | 20 (5 / 3 / 12) | 6 | 0.100 |" in md
+            "(looping / restating / repeated) | commonest answer, times given | median IFD | answers restating their "
+            "question (eval / written) |") in md
+    assert "| qwen-hard | base | 40 |  |  |  |  | 0 of 1 |" in md
+    assert "| qwen-hard | gen_0 | 30 | 1 | 10 | 2 | 0.100 | 0 of 1 / 2 of 3 |" in md  # counted in what was kept (older stages.json)
+    assert "| qwen-hard | gen_1 | 20 | 1 | 20 (5 / 3 / 12) | 6 | 0.100 | 0 of 1 / 2 of 3 |" in md
     assert "| qwen-none | gen_0 | 30 |" not in md  # shared with the run it was forked from
+    # best and last generation against the base model and gen_0 (one eval pair here: no spread)
+    assert "| qwen-hard | gen_1 | +5.00 [+5.00, +5.00] | +3.00 [+3.00, +3.00] |" in md
+    assert "| qwen-hard | gen_2 | +4.00 [+4.00, +4.00] | +2.00 [+2.00, +2.00] |" in md
+
+
+def test_an_answer_that_restates_its_question_is_told_from_one_that_answers_it():
+    assert results_doc.restates_question("如何填写申请单？", "填写申请单。")
+    assert results_doc.restates_question("如何在权限分配中为选定的资源分配操作集？", "在权限分配中为选定的资源分配操作集。")
+    assert not results_doc.restates_question("如何填写申请单？", "在系统中选择合同号，再选择产品线和版本，填写申请原因后提交。")
+    assert results_doc.restates_question("What is a?", "a") and not results_doc.restates_question("What is a?", "b")
+
+
+def test_paired_interval_is_the_mean_gap_with_a_bootstrap_interval_that_widens_with_spread():
+    same = [3.0, 5.0, 9.0, 1.0]
+    assert results_doc.paired_interval(same, same) == (0.0, 0.0, 0.0)
+    assert results_doc.paired_interval([x + 2 for x in same], same) == (2.0, 2.0, 2.0)
+    rng = random.Random(1)
+    base = [rng.uniform(0, 50) for _ in range(100)]
+    # a mean gain of exactly 1, its pairs spread by +-0.5 or by +-20
+    tight = results_doc.paired_interval([x + 1 + (0.5 if i % 2 else -0.5) for i, x in enumerate(base)], base)
+    loose = results_doc.paired_interval([x + 1 + (20 if i % 2 else -20) for i, x in enumerate(base)], base)
+    assert tight[0] == pytest.approx(1) == loose[0]
+    assert 0 < tight[1] < 1 < tight[2] < 2  # a steady gain is told apart from none
+    assert loose[1] < 0 < 1 < loose[2]  # the same gain, 40 times as spread, is not
+    assert results_doc.paired_interval(base, base[::-1]) == results_doc.paired_interval(base, base[::-1])  # seeded
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        results_doc.paired_interval([1.0], [1.0, 2.0])
 
 
 def test_a_pack_is_unpacked_once_and_an_older_one_never_over_a_newer(finished_run, tmp_path, capsys):
