@@ -208,10 +208,11 @@ run() {  # SECONDS NAME...
   [ -e $M ] || { echo "the model is not staged ($M)"; return 1; }
   [ -f $D/AIOps_data.json ] || { echo "the data is not carried ($D)"; return 1; }
   rm -f $R/forked $R/started
-  # SAMPLED="NAME GEN": that adapter's greedy and sampled evaluation beside the runs (packed with them)
+  # SAMPLED="NAME GEN": that adapter's greedy and sampled evaluation beside the runs, stopped at the
+  # deadline like them and packed with them (it takes one of the PARALLEL places while it runs)
   if [ -n "${SAMPLED:-}" ]; then
     # shellcheck disable=SC2086
-    evaluate_both_ways $SAMPLED > $R/log/sampled.log 2>&1 &
+    evaluate_both_ways $SAMPLED $((deadline - SECONDS)) > $R/log/sampled.log 2>&1 &
     echo "$SAMPLED" | cut -d' ' -f1 >> $R/started
   fi
   run_until $deadline "$@" || return 1
@@ -294,14 +295,17 @@ sampled() {  # NAME GEN
   pack_out "$1"
 }
 
-evaluate_both_ways() {  # NAME GEN: the same adapter decoded greedily and with the seed's sampling, both by HF generate
-  local name=$1 gen=$2 folder adapter=()
+evaluate_both_ways() {  # NAME GEN [SECONDS]: the same adapter decoded greedily and with the seed's sampling,
+  # both by HF generate (stopped after SECONDS, if given)
+  local name=$1 gen=$2 folder adapter=() stop_at=$((SECONDS + ${3:-86400}))
   folder=$RUNS/$name/sampled/gen_$gen
   [ "$gen" = base ] && folder=$RUNS/$name/sampled/base || adapter=(--adapter $RUNS/"$name"/gen_"$gen"/adapter)
   for way in greedy sample; do
     flag=(); [ $way = sample ] && flag=(--sample)
     rm -rf "$folder/$way"
-    python -m selfevo.cli evaluate $D/AIOps_eval_data.json --out "$folder/$way" --model $M "${adapter[@]}" "${flag[@]}" \
+    ((stop_at > SECONDS)) || { echo "$name $gen $way: not started, no time left"; continue; }
+    timeout -s INT -k 30 $((stop_at - SECONDS)) \
+      python -m selfevo.cli evaluate $D/AIOps_eval_data.json --out "$folder/$way" --model $M "${adapter[@]}" "${flag[@]}" \
       --batch-size 100 --max-new-tokens 512 --max-length 1024 2>&1 | tail -n 3
   done
 }

@@ -11,8 +11,8 @@ writes
                                    (the eval answers, the answers each generation wrote and trained on,
                                    beside the references); greedy vs. sampled decoding where
                                    `reproduce_visit.sh sampled` made it; what 100 eval pairs can tell
-                                   apart: each run's best and last generation against the base model
-                                   and generation 0, with a paired bootstrap interval
+                                   apart: every generation against the base model and generation 0,
+                                   and the runs against each other, with paired bootstrap intervals
 Each run's mode is read from its config.json (replay.mode and replay.k), not from its name.
 """
 
@@ -155,10 +155,12 @@ def median_of(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def restates_question(question: str, answer: str, n: int = 4) -> bool:
+def echoes_question(question: str, answer: str, n: int = 4) -> bool:
     """An answer that says little beyond its question: 80% or more of its n-character windows occur in
     the question (whitespace and punctuation aside), e.g. "填写申请单。" for "如何填写申请单？"."""
     q, a = re.sub(r"[\W_]+", "", question), re.sub(r"[\W_]+", "", answer)
+    if not a:
+        return False  # nothing written: not an echo (the clean-up counts it as looping)
     if len(a) < n:
         return a in q
     windows = [a[i : i + n] for i in range(len(a) - n + 1)]
@@ -172,12 +174,12 @@ def lengths_table(runs: list[dict], references: float | None) -> str:
     (before the clean-up, which drops a reply given three times or more, where stages.json counts it)."""
     head = f"eval answers (references: {fmt(references, 0)})"
     lines = [f"| run | model | {head} | answers written and trained on | answers dropped (looping / restating / repeated) "
-             "| commonest answer, times given | median IFD | answers restating their question (eval / written) |",
+             "| commonest answer, times given | median IFD | answers echoing their question (eval / written) |",
              "|---" * 8 + "|"]
     def echoes(items: list[dict], key: str) -> str:
         if not items or "question" not in items[0]:
             return ""
-        return f"{sum(restates_question(p['question'], p[key]) for p in items)} of {len(items)}"
+        return f"{sum(echoes_question(p['question'], p[key]) for p in items)} of {len(items)}"
 
     for run in runs:
         for r in run["rows"]:
@@ -209,31 +211,48 @@ def paired_interval(a: list[float], b: list[float], draws: int = 2000, seed: int
     return statistics.fmean(differences), means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
 
 
+def pair_scores(run: dict, model: str) -> list[float] | None:
+    """The per-pair BLEU-4 of a model's eval answers, in eval-set order (None if not recorded)."""
+    predictions = records(run["dir"] / model / "predictions.jsonl")
+    return [p["bleu-4"] for p in predictions] if predictions and all("bleu-4" in p for p in predictions) else None
+
+
+def interval_cell(a: list[float] | None, b: list[float] | None) -> str:
+    if a is None or b is None:
+        return ""
+    mean, low, high = paired_interval(a, b)
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
 def gains_table(runs: list[dict]) -> str:
-    """Each run's best and last generation against the base model and generation 0: the BLEU-4
-    difference over the same eval pairs with its 95% interval. A gap whose interval holds 0 is one that
-    this eval set cannot tell from the noise of its pairs."""
-    def scores(run: dict, model: str) -> list[float] | None:
-        predictions = records(run["dir"] / model / "predictions.jsonl")
-        return [p["bleu-4"] for p in predictions] if predictions and all("bleu-4" in p for p in predictions) else None
-
-    def cell(a, b) -> str:
-        if a is None or b is None:
-            return ""
-        mean, low, high = paired_interval(a, b)
-        return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
-
+    """Every generation of each run against the base model and generation 0: the BLEU-4 difference
+    over the same eval pairs with its 95% interval. A gap whose interval holds 0 is one that this
+    eval set cannot tell from the spread of its pairs."""
     lines = []
     for run in runs:
-        last = gens(run)[-1] if gens(run) else None
-        for row in dict.fromkeys(r["model"] for r in (best(run), last) if r):
-            if run["forked"] and row == "gen_0":
+        base, gen_0 = pair_scores(run, "base"), pair_scores(run, "gen_0")
+        for r in gens(run):
+            if run["forked"] and r["model"] == "gen_0":
                 continue  # shared with the run it was forked from, and shown there
-            here = scores(run, row)
-            over_gen_0 = cell(here, scores(run, "gen_0")) if row != "gen_0" else ""
-            lines.append(f"| {run['name']} | {row} | {cell(here, scores(run, 'base'))} | {over_gen_0} |")
+            here = pair_scores(run, r["model"])
+            over_gen_0 = interval_cell(here, gen_0) if r["model"] != "gen_0" else ""
+            lines.append(f"| {run['name']} | {r['model']} | {interval_cell(here, base)} | {over_gen_0} |")
     head = "| run | model | BLEU-4 gain over the base model [95% interval] | over gen_0 [95% interval] |\n"
     return head + "|---" * 4 + "|\n" + "\n".join(lines) + "\n"
+
+
+def runs_table(runs: list[dict]) -> str:
+    """Each pair of runs at their last generation: the BLEU-4 difference over the same eval pairs with
+    its 95% interval (the replay modes' comparison)."""
+    lines = []
+    for k, a in enumerate(runs):
+        for b in runs[k + 1 :]:
+            if gens(a) and gens(b):
+                ga, gb = gens(a)[-1]["model"], gens(b)[-1]["model"]
+                cell = interval_cell(pair_scores(a, ga), pair_scores(b, gb))
+                lines.append(f"| {a['name']} {ga} | {b['name']} {gb} | {cell} |")
+    head = "| run | minus run | BLEU-4 difference [95% interval] |\n"
+    return head + "|---" * 3 + "|\n" + "\n".join(lines) + "\n"
 
 
 def sampled_table(runs: list[dict]) -> str:
@@ -323,6 +342,8 @@ def fragment(runs: list[dict], bar: Path, line: Path, md_dir: Path) -> str:
     parts += [
         "### What the eval set can tell apart (BLEU-4, paired bootstrap over its pairs, 2,000 draws)\n",
         gains_table(runs),
+        "The runs against each other at their last generation:\n",
+        runs_table(runs),
     ]
     sampled = sampled_table(runs)
     if sampled:

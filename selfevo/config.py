@@ -62,10 +62,9 @@ class GenerationConfig:
     top_p: float = 0.95
     answer_model: Literal["base", "current"] = "base"
     """Who answers the questions, open book: base = the base model, its adapter off; current = the model
-    of this generation, which also wrote the questions (the paper's loop). The questions are always the
-    current model's. With current, Qwen2.5-Coder-0.5B's answers drifted from one generation to the next
-    (311 characters at generation 0, 62 at generation 5; BLEU-4 fell back), with base they kept the
-    base model's length and BLEU-4 held (docs/results.md)."""
+    of this generation, which also wrote the questions (the paper's loop; the default until 2026-12-01).
+    The questions are always the current model's. With current, a small model's answers drifted from
+    one generation to the next and its scores fell back; with base they held (docs/results.md)."""
     vllm_kv_cache_gib: float = 4.0
     """vllm backend: memory for its KV cache, in GiB (the model's weights come on top)."""
     vllm_tensor_parallel_size: int = 1

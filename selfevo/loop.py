@@ -125,9 +125,16 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
                 "or finish it with that version"
             )
         elif identity_of(old["config"]) != identity(cfg):
+            was = identity_of(old["config"])
+            difference = _first_difference(was, identity(cfg))
+            if difference.startswith("generation.answer_model"):  # its default changed on 2026-12-01
+                begun_with = was.get("generation", {}).get("answer_model", "current")
+                difference = (
+                    f"generation.answer_model: it was begun with {begun_with}, this is "
+                    f"{cfg.generation.answer_model}; add --generation.answer_model {begun_with} to go on with it"
+                )
             problem = (
-                f"{run_dir} holds a run of a different config "
-                f"({_first_difference(identity_of(old['config']), identity(cfg))}); "
+                f"{run_dir} holds a run of a different config ({difference}); "
                 "pass --force to set it aside and start over, or choose another --name"
             )
         if problem:

@@ -128,7 +128,15 @@ def test_answer_model_base_has_the_base_model_answer_the_current_models_question
     assert by_base != by_m1
     assert [a["answer"] for a in records(base_run, 1, "answers")] == by_base
     assert [a["answer"] for a in records(current, 1, "answers")] == by_m1
-    # a run begun with one answer model is not resumed with the other; runs made before the key resume
-    assert "answer_model" not in identity(EvolveConfig())["generation"]
-    refused = run(evolve_args(tiny_model, inputs, tmp_path, "c", *fast, "--generation.answer_model", "base"))
-    assert refused.exit_code == 2 and "generation.answer_model" in refused.output
+    # A run begun with one answer model is not resumed with the other. A snapshot without the key
+    # (made before it existed, when every run was answered by the current model) reads as current:
+    # run c's snapshot is such a one.
+    assert "answer_model" not in identity(EvolveConfig(generation=GenerationConfig(answer_model="current")))["generation"]
+    assert "answer_model" not in json.loads((current / "config.json").read_text())["config"]["generation"]
+    refused = run(evolve_args(tiny_model, inputs, tmp_path, "c", *fast))  # the default, base
+    assert refused.exit_code == 2
+    assert "begun with current" in refused.output and "--generation.answer_model current" in refused.output
+    resumed = run(evolve_args(tiny_model, inputs, tmp_path, "c", *fast, "--generation.answer_model", "current"))
+    assert resumed.exit_code == 0, resumed.output
+    refused = run(evolve_args(tiny_model, inputs, tmp_path, "b", *fast, "--generation.answer_model", "current"))
+    assert refused.exit_code == 2 and "begun with base" in refused.output

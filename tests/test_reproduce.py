@@ -193,7 +193,7 @@ def test_results_doc_tables_and_charts(tmp_path):
     # the answers' lengths: eval answers beside the references', and what each generation trained on,
     # with the clean-up's drops and how often the commonest answer was given
     assert ("| run | model | eval answers (references: 30) | answers written and trained on | answers dropped "
-            "(looping / restating / repeated) | commonest answer, times given | median IFD | answers restating their "
+            "(looping / restating / repeated) | commonest answer, times given | median IFD | answers echoing their "
             "question (eval / written) |") in md
     assert "| qwen-hard | base | 40 |  |  |  |  | 0 of 1 |" in md
     assert "| qwen-hard | gen_0 | 30 | 1 | 10 | 2 | 0.100 | 0 of 1 / 2 of 3 |" in md  # counted in what was kept (older stages.json)
@@ -202,13 +202,18 @@ def test_results_doc_tables_and_charts(tmp_path):
     # best and last generation against the base model and gen_0 (one eval pair here: no spread)
     assert "| qwen-hard | gen_1 | +5.00 [+5.00, +5.00] | +3.00 [+3.00, +3.00] |" in md
     assert "| qwen-hard | gen_2 | +4.00 [+4.00, +4.00] | +2.00 [+2.00, +2.00] |" in md
+    assert "| qwen-none | gen_1 | +1.50 [+1.50, +1.50] | -0.50 [-0.50, -0.50] |" in md
+    # and the runs against each other at their last generation
+    assert "| qwen-hard gen_2 | qwen-none gen_1 | +2.50 [+2.50, +2.50] |" in md
+    assert "| qwen-none gen_1 | qwen-all gen_1 | -1.50 [-1.50, -1.50] |" in md
 
 
-def test_an_answer_that_restates_its_question_is_told_from_one_that_answers_it():
-    assert results_doc.restates_question("如何填写申请单？", "填写申请单。")
-    assert results_doc.restates_question("如何在权限分配中为选定的资源分配操作集？", "在权限分配中为选定的资源分配操作集。")
-    assert not results_doc.restates_question("如何填写申请单？", "在系统中选择合同号，再选择产品线和版本，填写申请原因后提交。")
-    assert results_doc.restates_question("What is a?", "a") and not results_doc.restates_question("What is a?", "b")
+def test_an_answer_that_echoes_its_question_is_told_from_one_that_answers_it():
+    assert results_doc.echoes_question("如何填写申请单？", "填写申请单。")
+    assert results_doc.echoes_question("如何在权限分配中为选定的资源分配操作集？", "在权限分配中为选定的资源分配操作集。")
+    assert not results_doc.echoes_question("如何填写申请单？", "在系统中选择合同号，再选择产品线和版本，填写申请原因后提交。")
+    assert results_doc.echoes_question("What is a?", "a") and not results_doc.echoes_question("What is a?", "b")
+    assert not results_doc.echoes_question("如何填写申请单？", "") and not results_doc.echoes_question("如何填写申请单？", "。")
 
 
 def test_paired_interval_is_the_mean_gap_with_a_bootstrap_interval_that_widens_with_spread():
@@ -336,6 +341,14 @@ def test_a_visit_probes_the_rate_takes_the_best_and_a_later_rate_sets_the_old_ru
     assert (new / "gen_0" / "adapter" / "adapter_model.safetensors").read_bytes() == (
         runs / f"qwen-lr-{other}" / "gen_0" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert rr.next_start(new) == 1 and "qwen-hard: finished" in out  # generation 0 came with the probe's run
+
+    # SAMPLED: one adapter evaluated greedily and with the seed's sampling beside the runs, packed with them
+    out = visit(["run", "600", "qwen-hard"], tmp_path, MODEL=tiny_model, LR=other, END="1", SAMPLED="qwen-hard 0")
+    for way in ("greedy", "sample"):
+        metrics = json.loads((new / "sampled" / "gen_0" / way / "metrics.json").read_text())
+        assert {"bleu-4", "rouge-l"} <= set(metrics), out
+    manifest = json.loads(max((tmp_path / "out").glob("runs-*.manifest.json")).read_text())
+    assert "qwen-hard" in manifest["runs"], out
 
 
 def _toy(folder: Path) -> None:

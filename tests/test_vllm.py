@@ -22,12 +22,11 @@ pytestmark = pytest.mark.vllm
 KV_CACHE_GIB = "0.25"  # plenty for the tiny model; the machine is shared
 
 
-@pytest.fixture(scope="module")
-def vllm_run(tiny_vllm_model, tmp_path_factory):
-    """Two generations of `selfevo evolve` on the vllm backend, recording what the engine was asked."""
+def evolve_recording(root: Path, model: str, *extra: str) -> tuple[Path, list, list[dict]]:
+    """Two generations of `selfevo evolve` on the vllm backend, recording what the engine was asked:
+    (the run folder, the engines made, each generate call's prompt count, adapter and token cap)."""
     from selfevo.vllm_engine import VLLMEngine
 
-    root = tmp_path_factory.mktemp("evolve-vllm")
     data = Path(__file__).parents[1] / "data"
     (root / "fragments.json").write_text(json.dumps(json.loads((data / "quillmesh_fragments.json").read_text())[:6]))
     (root / "eval.json").write_text(json.dumps(json.loads((data / "quillmesh_eval.json").read_text())[:4]))
@@ -46,18 +45,25 @@ def vllm_run(tiny_vllm_model, tmp_path_factory):
     args = [
         "evolve", "--name", "v", "--end", "2", "--runs_dir", str(root / "runs"), "--logs_dir", str(root / "logs"),
         "--data.fragments", str(root / "fragments.json"), "--data.eval", str(root / "eval.json"),
-        "--model.name", tiny_vllm_model, "--model.dtype", "float32", "--model.max_length", "256",
+        "--model.name", model, "--model.dtype", "float32", "--model.max_length", "256",
         "--generation.backend", "vllm", "--generation.vllm_kv_cache_gib", KV_CACHE_GIB,
         "--generation.question_max_new_tokens", "12", "--generation.answer_max_new_tokens", "16",
         "--evaluation.max_new_tokens", "12", "--replay.k", "3", "--ifd.batch_size", "4",
         # a high learning rate: the adapters must change what the model writes, for the parity test
         "--train.micro_batch_size", "2", "--train.grad_accum", "1", "--train.learning_rate", "1e-2",
+        *extra,
     ]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(selfevo.loop, "VLLMEngine", RecordingEngine)
         result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return root / "runs" / "v", engines, calls
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tiny_vllm_model, tmp_path_factory):
+    """A run with the default answer model (base), shared by the tests below."""
+    return evolve_recording(tmp_path_factory.mktemp("evolve-vllm"), tiny_vllm_model)
 
 
 def test_evolve_on_vllm_uses_one_engine_and_each_generations_adapter(vllm_run):
@@ -85,6 +91,13 @@ def test_evolve_on_vllm_uses_one_engine_and_each_generations_adapter(vllm_run):
             assert (gen / name).is_file()
     assert json.loads((run_dir / "config.json").read_text())["config"]["generation"]["backend"] == "vllm"
 
+
+
+def test_with_answer_model_current_each_generations_model_answers_its_questions(tiny_vllm_model, tmp_path):
+    run_dir, _, calls = evolve_recording(tmp_path, tiny_vllm_model, "--generation.answer_model", "current")
+    gen_0 = str(run_dir / "gen_0" / "adapter")
+    # generation 1's questions and answers by M_1 (gen_0's adapter), as the paper's loop has it
+    assert [(c["adapter"], c["max_new_tokens"]) for c in calls[4:6]] == [(gen_0, 12), (gen_0, 16)]
 
 @pytest.fixture(scope="module")
 def engine(vllm_run, tiny_vllm_model):
