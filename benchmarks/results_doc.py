@@ -19,6 +19,7 @@ Each run's mode is read from its config.json (replay.mode and replay.k), not fro
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -147,8 +148,17 @@ def seconds_table(runs: list[dict]) -> str:
 
 
 def records(path: Path) -> list[dict]:
-    """A JSONL file's records; none without the file."""
-    return read_jsonl(path) if path.is_file() else []
+    """A JSONL file's records; none without the file. Several tables use each file: it is read once
+    while it stays the same (path, size and modification time)."""
+    if not path.is_file():
+        return []
+    st = path.stat()
+    return _read_jsonl(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.cache
+def _read_jsonl(path: Path, size: int, mtime_ns: int) -> list[dict]:
+    return read_jsonl(path)
 
 
 def median_of(values: list[float]) -> float | None:

@@ -267,10 +267,17 @@ def identity_of(config: dict) -> dict:
     d.get("generation", {}).pop("vllm_tensor_parallel_size", None)
     for key in ("devices", "strategy", "num_nodes"):
         d.get("trainer", {}).pop(key, None)
-    # Keys added after runs were made: at the values those runs had (the defaults, except answer_model,
-    # whose default became base) they are left out, so that such runs stay resumable.
-    for section, key, default in (("data", "include_eval", False), ("data", "fill", "first"),
-                                  ("generation", "answer_model", "current")):
-        if d.get(section, {}).get(key, default) == default:
+    # Keys added after runs were made: at the values those runs had they are left out, so that such
+    # runs stay resumable.
+    for (section, key), value in VALUES_BEFORE_THE_KEY.items():
+        if d.get(section, {}).get(key, value) == value:
             d.get(section, {}).pop(key, None)
     return d
+
+
+# What a run made before a key existed had for it (the defaults then; answer_model's became base later).
+VALUES_BEFORE_THE_KEY = {
+    ("data", "include_eval"): False,
+    ("data", "fill"): "first",
+    ("generation", "answer_model"): "current",
+}

@@ -39,7 +39,7 @@ from rich.console import Console
 from torch.utils.tensorboard import SummaryWriter
 
 from selfevo import generate
-from selfevo.config import EvolveConfig, identity, identity_of, validate
+from selfevo.config import VALUES_BEFORE_THE_KEY, EvolveConfig, identity, identity_of, validate
 from selfevo.data import (
     DataError, RunError, check_can_create, load_eval, load_fragments, read_json, read_jsonl, remove_temporary_files,
     select_fragments, write_json, write_jsonl,
@@ -73,12 +73,17 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _first_difference(a, b, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-    return f"{prefix.rstrip('.')}: {a!r} -> {b!r}"
+def _first_difference(a: dict, b: dict) -> str:
+    """The first key where two run identities differ, as "key: old -> new", and for a plain old value the
+    option that goes on with the run. A key that identity_of left out stands for the value it implies."""
+    path: tuple[str, ...] = ()
+    while isinstance(a, dict) and isinstance(b, dict):
+        key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+        path += (key,)
+        a, b = (VALUES_BEFORE_THE_KEY.get(path) if key not in x else x[key] for x in (a, b))
+    name = ".".join(path)
+    hint = f"; it was begun with {a}: add --{name} {a} to go on with it" if isinstance(a, (str, int, float)) else ""
+    return f"{name}: {a!r} -> {b!r}{hint}"
 
 
 def config_digest(config: dict) -> str:
@@ -125,16 +130,9 @@ def prepare_run_dir(cfg: EvolveConfig, force: bool) -> Path:
                 "or finish it with that version"
             )
         elif identity_of(old["config"]) != identity(cfg):
-            was = identity_of(old["config"])
-            difference = _first_difference(was, identity(cfg))
-            if difference.startswith("generation.answer_model"):  # its default changed on 2026-12-01
-                begun_with = was.get("generation", {}).get("answer_model", "current")
-                difference = (
-                    f"generation.answer_model: it was begun with {begun_with}, this is "
-                    f"{cfg.generation.answer_model}; add --generation.answer_model {begun_with} to go on with it"
-                )
             problem = (
-                f"{run_dir} holds a run of a different config ({difference}); "
+                f"{run_dir} holds a run of a different config "
+                f"({_first_difference(identity_of(old['config']), identity(cfg))}); "
                 "pass --force to set it aside and start over, or choose another --name"
             )
         if problem:
