@@ -256,25 +256,58 @@ def evaluate_cmd(
     out: Path = typer.Option(..., "--out", help="folder for predictions.jsonl and metrics.json"),
     model: str = typer.Option("smollm2-135m-instruct"),
     adapter: Optional[str] = typer.Option(None),
+    open_book: bool = typer.Option(False, "--open-book", help="the ceiling: each question with its fragment in the prompt"),
+    backend: str = typer.Option("hf", help="hf (Hugging Face generate) or vllm"),
+    language: str = typer.Option("en", help="en or zh: the open-book prompt, and which metrics auto picks"),
+    metrics: str = typer.Option("auto", help="seed, seed+word, or auto (seed+word for en, seed for zh)"),
     sample: bool = typer.Option(False, help="the seed's sampled decoding instead of greedy"),
     batch_size: int = typer.Option(16, min=1),
     max_new_tokens: int = typer.Option(256, min=1),
     max_length: int = typer.Option(1024, min=16),
+    seed: int = typer.Option(0),
+    vllm_kv_cache_gib: float = typer.Option(4.0, min=0.01, help="vllm backend: its KV cache, in GiB"),
 ) -> None:
-    """Answer the eval questions closed book; BLEU-4 and ROUGE as the seed computed them."""
-    from selfevo.config import EvalConfig, TrainerConfig
+    """Answer the eval questions, closed book (or open book); the seed's metrics, fact recall, and the
+    word-level metrics for English."""
+    from selfevo.config import ConfigError, EvalConfig, GenerationConfig, LoraConfig, ModelConfig, TrainerConfig
     from selfevo.data import check_can_create, load_eval, write_json, write_jsonl
     from selfevo.evaluate import evaluate_model
     from selfevo.train import build_trainer
 
+    for name, value, choices in (("--backend", backend, ("hf", "vllm")), ("--language", language, ("en", "zh")),
+                                 ("--metrics", metrics, ("auto", "seed", "seed+word"))):
+        if value not in choices:
+            raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
     records = load_eval(eval_file)
     check_can_create(out, "output")
-    m, tokenizer = _load(model, adapter)
-    cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=sample)
-    metrics, predictions = evaluate_model(m, tokenizer, records, cfg, max_length, build_trainer(TrainerConfig()))
+    cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=sample, metrics=metrics)
+    if backend == "vllm":
+        from selfevo.data import read_json
+        from selfevo.models import check_adapter_folder, load_tokenizer, resolve_model
+        from selfevo.vllm_engine import VLLMEngine
+
+        adapter_path = check_adapter_folder(adapter) if adapter else None
+        rank = read_json(adapter_path / "adapter_config.json")["r"] if adapter_path else LoraConfig().r
+        generator = VLLMEngine(
+            resolve_model(model), ModelConfig(name=model, max_length=max_length),
+            GenerationConfig(backend="vllm", vllm_kv_cache_gib=vllm_kv_cache_gib),
+            rank, seed, max_new_tokens,
+        )
+        generator.use_adapter(adapter_path)
+        tokenizer = load_tokenizer(model)
+    else:
+        generator, tokenizer = _load(model, adapter)
+    try:
+        metrics_out, predictions = evaluate_model(
+            generator, tokenizer, records, cfg, max_length, build_trainer(TrainerConfig()), seed,
+            language=language, open_book=open_book,
+        )
+    finally:
+        if backend == "vllm":
+            generator.close()
     write_jsonl(out / "predictions.jsonl", predictions)
-    write_json(out / "metrics.json", metrics)
-    typer.echo(" ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    write_json(out / "metrics.json", metrics_out)
+    typer.echo(" ".join(f"{k} {v:.2f}" for k, v in metrics_out.items()))
 
 
 @app.command()
@@ -303,17 +336,24 @@ def export(
 
 @app.command()
 @guarded
-def report(run: Path = typer.Argument(..., help="run directory")) -> None:
-    """Write RUN/report.png (bar chart per generation) and RUN/report.md."""
+def report(
+    run: Path = typer.Argument(..., help="run directory"),
+    eval_file: Optional[Path] = typer.Option(
+        None, "--eval", help="the eval file, for run files that kept only the answers (default: the run's data.eval)"
+    ),
+) -> None:
+    """Write RUN/summary.json, summary.md, report.md and report.png: each generation's scores, the share
+    of the open-book gap it recovered, and its controls with intervals."""
     from rich.console import Console
 
-    from selfevo.report import write_report, write_summary
+    from selfevo.report import summary_table, write_report, write_summary
 
     try:
-        png = write_report(run)
+        rows = write_summary(run, eval_file)
+        png = write_report(run, rows)
     except FileNotFoundError as e:
         fail(str(e))
-    Console().print(write_summary(run))
+    Console().print(summary_table(rows, f"{run.name}: what each generation knows, closed book"))
     typer.echo(f"report -> {png}")
 
 

@@ -139,6 +139,10 @@ class EvalConfig:
     top_k: int = 50
     limit: Optional[int] = None
     """Evaluate only the first N eval pairs (None: all)."""
+    metrics: Literal["auto", "seed", "seed+word"] = "auto"
+    """seed: the seed's character BLEU-4 and jieba ROUGE (to compare with the paper); seed+word: also
+    SacreBLEU and stemmed ROUGE-L over words; auto: seed+word for English, seed for Chinese. Fact
+    recall is scored either way (docs/metrics.md)."""
 
 
 @dataclass
@@ -280,4 +284,5 @@ VALUES_BEFORE_THE_KEY = {
     ("data", "include_eval"): False,
     ("data", "fill"): "first",
     ("generation", "answer_model"): "current",
+    ("evaluation", "metrics"): "auto",
 }

@@ -1,8 +1,11 @@
-"""Stage 6: the model answers the eval questions closed book; BLEU-4 and ROUGE as the seed computed them.
+"""Stage 6: the model answers the eval questions closed book (or, for the ceiling, open book), scored.
 
-The seed (LLaMA-Factory's ComputeMetrics) scores each pair, rounds to 4 decimals, and averages:
+The seed's metrics (LLaMA-Factory's ComputeMetrics) score each pair, round to 4 decimals, and average:
   BLEU-4  = nltk sentence_bleu over characters, SmoothingFunction().method3, x100;
   ROUGE-n = rouge_chinese F1 over jieba-segmented words, x100, 0 when either side is blank.
+For English, the standard word-level metrics come beside them (evaluation.metrics): SacreBLEU (13a
+tokens, over the corpus) and ROUGE-L F1 with Porter stemming (per pair), x100. Fact recall
+(selfevo.facts) is scored in every language. docs/metrics.md says what each measures.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 from torch.utils.data import DataLoader
 from torchmetrics import Metric
+from torchmetrics.functional.text import rouge_score
+from torchmetrics.text import ROUGEScore, SacreBLEUScore
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import EvalConfig
+from selfevo.facts import FactRecall, fact_recall
 from selfevo.faults import kill_point
 from selfevo.generate import Sampling, generate_batch
 from selfevo.models import adapter_switched, halving_batch_on_oom
-from selfevo.prompts import closed_book_prompt
+from selfevo.prompts import Language, answer_prompt, closed_book_prompt
 from selfevo.ranks import gather_in_order, share
 from selfevo.vllm_engine import VLLMEngine
 
@@ -130,16 +136,67 @@ class Evaluator(L.LightningModule):
         kill_point("evaluate")
 
 
-def score_answers(answers: list[str], references: list[str]) -> dict[str, float]:
-    """The means of the whole eval set, rounded to 4 decimals: SeedBLEU4 and SeedROUGE updated with
-    every answer in eval-set order. Every rank holds all the answers and computes the same sums in the
-    same order, so no rank waits on another (sync_on_compute off) and the means are the same bits on
-    any number of ranks."""
-    bleu, rouge_metric = SeedBLEU4(sync_on_compute=False), SeedROUGE(sync_on_compute=False)
+def metric_set(cfg: EvalConfig, language: Language) -> str:
+    """The metrics evaluation.metrics chooses: auto = the seed's, and for English the word-level too."""
+    if cfg.metrics != "auto":
+        return cfg.metrics
+    return "seed+word" if language == "en" else "seed"
+
+
+def rouge_l_stemmed(prediction: str, reference: str) -> float:
+    """Word-level ROUGE-L F1 with Porter stemming (torchmetrics, as rouge-score computes it), x100."""
+    scores = rouge_score(prediction, reference, use_stemmer=True, rouge_keys="rougeL")
+    return round(float(scores["rougeL_fmeasure"]) * 100, 4)
+
+
+def score_answers(
+    answers: list[str], records: list[dict], language: Language, metrics: str = "seed"
+) -> tuple[dict[str, float], list[dict]]:
+    """(means, per-pair scores) of answers to `records` ({"question", "reference", ...}), in order.
+
+    The means are the torchmetrics metrics updated with every answer in eval-set order, rounded to 4
+    decimals: every rank holds all the answers and computes the same sums in the same order, so no
+    rank waits on another (sync_on_compute off) and the means are the same bits on any number of
+    ranks. `fact-recall-scored` counts the references that hold a fact (fact-recall's pairs); a pair
+    whose reference holds none has fact-recall None.
+    """
+    references = [r["reference"] for r in records]
+    questions = [r["question"] for r in records]
+    bleu, seed_rouge = SeedBLEU4(sync_on_compute=False), SeedROUGE(sync_on_compute=False)
+    facts = FactRecall(language, sync_on_compute=False)
     bleu.update(answers, references)
-    rouge_metric.update(answers, references)
-    means = {"bleu-4": bleu.compute(), **rouge_metric.compute()}
-    return {k: round(float(v), 4) for k, v in means.items()}
+    seed_rouge.update(answers, references)
+    facts.update(answers, references, questions)
+    means = {"bleu-4": bleu.compute(), **seed_rouge.compute(), "fact-recall": facts.compute()}
+    pairs = [
+        {"bleu-4": bleu4(a, r), **rouge(a, r), "fact-recall": _percent(fact_recall(a, r, q, language))}
+        for a, r, q in zip(answers, references, questions)
+    ]
+    if metrics == "seed+word":
+        sacrebleu = SacreBLEUScore(tokenize="13a", sync_on_compute=False)
+        word_rouge = ROUGEScore(use_stemmer=True, rouge_keys="rougeL", sync_on_compute=False)
+        sacrebleu.update(answers, [[r] for r in references])
+        word_rouge.update(answers, references)
+        means["sacrebleu"] = sacrebleu.compute() * 100  # a corpus score: no per-pair value
+        means["rouge-l-stem"] = word_rouge.compute()["rougeL_fmeasure"] * 100
+        for pair, a, r in zip(pairs, answers, references):
+            pair["rouge-l-stem"] = rouge_l_stemmed(a, r)
+    out = {k: round(float(v), 4) for k, v in means.items()}
+    out["fact-recall-scored"] = facts.scored
+    return out, pairs
+
+
+def _percent(share: float | None) -> float | None:
+    return None if share is None else round(share * 100, 4)
+
+
+def eval_prompt(tokenizer: PreTrainedTokenizerBase, record: dict, language: Language, open_book: bool) -> str:
+    """Closed book: the question alone, as in training. Open book (the ceiling): the fragment and the
+    question in the answer prompt that wrote the training answers, so the ceiling is what the loop's
+    own teacher answers with the document in view."""
+    if open_book:
+        return answer_prompt(tokenizer, record["fragment"], record["question"], language)
+    return closed_book_prompt(tokenizer, record["question"])
 
 
 def evaluate_model(
@@ -151,12 +208,15 @@ def evaluate_model(
     trainer: L.Trainer,
     seed: int = 0,
     use_adapter: bool = True,
+    language: Language = "en",
+    open_book: bool = False,
 ) -> tuple[dict[str, float], list[dict]]:
-    """(metrics, predictions) of the model on the eval set. `model` is the Hugging Face model (its
-    adapter on or off by use_adapter) or the vllm backend's engine, set to the adapter to evaluate."""
+    """(metrics, predictions) of the model on the eval set, closed book or open book, with the same
+    decoding and cap either way. `model` is the Hugging Face model (its adapter on or off by
+    use_adapter) or the vllm backend's engine, set to the adapter to evaluate."""
     records = eval_set[: cfg.limit] if cfg.limit else eval_set
     items = [
-        {"index": i, "prompt": closed_book_prompt(tokenizer, r["question"]), "reference": r["reference"]}
+        {"index": i, "prompt": eval_prompt(tokenizer, r, language, open_book), "reference": r["reference"]}
         for i, r in enumerate(records)
     ]
     items.sort(key=lambda it: -len(it["prompt"]))  # similar lengths share a batch
@@ -174,9 +234,6 @@ def evaluate_model(
 
     evaluator = halving_batch_on_oom(run, cfg.batch_size, "evaluation")
     answers = gather_in_order(evaluator.predictions, len(records), trainer.strategy, "evaluation")
-    references = [r["reference"] for r in records]
-    predictions = [
-        {**r, "prediction": a, "bleu-4": bleu4(a, r["reference"]), **rouge(a, r["reference"])}
-        for r, a in zip(records, answers)
-    ]
-    return score_answers(answers, references), predictions
+    metrics, scores = score_answers(answers, records, language, metric_set(cfg, language))
+    predictions = [{**r, "prediction": a, **pair} for r, a, pair in zip(records, answers, scores)]
+    return metrics, predictions

@@ -54,7 +54,7 @@ from selfevo.models import (
 )
 from selfevo.ranks import Strategy, launch_ranks, on_rank_zero
 from selfevo.prompts import prompts_digest
-from selfevo.report import write_report, write_summary
+from selfevo.report import generation_line, log_knowledge, summary_table, write_report, write_summary
 from selfevo.select import select_replay
 from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint, build_trainer
 from selfevo.vllm_engine import VLLMEngine, engine_lora_rank, require_vllm
@@ -275,6 +275,7 @@ class Stages:
 
 
 EVAL_FILES = ("predictions.jsonl", "metrics.json")
+OPEN_BOOK_FILES = ("open_book/predictions.jsonl", "open_book/metrics.json")
 ADAPTER_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors")
 
 
@@ -348,35 +349,37 @@ def run_generations(
     def trainer(**kwargs):
         return build_trainer(cfg.trainer, **kwargs)
 
-    def summarize():
-        return write_summary(run_dir)  # summary.json and summary.md; the table, for the terminal
+    def summarize() -> list[dict]:
+        return write_summary(run_dir)  # summary.json and summary.md
 
     def stages_of(folder_name: str, step: int) -> Stages:
         return Stages(on_rank_zero(strategy, lambda: inside(run_dir, run_dir / folder_name)), writer, step, strategy)
 
-    def evaluate_into(stages: Stages, adapter: Path | None) -> dict:
-        """Evaluate M_0 (adapter None) or the model with `adapter`, already loaded into `model`."""
+    def evaluate_into(stages: Stages, adapter: Path | None, open_book: bool = False) -> dict:
+        """Evaluate M_0 (adapter None) or the model with `adapter`, already loaded into `model`; open
+        book (M_0 only: the ceiling) into the folder's open_book/."""
+        stage, files = ("evaluate_open_book", OPEN_BOOK_FILES) if open_book else ("evaluate", EVAL_FILES)
         folder, step = stages.folder, stages.step
-        if stages.done("evaluate", EVAL_FILES):
-            return on_rank_zero(strategy, lambda: read_json(folder / "metrics.json"))
-        stages.begin("evaluate")
+        if stages.done(stage, files):
+            return on_rank_zero(strategy, lambda: read_json(folder / files[1]))
+        stages.begin(stage)
         t = time.perf_counter()
         metrics, predictions = evaluate_model(
             generator(adapter), tokenizer, eval_set, cfg.evaluation, max_length, trainer(), cfg.seed,
-            use_adapter=adapter is not None,
+            use_adapter=adapter is not None, language=cfg.generation.language, open_book=open_book,
         )
 
         def write():
-            write_jsonl(folder / "predictions.jsonl", predictions)
-            # No timings here: the metrics are those of predictions.jsonl alone, summed in eval-set order on
+            write_jsonl(folder / files[0], predictions)
+            # No timings here: the metrics are those of the predictions alone, summed in eval-set order on
             # every rank, so the same predictions give the same file on any number of ranks.
-            write_json(folder / "metrics.json", metrics)
+            write_json(folder / files[1], metrics)
 
         on_rank_zero(strategy, write)
-        stages.record("evaluate", time.perf_counter() - t, EVAL_FILES, pairs=len(predictions))
-        for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
-            if writer is not None:
-                writer.add_scalar(f"eval/{key}", metrics[key], step)
+        stages.record(stage, time.perf_counter() - t, files, pairs=len(predictions))
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(f"{'eval_open_book' if open_book else 'eval'}/{key}", value, step)
         return metrics
 
     engine: VLLMEngine | None = None  # the vllm backend's engine: made when first needed, kept for the run
@@ -395,8 +398,10 @@ def run_generations(
         engine.use_adapter(adapter)
         return engine
 
-    console.rule("base model")
-    evaluate_into(stages_of("base", 0), adapter=None)
+    console.rule("base model: closed book, and open book (the ceiling)")
+    base_stages = stages_of("base", 0)
+    evaluate_into(base_stages, adapter=None)
+    evaluate_into(base_stages, adapter=None, open_book=True)
 
     for i in range(cfg.start, cfg.end):
         console.rule(f"generation {i}")
@@ -469,19 +474,20 @@ def run_generations(
 
         stages.jsonl("score", "qa.jsonl", make_scores)
         evaluate_into(stages, adapter=folder / "adapter")
-        on_rank_zero(strategy, summarize)
+        rows = on_rank_zero(strategy, summarize)
+        console.print(generation_line(rows, f"gen_{i}"))
         if writer is not None:
+            log_knowledge(writer, rows, f"gen_{i}", i + 1)
             writer.flush()
 
     if writer is not None:
         writer.close()
     if engine is not None:
         engine.close()
-    summary = on_rank_zero(strategy, summarize)
-    png = on_rank_zero(strategy, lambda: write_report(run_dir))
+    png = on_rank_zero(strategy, lambda: write_report(run_dir, rows))
     console.rule("summary")
-    console.print(summary)
-    console.print(f"report: {png}\nTensorBoard: tensorboard --logdir {log_dir}")
+    console.print(summary_table(rows, f"{run_dir.name}: what each generation knows, closed book"))
+    console.print(f"{run_dir / 'summary.md'} has the intervals; report: {png}\nTensorBoard: tensorboard --logdir {log_dir}")
     return run_dir
 
 

@@ -36,7 +36,15 @@ def test_two_generations_write_every_artifact(finished_run):
     assert [p["ifd"] for p in replay] == [p["ifd"] for p in gen0[:3]]
     assert (run_dir / "base" / "metrics.json").is_file()
     assert (run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
-    assert [r["model"] for r in json.loads((run_dir / "summary.json").read_text())] == ["base", "gen_0", "gen_1"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["model"] for r in summary] == ["base", "gen_0", "gen_1"]
+    # the base model closed and open book (the ceiling), and each generation's share of the gap
+    open_book = json.loads((run_dir / "base" / "open_book" / "metrics.json").read_text())
+    assert {"bleu-4", "rouge-l", "fact-recall", "fact-recall-scored"} <= set(open_book)
+    assert summary[0]["open_book"]["bleu-4"] == open_book["bleu-4"] and "question_echo" in summary[0]
+    for row in summary[1:]:
+        assert {"recovered", "length_matched_base", "vs_base", "vs_length_matched_base", "answer_length"} <= set(row)
+    assert "Knowledge recovered" in (run_dir / "summary.md").read_text()
     events = {p.parent.name for p in (root / "logs" / "t").rglob("events.out.tfevents.*")}
     assert {"evolve", "train_gen_0", "train_gen_1"} <= events
 
@@ -48,7 +56,8 @@ def test_tensorboard_holds_eval_scalars_histograms_text_and_timings(finished_run
     acc = EventAccumulator(str(root / "logs" / "t" / "evolve"), size_guidance={"tensors": 0, "histograms": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert {"eval/bleu-4", "eval/rouge-l", "seconds/train", "seconds/questions"} <= set(tags["scalars"])
+    assert {"eval/bleu-4", "eval/rouge-l", "eval/fact-recall", "eval_open_book/rouge-l", "seconds/train",
+            "seconds/questions", "controls/answer_length", "controls/echoing_question"} <= set(tags["scalars"])
     assert [e.step for e in acc.Scalars("eval/bleu-4")] == [0, 1, 2]
     assert "ifd" in tags["histograms"]
     assert any(t.startswith("samples") for t in tags["tensors"])

@@ -1,10 +1,8 @@
 """The small-scale reproduction's tools: run folders that travel slim between machines and resume
-there (benchmarks/reproduce_runs.py, the loop's --start), and the results document
-(benchmarks/results_doc.py) on run folders written by selfevo's own writers."""
+there (benchmarks/reproduce_runs.py, the loop's --start)."""
 
 import importlib.util
 import json
-import random
 import shutil
 import sys
 import tarfile
@@ -14,9 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from selfevo.cli import app
-from selfevo.config import EvolveConfig, identity
-from selfevo.data import write_json, write_jsonl
-from selfevo.loop import config_digest
+from selfevo.data import write_json
 from tests.conftest import ROOT, evolve_args, run_files
 
 
@@ -29,7 +25,6 @@ def _load(name: str):
 
 
 rr = _load("reproduce_runs")
-results_doc = _load("results_doc")
 
 
 def run(args):
@@ -135,102 +130,6 @@ def test_forked_run_shares_generation_0_and_continues_as_its_own(finished_run, t
     assert json.loads((runs / "r" / "config.json").read_text())["config"]["replay"]["mode"] == "random"
     assert (runs / "r" / "gen_0" / "qa.jsonl").read_bytes() == (runs / "t" / "gen_0" / "qa.jsonl").read_bytes()
     assert (runs / "r" / "gen_1" / "metrics.json").exists() and rr.next_start(runs / "r") == 2
-
-
-# --- results_doc on synthetic run folders, written by selfevo's writers ---------------------------
-
-
-def fake_run(runs: Path, name: str, mode: str, k: int, bleu: list[float], forked: bool = False) -> Path:
-    cfg = EvolveConfig(name=name)
-    cfg.replay.mode, cfg.replay.k = mode, k
-    d = runs / name
-    write_json(d / "config.json", {"config": identity(cfg), "sha256": config_digest(identity(cfg)), "seed": 0})
-    for i, b in enumerate(bleu):
-        folder = d / ("base" if i == 0 else f"gen_{i - 1}")
-        metrics = {"bleu-4": b, "rouge-1": b + 10, "rouge-2": b / 2, "rouge-l": b + 5}
-        write_json(folder / "metrics.json", metrics)
-        write_jsonl(folder / "predictions.jsonl",
-                    [{"question": "q?", "prediction": "p" * (40 - 10 * i), "reference": "r" * 30, "bleu-4": b}])
-        if i:
-            write_jsonl(folder / "qa.jsonl", [{"question": "q?", "answer": "a" * (20 - 5 * i), "ifd": 0.5 / i}]
-                        + [{"question": "what is a?", "answer": "a", "ifd": 0.1}] * 2)
-        stages = {"evaluate": {"seconds": 9.5, "pairs": 100, "files": {}}}
-        if i:
-            stages.update({s: {"seconds": 10.0 * (j + 1), "files": {}} for j, s in enumerate(("questions", "answers", "train", "score"))})
-            stages["answers"].update(kept=990, dropped=10 * i)
-            if i == 2:  # the clean-up's reasons, as selfevo writes them now
-                stages["answers"].update(looping=5, restating=3, repeated=12, commonest_given=6)
-            stages["replay"] = {"seconds": 0.1, "history": 990 * (i - 1), "chosen": min(k, 990 * (i - 1)), "files": {}}
-        write_json(folder / "stages.json", stages)
-    if forked:
-        (d / "FORKED_FROM").write_text("qwen-hard: base/ and gen_0/ copied from it\n")
-    return d
-
-
-def test_results_doc_tables_and_charts(tmp_path):
-    runs = tmp_path / "runs"
-    dirs = [
-        fake_run(runs, "qwen-none", "hard", 0, [7.0, 9.0, 8.5], forked=True),
-        fake_run(runs, "qwen-hard", "hard", 500, [7.0, 9.0, 12.0, 11.0]),
-        fake_run(runs, "qwen-all", "all", 500, [7.0, 9.0, 10.0], forked=True),
-    ]
-    write_json(dirs[1] / "sampled" / "gen_1" / "greedy" / "metrics.json", {"bleu-4": 12.1, "rouge-1": 1, "rouge-2": 2, "rouge-l": 3})
-    write_json(dirs[1] / "sampled" / "gen_1" / "sample" / "metrics.json", {"bleu-4": 10.4, "rouge-1": 1, "rouge-2": 2, "rouge-l": 3})
-    docs = tmp_path / "docs"
-    results_doc.main([*map(str, dirs), "--out", str(docs), "--prefix", "r", "--fragment", str(docs / "tables.md")])
-    md = (docs / "tables.md").read_text()
-    assert (docs / "r_bleu_by_mode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (docs / "r_generations.png").stat().st_size > 10_000
-    assert "![BLEU-4, best generation per mode](r_bleu_by_mode.png)" in md
-    # modes come from config.json, ordered hard, none, ..., all; the best generation and its gain
-    assert "| model | hard (k=500) | no replay | all |" in md
-    assert "| gen_1 | 12.00 | 8.50 | 10.00 |" in md and "| gen_2 | 11.00 |  |  |" in md
-    assert "**12.00** (gen_1, +71% over base)" in md
-    assert "| gen_0 (shared) | 9.00 | 19.00 | 4.50 | 14.00 | 990 | 0 | 110 |" in md
-    assert "| qwen-hard | gen_2 | 10 | 20 | 0 | 30 | 40 | 10 | 110 |" in md
-    assert "| qwen-none | gen_0 |" not in md  # a forked run's gen_0 is timed once, in the run it came from
-    assert "| qwen-hard | gen_1 | sampled (T 0.95, top-p 0.7, top-k 50) | 10.40 |" in md
-    # the answers' lengths: eval answers beside the references', and what each generation trained on,
-    # with the clean-up's drops and how often the commonest answer was given
-    assert ("| run | model | eval answers (references: 30) | answers written and trained on | answers dropped "
-            "(looping / restating / repeated) | commonest answer, times given | median IFD | answers echoing their "
-            "question (eval / written) |") in md
-    assert "| qwen-hard | base | 40 |  |  |  |  | 0 of 1 |" in md
-    assert "| qwen-hard | gen_0 | 30 | 1 | 10 | 2 | 0.100 | 0 of 1 / 2 of 3 |" in md  # counted in what was kept (older stages.json)
-    assert "| qwen-hard | gen_1 | 20 | 1 | 20 (5 / 3 / 12) | 6 | 0.100 | 0 of 1 / 2 of 3 |" in md
-    assert "| qwen-none | gen_0 | 30 |" not in md  # shared with the run it was forked from
-    # best and last generation against the base model and gen_0 (one eval pair here: no spread)
-    assert "| qwen-hard | gen_1 | +5.00 [+5.00, +5.00] | +3.00 [+3.00, +3.00] |" in md
-    assert "| qwen-hard | gen_2 | +4.00 [+4.00, +4.00] | +2.00 [+2.00, +2.00] |" in md
-    assert "| qwen-none | gen_1 | +1.50 [+1.50, +1.50] | -0.50 [-0.50, -0.50] |" in md
-    # and the runs against each other at their last generation
-    assert "| qwen-hard gen_2 | qwen-none gen_1 | +2.50 [+2.50, +2.50] |" in md
-    assert "| qwen-none gen_1 | qwen-all gen_1 | -1.50 [-1.50, -1.50] |" in md
-
-
-def test_an_answer_that_echoes_its_question_is_told_from_one_that_answers_it():
-    assert results_doc.echoes_question("如何填写申请单？", "填写申请单。")
-    assert results_doc.echoes_question("如何在权限分配中为选定的资源分配操作集？", "在权限分配中为选定的资源分配操作集。")
-    assert not results_doc.echoes_question("如何填写申请单？", "在系统中选择合同号，再选择产品线和版本，填写申请原因后提交。")
-    assert results_doc.echoes_question("What is a?", "a") and not results_doc.echoes_question("What is a?", "b")
-    assert not results_doc.echoes_question("如何填写申请单？", "") and not results_doc.echoes_question("如何填写申请单？", "。")
-
-
-def test_paired_interval_is_the_mean_gap_with_a_bootstrap_interval_that_widens_with_spread():
-    same = [3.0, 5.0, 9.0, 1.0]
-    assert results_doc.paired_interval(same, same) == (0.0, 0.0, 0.0)
-    assert results_doc.paired_interval([x + 2 for x in same], same) == (2.0, 2.0, 2.0)
-    rng = random.Random(1)
-    base = [rng.uniform(0, 50) for _ in range(100)]
-    # a mean gain of exactly 1, its pairs spread by +-0.5 or by +-20
-    tight = results_doc.paired_interval([x + 1 + (0.5 if i % 2 else -0.5) for i, x in enumerate(base)], base)
-    loose = results_doc.paired_interval([x + 1 + (20 if i % 2 else -20) for i, x in enumerate(base)], base)
-    assert tight[0] == pytest.approx(1) == loose[0]
-    assert 0 < tight[1] < 1 < tight[2] < 2  # a steady gain is told apart from none
-    assert loose[1] < 0 < 1 < loose[2]  # the same gain, 40 times as spread, is not
-    assert results_doc.paired_interval(base, base[::-1]) == results_doc.paired_interval(base, base[::-1])  # seeded
-    with pytest.raises(ValueError, match="same, non-zero number"):
-        results_doc.paired_interval([1.0], [1.0, 2.0])
 
 
 def test_a_pack_is_unpacked_once_and_an_older_one_never_over_a_newer(finished_run, tmp_path, capsys):

@@ -38,11 +38,23 @@ def test_generate_score_select_evaluate_chain(tiny_model, toy_inputs, tmp_path):
     out = tmp_path / "eval"
     invoke("evaluate", eval_file, "--out", out, "--model", tiny_model, "--max-new-tokens", 8, "--max-length", 256)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"bleu-4", "rouge-1", "rouge-2", "rouge-l"}
+    # the seed's metrics, fact recall, and for English the word-level metrics
+    assert set(metrics) == {"bleu-4", "rouge-1", "rouge-2", "rouge-l", "fact-recall", "fact-recall-scored",
+                            "sacrebleu", "rouge-l-stem"}
     predictions = read(out / "predictions.jsonl")
     assert len(predictions) == 4 and all("prediction" in p for p in predictions)
-    mean_bleu = sum(p["bleu-4"] for p in predictions) / len(predictions)
-    assert abs(mean_bleu - metrics["bleu-4"]) < 1e-3
+    for key in ("bleu-4", "rouge-l-stem"):
+        assert abs(sum(p[key] for p in predictions) / len(predictions) - metrics[key]) < 1e-3
+
+    # the open-book ceiling: the same questions with their fragments in the prompt, the same cap
+    ceiling = tmp_path / "open"
+    invoke("evaluate", eval_file, "--out", ceiling, "--model", tiny_model, "--max-new-tokens", 8, "--max-length", 256,
+           "--open-book", "--metrics", "seed")
+    assert set(json.loads((ceiling / "metrics.json").read_text())) == {
+        "bleu-4", "rouge-1", "rouge-2", "rouge-l", "fact-recall", "fact-recall-scored"}
+    assert [p["question"] for p in read(ceiling / "predictions.jsonl")] == [p["question"] for p in predictions]
+    bad = CliRunner().invoke(app, ["evaluate", str(eval_file), "--out", str(ceiling), "--backend", "tgi"])
+    assert bad.exit_code == 2 and "--backend" in bad.stderr
 
 
 def test_export_merges_the_adapter_into_a_full_model(tiny_model, tmp_path):

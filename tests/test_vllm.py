@@ -72,13 +72,13 @@ def test_evolve_on_vllm_uses_one_engine_and_each_generations_adapter(vllm_run):
     gen_0, gen_1 = (str(run_dir / f"gen_{i}" / "adapter") for i in (0, 1))
     # Each generation's questions are M_i's (gen 0: the base model, its adapter being fresh), its
     # answers the base model's (generation.answer_model base, the default), and it is evaluated with
-    # M_{i+1}; the base model is evaluated first. 4 eval questions, 6 fragments.
+    # M_{i+1}; the base model is evaluated first, closed book and open book. 4 eval questions, 6 fragments.
     assert [(c["adapter"], c["prompts"], c["max_new_tokens"]) for c in calls] == [
-        (None, 4, 12),
-        (None, 6, 12), (None, calls[2]["prompts"], 16), (gen_0, 4, 12),
-        (gen_0, 6, 12), (None, calls[5]["prompts"], 16), (gen_1, 4, 12),
+        (None, 4, 12), (None, 4, 12),
+        (None, 6, 12), (None, calls[3]["prompts"], 16), (gen_0, 4, 12),
+        (gen_0, 6, 12), (None, calls[6]["prompts"], 16), (gen_1, 4, 12),
     ]
-    calls = [calls[k] for k in (1, 2, 4, 5)]  # the generation calls
+    calls = [calls[k] for k in (2, 3, 5, 6)]  # the generation calls
     for i in (0, 1):
         gen = run_dir / f"gen_{i}"
         questions = [json.loads(line) for line in (gen / "questions.jsonl").read_text().splitlines()]
@@ -97,7 +97,23 @@ def test_with_answer_model_current_each_generations_model_answers_its_questions(
     run_dir, _, calls = evolve_recording(tmp_path, tiny_vllm_model, "--generation.answer_model", "current")
     gen_0 = str(run_dir / "gen_0" / "adapter")
     # generation 1's questions and answers by M_1 (gen_0's adapter), as the paper's loop has it
-    assert [(c["adapter"], c["max_new_tokens"]) for c in calls[4:6]] == [(gen_0, 12), (gen_0, 16)]
+    assert [(c["adapter"], c["max_new_tokens"]) for c in calls[5:7]] == [(gen_0, 12), (gen_0, 16)]
+
+def test_evaluate_command_on_vllm_answers_open_book_as_the_loop_did(vllm_run, tiny_vllm_model, tmp_path):
+    # Before the `engine` fixture's engine exists: in one process, shutting an engine down (as the
+    # command does when it ends) tears down vLLM's process-wide parallel state under any other.
+    run_dir, _, _ = vllm_run
+    out = tmp_path / "open"
+    result = CliRunner().invoke(app, [
+        "evaluate", str(run_dir.parents[1] / "eval.json"), "--out", str(out), "--model", tiny_vllm_model,
+        "--backend", "vllm", "--open-book", "--max-new-tokens", "12", "--max-length", "256",
+        "--vllm-kv-cache-gib", KV_CACHE_GIB,
+    ])
+    assert result.exit_code == 0, result.output
+    loop = run_dir / "base" / "open_book"
+    assert (out / "predictions.jsonl").read_text() == (loop / "predictions.jsonl").read_text()
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((loop / "metrics.json").read_text())
+
 
 @pytest.fixture(scope="module")
 def engine(vllm_run, tiny_vllm_model):
@@ -155,6 +171,14 @@ def test_evaluation_through_the_engine_equals_hf_evaluation(vllm_run, tiny_vllm_
     on_vllm = [json.loads(line) for line in (run_dir / "gen_1" / "predictions.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in on_vllm] == [p["prediction"] for p in predictions]
     assert json.loads((run_dir / "gen_1" / "metrics.json").read_text()) == metrics
+    # the open-book ceiling too: the base model with each question's fragment in view
+    metrics, predictions = evaluate_model(  # the adapter off: the base model
+        adapted, tokenizer, eval_set, EvalConfig(max_new_tokens=12), 256, trainer, use_adapter=False, open_book=True
+    )
+    open_book = run_dir / "base" / "open_book"
+    on_vllm = [json.loads(line) for line in (open_book / "predictions.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in on_vllm] == [p["prediction"] for p in predictions]
+    assert json.loads((open_book / "metrics.json").read_text()) == metrics
 
 
 def test_sampling_reproduces_with_the_same_seed_and_varies_with_another(vllm_run, engine, tiny_vllm_model):

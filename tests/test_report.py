@@ -1,0 +1,154 @@
+"""The report's measures on hand-made run folders: knowledge recovered, its null rule, the
+length-matched base, the question-echo baseline, and the paired bootstrap intervals."""
+
+import json
+import random
+
+import pytest
+from typer.testing import CliRunner
+
+from selfevo.cli import app
+from selfevo.evaluate import eval_prompt
+from selfevo.report import (
+    collect, cut_to_length, echoes_question, generation_line, paired_interval, write_report, write_summary,
+)
+
+N = 30
+RECORDS = [
+    {"fragment": f"The qmeshd daemon of node {i} listens on port {7000 + i}.",
+     "question": f"Which port does the daemon of node {i} listen on?",
+     "reference": f"It listens on port {7000 + i}."}
+    for i in range(N)
+]
+
+
+def write_run(root, base, open_book, generations, language="en"):
+    """A run folder as selfevo writes it: config.json, base/ (and base/open_book/), gen_<i>/."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = {"generation": {"language": language}, "evaluation": {"metrics": "seed"}, "data": {"eval": "none"}}
+    (root / "config.json").write_text(json.dumps({"config": config}))
+
+    def answers(folder, texts):
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [{**r, "prediction": t} for r, t in zip(RECORDS, texts)]
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "metrics.json").write_text("{}")
+
+    answers(root / "base", base)
+    if open_book is not None:
+        answers(root / "base" / "open_book", open_book)
+    for i, texts in enumerate(generations):
+        answers(root / f"gen_{i}", texts)
+    return root
+
+
+WRONG = ["The daemon listens on the usual port for its node." for _ in RECORDS]
+RIGHT = [r["reference"] for r in RECORDS]
+
+
+def test_knowledge_recovered_is_the_share_of_the_open_book_gap(tmp_path):
+    half = [RIGHT[i] if i % 2 else WRONG[i] for i in range(N)]
+    rows = collect(write_run(tmp_path / "run", WRONG, RIGHT, [half, RIGHT]))
+    assert [r["model"] for r in rows] == ["base", "gen_0", "gen_1"]
+    base, gen_0, gen_1 = rows
+    assert base["fact-recall"] == 0 and base["open_book"]["fact-recall"] == 100 and base["fact-recall-scored"] == N
+    assert gen_0["fact-recall"] == 50 and gen_0["recovered"]["fact-recall"] == pytest.approx(0.5)
+    assert gen_1["recovered"]["fact-recall"] == pytest.approx(1.0)
+    assert gen_1["recovered"]["rouge-l"] == pytest.approx(1.0)
+    low, high = gen_0["vs_base"]["fact-recall"][1:]
+    assert 0 < low < 50 < high < 100  # half the answers right: +50 points, with its spread
+    assert gen_1["knowledge_shown"]["fact-recall"]
+    # what the loop prints as each generation ends
+    line = generation_line(rows, "gen_0")
+    assert "fact recall 50.00, 50% of the open-book gap" in line and "ROUGE-L" in line
+
+
+def test_recovered_is_null_where_the_open_book_gap_is_not_resolved(tmp_path):
+    rows = collect(write_run(tmp_path / "run", WRONG, WRONG, [RIGHT]))
+    assert rows[0]["open_book_gap"]["fact-recall"] == [0.0, 0.0, 0.0]
+    assert rows[1]["recovered"]["fact-recall"] is None
+    assert "recovered" in rows[1] and rows[1]["fact-recall"] == 100  # the gain itself is still shown
+
+
+def test_a_gain_of_length_alone_is_not_shown_to_be_knowledge(tmp_path):
+    # The base model already states the port, at length; the generation says the same in the
+    # reference's five words. ROUGE-L rises beyond its interval, yet the base model's own answers cut
+    # to five words score as well: the gain is one of length, not of knowledge.
+    base = [f"It listens on port {7000 + i}. That is configured in the settings file of the node, and an "
+            "operator may change it later." for i in range(N)]
+    rows = collect(write_run(tmp_path / "run", base, RIGHT, [RIGHT]))
+    gen = rows[1]
+    assert gen["answer_length"] == 5
+    assert gen["vs_base"]["rouge-l"][1] > 0  # a real gain over the base model...
+    assert gen["length_matched_base"]["rouge-l"] == 100  # ...that its answers cut short match
+    assert not gen["knowledge_shown"]["rouge-l"]
+    assert gen["fact-recall"] == rows[0]["fact-recall"] == 100
+
+
+def test_question_echo_baseline_and_restating_share(tmp_path):
+    echo = [r["question"] for r in RECORDS]
+    rows = collect(write_run(tmp_path / "run", WRONG, RIGHT, [echo]))
+    assert rows[0]["question_echo"]["rouge-l"] == rows[1]["rouge-l"]
+    assert rows[1]["restating"] == 1.0 and rows[0]["restating"] == 0.0
+
+
+def test_summary_report_and_command_on_run_files_without_questions(tmp_path):
+    """Run files that travelled kept only the answers (predictions_slim.jsonl): the eval file fills in
+    the questions and references, by position."""
+    run = write_run(tmp_path / "run", WRONG, RIGHT, [RIGHT])
+    for folder in (run / "base", run / "base" / "open_book", run / "gen_0"):
+        slim = [{"prediction": json.loads(line)["prediction"]} for line in (folder / "predictions.jsonl").open()]
+        (folder / "predictions.jsonl").unlink()
+        (folder / "predictions_slim.jsonl").write_text("".join(json.dumps(r) + "\n" for r in slim))
+    eval_file = tmp_path / "eval.json"
+    eval_file.write_text(json.dumps([
+        {"instruction": r["fragment"], "input": r["question"], "output": r["reference"]} for r in RECORDS
+    ]))
+    result = CliRunner().invoke(app, ["report", str(run), "--eval", str(eval_file)], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "base, open" in result.output and "100%" in result.output
+    rows = json.loads((run / "summary.json").read_text())
+    assert rows[1]["recovered"]["fact-recall"] == pytest.approx(1.0)
+    summary = (run / "summary.md").read_text()
+    assert "base, open book (the ceiling)" in summary and "Knowledge recovered" in summary
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![scores](report.png)" in (run / "report.md").read_text()
+    assert write_report(run, write_summary(run, eval_file)) == run / "report.png"
+
+
+def test_cut_to_length_counts_words_in_english_and_characters_in_chinese():
+    assert cut_to_length("one two  three four", 2, "en") == "one two"
+    assert cut_to_length("端口 为8080。", 4, "zh") == "端口 为8"
+
+
+def test_open_book_prompt_holds_the_fragment_and_the_closed_book_one_does_not(tiny_model):
+    from selfevo.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    record = RECORDS[3]
+    assert record["fragment"] in eval_prompt(tokenizer, record, "en", open_book=True)
+    closed = eval_prompt(tokenizer, record, "en", open_book=False)
+    assert record["question"] in closed and record["fragment"] not in closed
+
+
+def test_echoes_question():
+    assert echoes_question("如何填写申请单？", "填写申请单。")
+    assert echoes_question("如何在权限分配中为选定的资源分配操作集？", "在权限分配中为选定的资源分配操作集。")
+    assert not echoes_question("如何填写申请单？", "在系统中选择合同号，再选择产品线和版本，填写申请原因后提交。")
+    assert echoes_question("What is a?", "a") and not echoes_question("What is a?", "b")
+    assert not echoes_question("如何填写申请单？", "") and not echoes_question("如何填写申请单？", "。")
+
+
+def test_paired_interval():
+    rng = random.Random(1)
+    same = [rng.uniform(0, 30) for _ in range(100)]
+    assert paired_interval(same, same) == [0.0, 0.0, 0.0]
+    assert paired_interval([x + 2 for x in same], same) == [2.0, 2.0, 2.0]
+    base = [rng.uniform(0, 30) for _ in range(100)]
+    tight = paired_interval([x + 1 + (0.5 if i % 2 else -0.5) for i, x in enumerate(base)], base)
+    loose = paired_interval([x + 1 + (20 if i % 2 else -20) for i, x in enumerate(base)], base)
+    assert tight[1] > 0 and loose[1] < 0 < loose[2]  # the same mean gain, resolved only when it is steady
+    assert tight[0] == pytest.approx(1.0) and loose[0] == pytest.approx(1.0)
+    assert paired_interval(base, base[::-1]) == paired_interval(base, base[::-1])  # seeded
+    with pytest.raises(ValueError):
+        paired_interval([1.0], [1.0, 2.0])
