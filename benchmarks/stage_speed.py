@@ -1,7 +1,15 @@
-"""Speed of each stage, selfevo's way beside the seed's way, in one run on one device.
+"""Measures the speed of each stage (IFD scoring pairs/s, generation new tokens/s, LoRA training
+tokens/s), selfevo's way beside the seed's way, in one run on one device. Figures: docs/benchmarks.md.
+
+Run from the repository root (with `../shared` beside the checkout, or SELFEVO_SHARED pointing at it):
 
     python benchmarks/stage_speed.py --model smollm2-135m-instruct --out results.json          # GPU
     python benchmarks/stage_speed.py --cpu-sizes --out results.json                            # CPU variant
+    python benchmarks/stage_speed.py --model smollm2-135m-instruct --stages ifd --seed-pairs 20 \
+        --ifd-batch-sizes 64 128 256 --out ifd.json                                             # one stage
+
+The H100 figures of docs/benchmarks.md ran through `bash tools/gpu/h100_visit.sh ifd|generation|train`,
+which holds their exact arguments.
 
 Data: the seed's AIOps set (../shared/data). Pairs are the 100 eval QA, repeated to --pairs;
 generation prompts are the AIOps fragments' question prompts. Prints a markdown table and writes
@@ -18,6 +26,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -26,7 +35,7 @@ import lightning as L
 import torch
 
 from selfevo.config import IFDConfig, LoraConfig, ModelConfig, TrainConfig, TrainerConfig
-from selfevo.generate import Sampling, generate_texts
+from selfevo.generate import HFGenerator, Sampling
 from selfevo.ifd import score_pairs
 from selfevo.models import add_lora, load_model
 from selfevo.prompts import question_prompt
@@ -96,7 +105,8 @@ def bench_vllm_generation(model_name, model, tokenizer, prompts, new_tokens, kv_
     save_adapter(model, adapter)
     gen_cfg = GenerationConfig(backend="vllm", question_max_new_tokens=new_tokens, answer_max_new_tokens=new_tokens,
                                vllm_kv_cache_gib=kv_cache_gib)
-    (engine, up) = timed(lambda: VLLMEngine(resolve_model(model_name), ModelConfig(name=model_name), gen_cfg, 8, 0))
+    model_cfg = ModelConfig(name=model_name, max_length=2048)
+    (engine, up) = timed(lambda: VLLMEngine(resolve_model(model_name), tokenizer, model_cfg, gen_cfg, 8, 0))
     config = engine.llm.llm_engine.vllm_config
     engine_info = {"max_num_seqs": config.scheduler_config.max_num_seqs,
                    "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
@@ -108,8 +118,8 @@ def bench_vllm_generation(model_name, model, tokenizer, prompts, new_tokens, kv_
     rows = []
     for name, lora, sampling in ways:
         engine.use_adapter(lora)
-        engine.generate(tokenizer, prompts[:64], sampling, max_length=2048, seed=1)  # warm-up (loads the adapter)
-        texts, secs = timed(lambda: engine.generate(tokenizer, prompts, sampling, max_length=2048, seed=0))
+        engine.generate(prompts[:64], sampling, seed=1)  # warm-up (loads the adapter)
+        texts, secs = timed(lambda: engine.generate(prompts, sampling, seed=0))
         n = count_new_tokens(tokenizer, texts)
         rows.append({"stage": "generation", "way": f"vLLM, {name}, KV cache {kv_cache_gib:g} GiB", "items": len(prompts),
                      "seconds": secs, "engine_start_s": up, "new_tokens": n, "new_tokens_per_s": n / secs, **engine_info})
@@ -139,8 +149,8 @@ def bench_generation(model, tokenizer, prompts, seed_prompts, batch_sizes, new_t
                  "new_tokens": n, "new_tokens_per_s": n / secs})
     print(json.dumps(rows[-1]), flush=True)
     for bs in batch_sizes:
-        texts, secs = timed(lambda: generate_texts(model, tokenizer, prompts, sampling, batch_size=bs,
-                                                   max_length=2048, seed=0))
+        generator = HFGenerator(model, tokenizer, max_length=2048)
+        texts, secs = timed(lambda: generator.generate(prompts, sampling, batch_size=bs, seed=0))
         n = count_new_tokens(tokenizer, texts)
         rows.append({"stage": "generation", "way": f"selfevo batch {bs}, sorted", "items": len(prompts),
                      "seconds": secs, "new_tokens": n, "new_tokens_per_s": n / secs})
@@ -259,7 +269,7 @@ def main() -> None:
                                           args.vllm_kv_cache_gib)
             model = lora_model.unload()
     if "train" in args.stages:
-        qa_file = Path("/tmp/selfevo_bench_qa.json")
+        qa_file = Path(tempfile.mkdtemp()) / "qa.json"
         qa_file.write_text(json.dumps([{"question": p["question"], "answer": p["answer"]} for p in pairs],
                                       ensure_ascii=False))
         fp16 = "16-mixed" if device == "cuda" else "32-true"

@@ -1,6 +1,9 @@
-"""Choose the demo's learning rate by measurement.
+"""Measures generation 0's closed-book scores (BLEU-4, ROUGE) at each learning rate, to choose a
+config's learning rate; it chose the demo's (docs/tuning.md, benchmarks/results/tune_demo_cpu.md).
 
-    python benchmarks/tune_demo.py [--config configs/demo.yaml] [--lrs 1e-6 2e-4 1e-3 3e-3]
+Run from the repository root (any config; the demo's by default):
+
+    python benchmarks/tune_demo.py [--config configs/demo.yaml] [--lrs 1e-6 2e-4 1e-3 3e-3] [--work runs/tune_demo]
 
 Generation 0's QA pairs depend only on the base model and the seed, so they are written once;
 then, for each learning rate, a fresh adapter is trained on them exactly as `selfevo evolve`
@@ -17,9 +20,11 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from selfevo.cli import parse_evolve_args
 from selfevo.data import load_eval, load_fragments
 from selfevo.evaluate import evaluate_model
-from selfevo.generate import write_answers, write_questions
+from selfevo.generate import HFGenerator, write_answers, write_questions
 from selfevo.loop import train_adapter
 from selfevo.models import add_lora, load_model
+from selfevo.ranks import launch_ranks
+from selfevo.sampling import generation_seed
 from selfevo.train import build_trainer
 
 
@@ -37,15 +42,19 @@ def main() -> None:
     base, tokenizer = load_model(cfg.model)
     model = add_lora(base, cfg.lora, cfg.seed)
     fresh = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
-    seed = cfg.seed * 1000  # generation 0's seed, as in selfevo.loop
+    seed = generation_seed(cfg.seed, 0)
+    strategy = launch_ranks(cfg.trainer)
+    generator = HFGenerator(model, tokenizer, cfg.model.max_length)
+    generator.use_adapter(None)  # generation 0: the base model
     t = time.perf_counter()
-    questions, _ = write_questions(model, tokenizer, fragments, cfg.generation, cfg.model.max_length, seed)
-    qa, _ = write_answers(model, tokenizer, questions, cfg.generation, cfg.model.max_length, seed)
+    questions, _ = write_questions(generator, fragments, cfg.generation, seed)
+    qa, _ = write_answers(generator, questions, cfg.generation, seed)
     print(f"{len(qa)} QA pairs in {time.perf_counter() - t:.0f}s")
 
     def evaluate(use_adapter: bool) -> dict:
-        metrics, _ = evaluate_model(model, tokenizer, eval_set, cfg.evaluation, cfg.model.max_length,
-                                    build_trainer(cfg.trainer, enable_progress_bar=False), cfg.seed, use_adapter)
+        generator.adapter_on = use_adapter  # the adapter trained in memory, or none
+        metrics, _ = evaluate_model(generator, eval_set, cfg.evaluation,
+                                    build_trainer(cfg.trainer, enable_progress_bar=False), cfg.seed)
         return metrics
 
     rows = [("base", evaluate(use_adapter=False), 0.0)]
@@ -55,7 +64,7 @@ def main() -> None:
         folder = work / f"lr_{lr:g}"
         folder.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        train_adapter(cfg, model, qa, folder, work / "logs", seed)
+        train_adapter(cfg, model, qa, folder, work / "logs", seed, strategy)
         rows.append((f"lr {lr:g}", evaluate(use_adapter=True), time.perf_counter() - t))
     print("| model | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L | train+eval s |\n|---|---|---|---|---|---|")
     for name, m, secs in rows:

@@ -1,7 +1,12 @@
-"""Does vLLM generate with this model on this GPU? One engine per process, in the loop's settings
-(LoRA enabled, in-process engine core, KV cache in bytes), with one setting changed at a time:
+"""Checks whether vLLM generates with this model on this GPU, and measures how fast: one engine per
+process, in the loop's settings (LoRA enabled, in-process engine core, KV cache in bytes), with one
+setting changed at a time. Prints one line: the settings, and the new tokens per second or the error.
+Figures and the fault it isolated: docs/vllm.md, benchmarks/results/vllm_check_h100_2026-11-25.txt.
+
+Run from the repository root on a GPU machine with vLLM installed:
   python benchmarks/vllm_check.py MODEL_FOLDER [--no-lora] [--eager] [--sync]
-Prints one line: the settings, and the new tokens per second or the error."""
+  python -c 'from benchmarks.vllm_check import loop_engine_check as c; c()' MODEL_FOLDER EVAL_JSON
+  python -c 'from benchmarks.vllm_check import lightning_eval_check as c; c()' MODEL_FOLDER EVAL_JSON"""
 
 import argparse
 import os
@@ -74,20 +79,21 @@ def loop_engine_check() -> None:
 
     from selfevo.config import GenerationConfig, ModelConfig
     from selfevo.data import load_eval
-    from selfevo.generate import Sampling
     from selfevo.prompts import closed_book_prompt
+    from selfevo.sampling import Sampling
     from selfevo.vllm_engine import VLLMEngine
 
     folder, eval_path = Path(sys.argv[1]), Path(sys.argv[2])
     simple = "simple" in sys.argv[3:]
     tokens = int(sys.argv[4]) if len(sys.argv) > 4 else 512
     tok = AutoTokenizer.from_pretrained(folder)
-    engine = VLLMEngine(folder, ModelConfig(name=str(folder), dtype="bfloat16"), GenerationConfig(backend="vllm", vllm_kv_cache_gib=4), 8, 0, 512)
+    model_cfg = ModelConfig(name=str(folder), dtype="bfloat16", max_length=1024)
+    engine = VLLMEngine(folder, tok, model_cfg, GenerationConfig(backend="vllm", vllm_kv_cache_gib=4), 8, 0, 512)
     questions = [r["question"] for r in load_eval(eval_path)]
     prompts = [f"请解释运维中的第{i}个概念。" for i in range(100)] if simple else [closed_book_prompt(tok, q) for q in questions]
     label = f"VLLMEngine simple={simple} tokens={tokens}"
     try:
-        texts = engine.generate(tok, prompts, Sampling(max_new_tokens=tokens, do_sample=False), max_length=1024, seed=0)
+        texts = engine.generate(prompts, Sampling(max_new_tokens=tokens, do_sample=False), seed=0)
         print(f"CHECK {label}: ok, {len(texts)} answers; first: {texts[0][:60]!r}", flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"CHECK {label}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -111,19 +117,19 @@ def lightning_eval_check() -> None:
     hf = "hf" in sys.argv[3:]
     precision = "32-true" if "fp32" in sys.argv[3:] else None
     inference = "grad" not in sys.argv[3:]
-    model_cfg = ModelConfig(name=str(folder), dtype="bfloat16")
+    model_cfg = ModelConfig(name=str(folder), dtype="bfloat16", max_length=1024)
     if hf:
         base, tok = load_model(model_cfg)
     else:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(folder)
-    engine = VLLMEngine(folder, model_cfg, GenerationConfig(backend="vllm", vllm_kv_cache_gib=4), 8, 0, 512)
+    engine = VLLMEngine(folder, tok, model_cfg, GenerationConfig(backend="vllm", vllm_kv_cache_gib=4), 8, 0, 512)
     label = f"Lightning evaluation hf_model={hf} precision={precision} inference_mode={inference}"
     try:
-        metrics, _ = evaluate_model(engine, tok, load_eval(eval_path), EvalConfig(batch_size=100, max_new_tokens=512),
-                                    1024, build_trainer(TrainerConfig(precision=precision), inference_mode=inference), 0,
-                                    use_adapter=False)
+        engine.use_adapter(None)
+        metrics, _ = evaluate_model(engine, load_eval(eval_path), EvalConfig(batch_size=100, max_new_tokens=512),
+                                    build_trainer(TrainerConfig(precision=precision), inference_mode=inference), 0)
         print(f"CHECK {label}: ok, {metrics}", flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"CHECK {label}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)

@@ -30,6 +30,9 @@ def quiet_libraries() -> None:
     import logging
     import warnings
 
+    from selfevo.log import setup_logging
+
+    setup_logging()
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
@@ -174,16 +177,17 @@ def generate(
     """Write a question for each fragment and answer it (open book)."""
     from selfevo.config import ConfigError, GenerationConfig
     from selfevo.data import check_can_create, load_fragments, write_jsonl
-    from selfevo.generate import write_answers, write_questions
+    from selfevo.generate import HFGenerator, write_answers, write_questions
 
     if language not in ("en", "zh"):
         raise ConfigError(f"--language: must be en or zh, got {language!r}")
     texts, duplicates = load_fragments(fragments)
     check_can_create(out.parent, "output")
     m, tokenizer = _load(model, adapter)
+    generator = HFGenerator(m, tokenizer, max_length)
     cfg = GenerationConfig(language=language, batch_size=batch_size)
-    questions, q_dropped = write_questions(m, tokenizer, texts, cfg, max_length, seed)
-    qa, a_drops = write_answers(m, tokenizer, questions, cfg, max_length, seed)
+    questions, q_dropped = write_questions(generator, texts, cfg, seed)
+    qa, a_drops = write_answers(generator, questions, cfg, seed)
     write_jsonl(out, qa)
     typer.echo(f"{len(qa)} QA pairs -> {out} ({duplicates} duplicate fragments, {q_dropped} questions and {a_drops['dropped']} answers dropped)")
 
@@ -270,8 +274,10 @@ def evaluate_cmd(
     """Answer the eval questions, closed book (or open book); the seed's metrics, fact recall, and the
     word-level metrics for English."""
     from selfevo.config import ConfigError, EvalConfig, GenerationConfig, LoraConfig, ModelConfig, TrainerConfig
-    from selfevo.data import check_can_create, load_eval, write_json, write_jsonl
+    from selfevo.data import check_can_create, load_eval, read_json, write_json, write_jsonl
     from selfevo.evaluate import evaluate_model
+    from selfevo.generate import make_generator
+    from selfevo.models import check_adapter_folder, load_tokenizer
     from selfevo.train import build_trainer
 
     for name, value, choices in (("--backend", backend, ("hf", "vllm")), ("--language", language, ("en", "zh")),
@@ -281,30 +287,24 @@ def evaluate_cmd(
     records = load_eval(eval_file)
     check_can_create(out, "output")
     cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=sample, metrics=metrics)
-    if backend == "vllm":
-        from selfevo.data import read_json
-        from selfevo.models import check_adapter_folder, load_tokenizer, resolve_model
-        from selfevo.vllm_engine import VLLMEngine
-
-        adapter_path = check_adapter_folder(adapter) if adapter else None
-        rank = read_json(adapter_path / "adapter_config.json")["r"] if adapter_path else LoraConfig().r
-        generator = VLLMEngine(
-            resolve_model(model), ModelConfig(name=model, max_length=max_length),
-            GenerationConfig(backend="vllm", vllm_kv_cache_gib=vllm_kv_cache_gib),
-            rank, seed, max_new_tokens,
-        )
-        generator.use_adapter(adapter_path)
-        tokenizer = load_tokenizer(model)
-    else:
-        generator, tokenizer = _load(model, adapter)
+    adapter_path = check_adapter_folder(adapter) if adapter else None
+    model_cfg = ModelConfig(name=model, max_length=max_length)
+    if backend == "hf":
+        hf_model, tokenizer = _load(model, adapter)
+    else:  # the engine loads the weights itself
+        hf_model, tokenizer = None, load_tokenizer(model)
+    rank = read_json(adapter_path / "adapter_config.json")["r"] if adapter_path else LoraConfig().r
+    generator = make_generator(
+        backend, hf_model, tokenizer, model_cfg, GenerationConfig(backend=backend, vllm_kv_cache_gib=vllm_kv_cache_gib),
+        rank, seed, max_new_tokens,
+    )
     try:
+        generator.use_adapter(adapter_path)
         metrics_out, predictions = evaluate_model(
-            generator, tokenizer, records, cfg, max_length, build_trainer(TrainerConfig()), seed,
-            language=language, open_book=open_book,
+            generator, records, cfg, build_trainer(TrainerConfig()), seed, language=language, open_book=open_book
         )
     finally:
-        if backend == "vllm":
-            generator.close()
+        generator.close()
     write_jsonl(out / "predictions.jsonl", predictions)
     write_json(out / "metrics.json", metrics_out)
     typer.echo(" ".join(f"{k} {v:.2f}" for k, v in metrics_out.items()))

@@ -62,9 +62,9 @@ class GenerationConfig:
     top_p: float = 0.95
     answer_model: Literal["base", "current"] = "base"
     """Who answers the questions, open book: base = the base model, its adapter off; current = the model
-    of this generation, which also wrote the questions (the paper's loop; the default until 2026-12-01).
-    The questions are always the current model's. With current, a small model's answers drifted from
-    one generation to the next and its scores fell back; with base they held (docs/results.md)."""
+    of this generation, which also wrote the questions (the paper's loop). The questions are always the
+    current model's. With current, a small model's answers drifted from one generation to the next, to
+    echoing the question; with base they held (docs/results.md)."""
     vllm_kv_cache_gib: float = 4.0
     """vllm backend: memory for its KV cache, in GiB (the model's weights come on top)."""
     vllm_tensor_parallel_size: int = 1
@@ -254,35 +254,14 @@ def world_size(cfg: TrainerConfig) -> int:
 
 def identity(cfg: EvolveConfig) -> dict:
     """The part of a config that defines a run's results: everything but the generation range, the
-    folders, the checkpoint interval, the vLLM cache size and how many devices do the work."""
-    return identity_of(asdict(cfg))
-
-
-def identity_of(config: dict) -> dict:
-    """identity() of a config as a dict: also of a run's config.json snapshot, which an older
-    selfevo wrote with some of the keys left out now (so that its runs still resume)."""
-    d = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    for key in ("start", "end", "runs_dir", "logs_dir"):  # where a run is kept is not what it is
-        d.pop(key, None)
-    d.get("train", {}).pop("checkpoint_every", None)  # when checkpoints are taken does not change what is trained
-    d.get("generation", {}).pop("vllm_kv_cache_gib", None)  # nor does the vLLM cache's size (lower it after an OOM)
-    # nor the number of devices: several give one device's results within float tolerance, so a run
-    # begun on one GPU can go on over eight
-    d.get("generation", {}).pop("vllm_tensor_parallel_size", None)
+    folders, the checkpoint interval, the vLLM cache size and how many devices do the work (several
+    give one device's results within float tolerance, so a run begun on one GPU can go on over eight)."""
+    d = asdict(cfg)
+    for key in ("start", "end", "runs_dir", "logs_dir"):
+        del d[key]
+    del d["train"]["checkpoint_every"]
+    del d["generation"]["vllm_kv_cache_gib"]  # lowered after running out of memory, the results stay
+    del d["generation"]["vllm_tensor_parallel_size"]
     for key in ("devices", "strategy", "num_nodes"):
-        d.get("trainer", {}).pop(key, None)
-    # Keys added after runs were made: at the values those runs had they are left out, so that such
-    # runs stay resumable.
-    for (section, key), value in VALUES_BEFORE_THE_KEY.items():
-        if d.get(section, {}).get(key, value) == value:
-            d.get(section, {}).pop(key, None)
+        del d["trainer"][key]
     return d
-
-
-# What a run made before a key existed had for it (the defaults then; answer_model's became base later).
-VALUES_BEFORE_THE_KEY = {
-    ("data", "include_eval"): False,
-    ("data", "fill"): "first",
-    ("generation", "answer_model"): "current",
-    ("evaluation", "metrics"): "auto",
-}

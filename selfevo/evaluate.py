@@ -21,16 +21,16 @@ from torch.utils.data import DataLoader
 from torchmetrics import Metric
 from torchmetrics.functional.text import rouge_score
 from torchmetrics.text import ROUGEScore, SacreBLEUScore
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from selfevo.config import EvalConfig
 from selfevo.facts import FactRecall, fact_recall
 from selfevo.faults import kill_point
-from selfevo.generate import Sampling, generate_batch
-from selfevo.models import adapter_switched, halving_batch_on_oom
+from selfevo.generate import Generator
+from selfevo.models import halving_batch_on_oom
 from selfevo.prompts import Language, answer_prompt, closed_book_prompt
 from selfevo.ranks import gather_in_order, share
-from selfevo.vllm_engine import VLLMEngine
+from selfevo.sampling import Sampling, batch_seed
 
 jieba.setLogLevel(logging.WARNING)
 ROUGE_KEYS = ("rouge-1", "rouge-2", "rouge-l")
@@ -93,45 +93,27 @@ class SeedROUGE(Metric):
 
 
 class Evaluator(L.LightningModule):
-    """`trainer.test`: answer this rank's share of the eval questions closed book.
+    """`trainer.test`: answer this rank's share of the eval questions with the generator's model.
 
     The scores come after, from every rank's answers (evaluate_model): a rank whose share is empty
     (fewer batches than ranks) skips Lightning's test loop, so nothing in the loop may wait on the
     other ranks.
     """
 
-    def __init__(
-        self,
-        model: PreTrainedModel | VLLMEngine,
-        tokenizer: PreTrainedTokenizerBase,
-        cfg: EvalConfig,
-        max_length: int,
-        seed: int = 0,
-        use_adapter: bool = True,
-    ):
+    def __init__(self, generator: Generator, cfg: EvalConfig, seed: int = 0):
         super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.cfg = cfg
-        self.max_length = max_length
+        self.generator = generator
+        if generator.module is not None:
+            self.model = generator.module  # a submodule: Lightning places it on the stage's device
+        self.sampling = Sampling(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k)
         self.seed = seed
-        self.use_adapter = use_adapter
         self.predictions: dict[int, str] = {}
         # Lightning refuses a rank with no batch unless told that this is intended.
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
-    def _answer(self, prompts: list[str], number: int) -> list[str]:
-        cfg = self.cfg
-        sampling = Sampling(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k)
-        seed = self.seed * 100_003 + number  # the batch's number in the whole plan, on any number of ranks
-        if isinstance(self.model, VLLMEngine):  # the vllm backend answers with the adapter it serves
-            return self.model.generate(self.tokenizer, prompts, sampling, max_length=self.max_length, seed=seed)
-        torch.manual_seed(seed)
-        return generate_batch(self.model, self.tokenizer, prompts, sampling, self.max_length)
-
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        with adapter_switched(self.model, self.use_adapter):
-            answers = self._answer(batch["prompt"], batch["number"])
+        # seeded by the batch's number in the whole plan, the same on any number of ranks
+        answers = self.generator.generate_batch(batch["prompt"], self.sampling, batch_seed(self.seed, batch["number"]))
         self.predictions.update(zip(batch["index"], (a.strip() for a in answers)))
         kill_point("evaluate")
 
@@ -200,23 +182,19 @@ def eval_prompt(tokenizer: PreTrainedTokenizerBase, record: dict, language: Lang
 
 
 def evaluate_model(
-    model: PreTrainedModel | VLLMEngine,
-    tokenizer: PreTrainedTokenizerBase,
+    generator: Generator,
     eval_set: list[dict],
     cfg: EvalConfig,
-    max_length: int,
     trainer: L.Trainer,
     seed: int = 0,
-    use_adapter: bool = True,
     language: Language = "en",
     open_book: bool = False,
 ) -> tuple[dict[str, float], list[dict]]:
-    """(metrics, predictions) of the model on the eval set, closed book or open book, with the same
-    decoding and cap either way. `model` is the Hugging Face model (its adapter on or off by
-    use_adapter) or the vllm backend's engine, set to the adapter to evaluate."""
+    """(metrics, predictions) of the generator's model (set with `use_adapter` before) on the eval
+    set, closed book or open book, with the same decoding and cap either way."""
     records = eval_set[: cfg.limit] if cfg.limit else eval_set
     items = [
-        {"index": i, "prompt": eval_prompt(tokenizer, r, language, open_book), "reference": r["reference"]}
+        {"index": i, "prompt": eval_prompt(generator.tokenizer, r, language, open_book), "reference": r["reference"]}
         for i, r in enumerate(records)
     ]
     items.sort(key=lambda it: -len(it["prompt"]))  # similar lengths share a batch
@@ -228,7 +206,7 @@ def evaluate_model(
         ]
         # This rank's share of the batches (all of them on one device; none where there are fewer batches than ranks).
         loader = DataLoader(share(batches, trainer.strategy), batch_size=None, collate_fn=lambda b: b)
-        evaluator = Evaluator(model, tokenizer, cfg, max_length, seed, use_adapter)
+        evaluator = Evaluator(generator, cfg, seed)
         trainer.test(evaluator, dataloaders=loader, verbose=False)
         return evaluator
 

@@ -1,50 +1,58 @@
-"""Stage 1-2: the current model writes a question for every fragment, then answers it open book.
+"""Stage 1-2: the current model writes a question for every fragment, then a model answers it open book.
 
-Hugging Face backend: batched, length-sorted, left-padded `generate` with the adapter active
-(never merged). Each batch is seeded from (seed, batch index), so a run reproduces. The vLLM
-backend (`selfevo.vllm_engine.VLLMEngine`, passed where the model goes) is dispatched to in
-`generate_texts`; the prompts and the clean-up here serve both.
+What writes is a `Generator`, chosen once per run by `make_generator`: `HFGenerator` (Hugging Face
+`generate`: batched, length-sorted, left-padded, the adapter active and never merged) or
+`selfevo.vllm_engine.VLLMEngine` (vLLM's offline engine). Both are seeded per batch from
+selfevo.sampling, so a run reproduces; the prompts and the clean-up here serve both.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Optional, Protocol
 
 import torch
-from rich.console import Console
-from rich.progress import Progress
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from selfevo.config import GenerationConfig
+from selfevo.config import GenerationConfig, ModelConfig
 from selfevo.faults import kill_point
-from selfevo.models import halving_batch_on_oom
+from selfevo.log import progress
+from selfevo.models import adapter_switched, halving_batch_on_oom, load_adapter_weights, resolve_model
 from selfevo.prompts import Language, answer_fault, answer_prompt, clean_answer, clean_question, question_prompt
 from selfevo.ranks import Strategy, gather_in_order, share
+from selfevo.sampling import Sampling, answers_seed, batch_seed, prompt_limit, warn_if_cut
 
-if TYPE_CHECKING:
-    from selfevo.vllm_engine import VLLMEngine
-
-
-console = Console(stderr=True)
+log = logging.getLogger(__name__)
 
 # An answer may be given word for word to this many questions (two questions on one topic can share it).
 MAX_SAME_ANSWER = 2
 
 
-@dataclass
-class Sampling:
-    max_new_tokens: int
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
+class Generator(Protocol):
+    """What turns prompts into texts: the model of one adapter (or of none: the base model)."""
 
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+    module: Optional[torch.nn.Module]
+    """The model a Lightning stage should place on its device (None: the backend places its own)."""
 
-def prompt_limit(sampling: Sampling, max_length: int) -> int:
-    """Prompt tokens that fit before the new tokens within max_length."""
-    return max(8, max_length - sampling.max_new_tokens)
+    def use_adapter(self, adapter: Optional[Path]) -> None:
+        """Generate with this saved PEFT adapter from now on; None: with the base model alone."""
+
+    def generate_batch(self, prompts: list[str], sampling: Sampling, seed: int) -> list[str]:
+        """One batch, its draws seeded by `seed`; only the new text, special tokens removed."""
+
+    def generate(
+        self, prompts: list[str], sampling: Sampling, *, seed: int, batch_size: int, description: str,
+        strategy: Strategy | None = None,
+    ) -> list[str]:
+        """A whole stage's prompts, outputs in input order; with a strategy of several ranks, each
+        rank generates its share and every rank gets all the outputs."""
+
+    def close(self) -> None:
+        """Free what the generator holds beyond the model (the vLLM engine's memory)."""
 
 
 def generate_batch(
@@ -54,7 +62,7 @@ def generate_batch(
     sampling: Sampling,
     max_length: int,
 ) -> list[str]:
-    """Continue each prompt; return only the new text, special tokens removed."""
+    """Continue each prompt with Hugging Face `generate`; return only the new text, special tokens removed."""
     enc = tokenizer(
         prompts,
         return_tensors="pt",
@@ -79,73 +87,84 @@ def generate_batch(
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def generate_texts(
-    model: PreTrainedModel | VLLMEngine,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    sampling: Sampling,
-    *,
-    batch_size: int,
-    max_length: int,
-    seed: int,
-    description: str = "generating",
-    strategy: Strategy | None = None,
-) -> list[str]:
-    """Generate for many prompts in length-sorted batches; outputs come back in input order.
+class HFGenerator:
+    """Hugging Face `generate` over the model in memory (a PEFT model, or a plain one).
 
-    With a strategy of several ranks, each rank generates its share of the batches (batch b still
-    seeded from (seed, b), so the texts are one device's) and every rank gets all the outputs.
+    `use_adapter(path)` loads that saved adapter's weights into the model's LoRA layers (once per
+    path); `use_adapter(None)` generates with the adapter switched off, as the base model.
     """
-    from selfevo.vllm_engine import VLLMEngine  # here, not above: that module imports this one
 
-    if isinstance(model, VLLMEngine):  # the vLLM backend batches and schedules by itself
-        return model.generate(tokenizer, prompts, sampling, max_length=max_length, seed=seed)
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    too_long = sum(n > prompt_limit(sampling, max_length) for n in lengths)
-    if too_long:
-        console.print(
-            f"[yellow]warning: {too_long} of {len(prompts)} prompts exceed {prompt_limit(sampling, max_length)} "
-            f"tokens (model.max_length {max_length} minus new tokens) and were cut from the left[/]"
-        )
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM shows early
-    was_training = model.training
-    model.eval()
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int):
+        self.model = self.module = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.adapter_on = True
+        self.loaded: Optional[Path] = None
 
-    def run(size: int) -> dict[int, str]:
-        batches = share(list(enumerate(order[s : s + size] for s in range(0, len(order), size))), strategy)
-        outputs: dict[int, str] = {}
-        with Progress(transient=True, console=console) as progress:
-            task = progress.add_task(description, total=sum(len(idx) for _, idx in batches))
-            for b, idx in batches:
-                torch.manual_seed(seed * 100_003 + b)
-                texts = generate_batch(model, tokenizer, [prompts[i] for i in idx], sampling, max_length)
-                outputs.update(zip(idx, texts))
-                progress.advance(task, len(idx))
-                kill_point("generate")
-        return outputs
+    def use_adapter(self, adapter: Optional[Path]) -> None:
+        self.adapter_on = adapter is not None
+        if adapter is not None and adapter != self.loaded:
+            load_adapter_weights(self.model, adapter)
+            self.loaded = adapter
 
-    try:
-        mine = halving_batch_on_oom(run, batch_size, description)
-    finally:
-        model.train(was_training)
-    return gather_in_order(mine, len(prompts), strategy, description)
+    def generate_batch(self, prompts: list[str], sampling: Sampling, seed: int) -> list[str]:
+        torch.manual_seed(seed)
+        with adapter_switched(self.model, self.adapter_on):
+            return generate_batch(self.model, self.tokenizer, prompts, sampling, self.max_length)
+
+    def generate(
+        self, prompts: list[str], sampling: Sampling, *, seed: int, batch_size: int, description: str = "generating",
+        strategy: Strategy | None = None,
+    ) -> list[str]:
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        warn_if_cut(lengths, prompt_limit(sampling, self.max_length))
+        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM shows early
+        was_training = self.model.training
+        self.model.eval()
+
+        def run(size: int) -> dict[int, str]:
+            batches = share(list(enumerate(order[s : s + size] for s in range(0, len(order), size))), strategy)
+            outputs: dict[int, str] = {}
+            with progress(description, sum(len(idx) for _, idx in batches)) as advance:
+                for b, idx in batches:
+                    texts = self.generate_batch([prompts[i] for i in idx], sampling, batch_seed(seed, b))
+                    outputs.update(zip(idx, texts))
+                    advance(len(idx))
+                    kill_point("generate")
+            return outputs
+
+        try:
+            mine = halving_batch_on_oom(run, batch_size, description)
+        finally:
+            self.model.train(was_training)
+        return gather_in_order(mine, len(prompts), strategy, description)
+
+    def close(self) -> None:
+        pass  # the model is the run's, not the generator's
+
+
+def make_generator(
+    backend: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_cfg: ModelConfig,
+    generation: GenerationConfig, lora_r: int, seed: int, eval_max_new_tokens: int,
+) -> Generator:
+    """The run's generator, chosen once: the Hugging Face model in memory (hf), or a vLLM engine over
+    the same base model that serves each generation's saved adapter (vllm)."""
+    if backend == "hf":
+        return HFGenerator(model, tokenizer, model_cfg.max_length)
+    from selfevo.vllm_engine import VLLMEngine  # vLLM is an optional extra
+
+    folder = resolve_model(model_cfg.name, model_cfg.trust_remote_code)
+    return VLLMEngine(folder, tokenizer, model_cfg, generation, lora_r, seed, eval_max_new_tokens)
 
 
 def write_questions(
-    model: PreTrainedModel | VLLMEngine,
-    tokenizer: PreTrainedTokenizerBase,
-    fragments: list[str],
-    cfg: GenerationConfig,
-    max_length: int,
-    seed: int,
-    strategy: Strategy | None = None,
+    generator: Generator, fragments: list[str], cfg: GenerationConfig, seed: int, strategy: Strategy | None = None
 ) -> tuple[list[dict], int]:
     """One question per fragment; returns the kept records and the number dropped."""
-    prompts = [question_prompt(tokenizer, f, cfg.language) for f in fragments]
+    prompts = [question_prompt(generator.tokenizer, f, cfg.language) for f in fragments]
     sampling = Sampling(cfg.question_max_new_tokens, True, cfg.temperature, cfg.top_p)
-    raw = generate_texts(
-        model, tokenizer, prompts, sampling, batch_size=cfg.batch_size, max_length=max_length, seed=seed,
-        description="writing questions", strategy=strategy,
+    raw = generator.generate(
+        prompts, sampling, seed=seed, batch_size=cfg.batch_size, description="writing questions", strategy=strategy
     )
     records = []
     for i, (fragment, text) in enumerate(zip(fragments, raw)):
@@ -156,21 +175,15 @@ def write_questions(
 
 
 def write_answers(
-    model: PreTrainedModel | VLLMEngine,
-    tokenizer: PreTrainedTokenizerBase,
-    questions: list[dict],
-    cfg: GenerationConfig,
-    max_length: int,
-    seed: int,
-    strategy: Strategy | None = None,
+    generator: Generator, questions: list[dict], cfg: GenerationConfig, seed: int, strategy: Strategy | None = None
 ) -> tuple[list[dict], dict]:
     """Answer each question open book (fragment in the prompt); returns the kept QA pairs and what
-    `pair_answers` counts of the dropped ones."""
-    prompts = [answer_prompt(tokenizer, r["fragment"], r["question"], cfg.language) for r in questions]
+    `pair_answers` counts of the dropped ones. `seed` is the questions' (the answers draw their own)."""
+    prompts = [answer_prompt(generator.tokenizer, r["fragment"], r["question"], cfg.language) for r in questions]
     sampling = Sampling(cfg.answer_max_new_tokens, True, cfg.temperature, cfg.top_p)
-    raw = generate_texts(
-        model, tokenizer, prompts, sampling, batch_size=cfg.batch_size, max_length=max_length, seed=seed + 1,
-        description="writing answers", strategy=strategy,
+    raw = generator.generate(
+        prompts, sampling, seed=answers_seed(seed), batch_size=cfg.batch_size, description="writing answers",
+        strategy=strategy,
     )
     return pair_answers(questions, raw, cfg.language)
 

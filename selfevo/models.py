@@ -6,9 +6,9 @@ import errno
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
@@ -23,6 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from selfevo.config import LoraConfig, ModelConfig
 from selfevo.data import TEMP_SUFFIX
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,7 +61,7 @@ def _converted_gguf(gguf: Path, trust_remote_code: bool) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"converting {gguf.name} to safetensors once, into {target} ...", flush=True)
+    log.info("converting %s to safetensors once, into %s ...", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=trust_remote_code
@@ -147,7 +149,7 @@ def halving_batch_on_oom(run: Callable[[int], T], batch_size: int, what: str) ->
             batch_size //= 2
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            print(f"out of GPU memory in {what}: retrying with batch size {batch_size}", file=sys.stderr, flush=True)
+            log.warning("out of GPU memory in %s: retrying with batch size %d", what, batch_size)
 
 
 def nf4_quantization() -> dict:

@@ -21,9 +21,8 @@ QUESTION_PROMPT = {
         "without the passage, so name the product or topic it is about. "
         "Reply with the question only."
     ),
-    # Qwen2.5-Coder-0.5B answered the previous wording ("...所以请写明它涉及的产品或主题。只输出这个问题。")
-    # with a title or a label such as "产品：订单管理" for half of the fragments; with example question
-    # forms it wrote a question for each (docs/results.md, "The Chinese question prompt").
+    # Example question forms: without them a 0.5B model often wrote a title or label ("产品：订单管理")
+    # instead of a question.
     "zh": (
         "下面是一段产品文档：\n\n{fragment}\n\n"
         "根据上面的文档，提出一个这段文档能够回答的具体问题，例如“如何……？”、“……是什么？”或“……有哪些……？”，"
@@ -37,19 +36,9 @@ ANSWER_PROMPT = {
         "Passage:\n{fragment}\n\nQuestion: {question}\n\n"
         "Answer accurately and concisely, using the facts in the passage."
     ),
-    # "准确、简洁地回答" (accurately and concisely) made Qwen2.5-Coder-0.5B answer in about 58 characters
-    # where the eval set's reference answers take 148, and each generation trained on them answered more
-    # briefly still (17, then 13): the loop converged on one-phrase answers (docs/results.md, "Why later
-    # generations lost BLEU-4"). Asked for the relevant steps, conditions and results in full sentences,
-    # as the reference answers give them, the base model wrote 225 where it had written 95 (8 questions,
-    # CPU: benchmarks/zh_answer_prompt.py).
-    # The second attempt's wording ended "用完整的句子回答：写出文档中与问题相关的操作步骤、条件和结果，……". After the
-    # colon the model took the instruction for the start of its answer and wrote it back (7 of 947
-    # answers at generation 1, 288 at 2, 814 at 3, each model trained on the last one's); restating
-    # answers are now dropped (restates_instructions) and the colon is gone. Moving the instructions
-    # before the document shortened the base model's answers from 218 to 46 characters (16 questions);
-    # asking for a "detailed" answer lengthened them to 456 with invented steps; this wording gave 191
-    # where the second attempt's gave 237 (8 questions; docs/results.md, "The second attempt").
+    # Full sentences with the relevant steps, conditions and results, as the eval references give
+    # them: asked for concise answers, a small model's answers shortened generation after generation.
+    # No colon before the instructions: after one, the model took them for the start of its answer.
     "zh": (
         "请根据下面的内部文档回答问题。\n\n文档：\n{fragment}\n\n问题：{question}\n\n"
         "请依据文档中的事实，用完整的句子回答，把文档中与问题相关的操作步骤、条件和结果都写出来，不要添加文档中没有的内容。"
@@ -59,8 +48,7 @@ ANSWER_PROMPT = {
 
 def prompts_digest(language: Language) -> str:
     """SHA-256 of the question and answer prompts of a language. They are code, not config, but a run
-    whose generations were written from different prompts is not one run: its snapshot records this
-    (snapshots made before 2026-11-25 do not, and are taken as they are)."""
+    whose generations were written from different prompts is not one run: its snapshot records this."""
     return hashlib.sha256((QUESTION_PROMPT[language] + "\0" + ANSWER_PROMPT[language]).encode()).hexdigest()
 
 
@@ -114,8 +102,8 @@ def is_degenerate(text: str) -> bool:
         grams = [compact[i : i + 8] for i in range(0, len(compact) - 7)]
         if len(set(grams)) / len(grams) < 0.3:
             return True
-    # A loop of whole lines keeps its windows varied by the item numbers ("7. X", "8. Y", "9. X", ...):
-    # Qwen2.5-0.5B wrote such answers with a collapsed adapter (benchmarks/zh_answer_prompt.py).
+    # A loop of whole lines keeps its windows varied by the item numbers ("7. X", "8. Y", "9. X", ...),
+    # as a collapsed adapter writes.
     lines = [_ITEM_MARK.sub("", line).strip() for line in text.splitlines()]
     lines = [line for line in lines if len(line) >= 6]
     return len(lines) >= 4 and len(set(lines)) <= len(lines) / 2

@@ -103,12 +103,11 @@ class PlannedBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
-        done, ranks = state["done"], state.get("ranks", 1)  # a checkpoint of an older version: one device's
-        window = state.get("window", self.window if ranks == 1 else None)
+        done, ranks, window = state["done"], state["ranks"], state["window"]
         if (ranks, window) == (self.ranks, self.window):
             self.skip = done
             return
-        if window is None or window != self.window or done % (window // ranks):
+        if window != self.window or done % (window // ranks):
             raise RunError(
                 f"this training's checkpoint ({ranks} ranks, {done} micro-batches into a step of {window}) cannot "
                 f"go on over {self.ranks} ranks in steps of {self.window}: resume it on {ranks} ranks"

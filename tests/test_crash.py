@@ -118,7 +118,7 @@ def test_training_resumes_from_its_last_checkpoint(cli, finished_run, tiny_model
     assert weights and all("lora_" in k for k in weights)  # the frozen base is not in it
     assert "hyper_parameters" not in checkpoint and checkpoint["optimizer_states"]
     assert cli.run(args, tmp_path, tmp_path / "log.txt") == {"exit": 0}
-    assert f"resuming training from {last}" in (tmp_path / "log.txt").read_text()
+    assert f"resuming training from {last}" in (tmp_path / "runs" / "t" / "run.log").read_text()
     assert run_files(tmp_path / "runs" / "t") == run_files(root / "runs" / "t")
     assert not last.parent.exists()
 

@@ -82,13 +82,13 @@ def test_edited_config_snapshot(copy_of_run, finished_run, tiny_model):
     resumed(tiny_model, inputs, run_dir, finished_run[0] / "runs" / "t", "--force")  # sets the old run aside
 
 
-def test_run_of_an_older_selfevo_is_named_as_such(copy_of_run, finished_run, tiny_model):
+def test_run_of_another_format_is_named_as_such(copy_of_run, finished_run, tiny_model):
     run_dir, inputs = copy_of_run
     snapshot = run_dir / "config.json"
     data = json.loads(snapshot.read_text())
-    del data["sha256"]  # snapshots written before checksummed runs had none
+    data["format"] = 2  # as a later selfevo would write it
     snapshot.write_text(json.dumps(data))
-    refused(tiny_model, inputs, run_dir, f"{snapshot}: made by an older selfevo", "--force")
+    refused(tiny_model, inputs, run_dir, f"{snapshot}: made by another version of selfevo (run folder format 2", "--force")
 
 
 def test_run_begun_with_other_prompts_is_refused(copy_of_run, finished_run, tiny_model):

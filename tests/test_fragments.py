@@ -1,10 +1,8 @@
 """Choosing the training fragments: data.limit, data.include_eval and data.fill."""
 
 import pytest
-from typer.testing import CliRunner
 
-from selfevo.cli import app
-from selfevo.config import DataConfig, EvolveConfig, identity
+from selfevo.config import DataConfig
 from selfevo.data import DataError, select_fragments
 from tests.test_bad_input import run_bad
 
@@ -49,13 +47,6 @@ def test_bad_choices_name_the_file_and_record():
         choose(limit=5, include_eval=True, eval_set=EVAL[:1] + [{**EVAL[1], "fragment": "elsewhere"}])
     with pytest.raises(DataError, match=r"^e\.json: holds 2 distinct fragments, .* more than data\.limit \(1\)"):
         choose(limit=1, include_eval=True)
-
-
-def test_new_keys_at_their_defaults_leave_a_runs_identity_as_it_was():
-    assert "include_eval" not in identity(EvolveConfig())["data"]
-    assert "fill" not in identity(EvolveConfig())["data"]
-    changed = EvolveConfig(data=DataConfig(include_eval=True, fill="random"))
-    assert identity(changed)["data"]["include_eval"] is True and identity(changed)["data"]["fill"] == "random"
 
 
 # Through `selfevo evolve`: exit code 2, one line, nothing written (run_bad checks all three).

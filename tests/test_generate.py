@@ -1,5 +1,5 @@
 from selfevo.config import GenerationConfig, ModelConfig
-from selfevo.generate import Sampling, generate_texts, pair_answers, write_answers, write_questions
+from selfevo.generate import HFGenerator, Sampling, pair_answers, write_answers, write_questions
 from selfevo.models import load_model
 from selfevo.prompts import chat_prompt
 
@@ -8,8 +8,9 @@ def test_batched_greedy_equals_one_at_a_time_in_input_order(tiny_model):
     model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
     prompts = [chat_prompt(tokenizer, t) for t in ["short", "a much longer prompt about qmeshd ports", "mid length one"]]
     greedy = Sampling(max_new_tokens=8)
-    batched = generate_texts(model, tokenizer, prompts, greedy, batch_size=3, max_length=256, seed=0)
-    single = [generate_texts(model, tokenizer, [p], greedy, batch_size=1, max_length=256, seed=0)[0] for p in prompts]
+    generator = HFGenerator(model, tokenizer, max_length=256)
+    batched = generator.generate(prompts, greedy, batch_size=3, seed=0)
+    single = [generator.generate([p], greedy, batch_size=1, seed=0)[0] for p in prompts]
     assert batched == single
 
 
@@ -17,7 +18,7 @@ def test_sampling_reproduces_with_the_same_seed(tiny_model):
     model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
     prompts = [chat_prompt(tokenizer, t) for t in ["one", "two", "three"]]
     sampled = Sampling(max_new_tokens=8, do_sample=True, temperature=0.9, top_p=0.95)
-    run = lambda seed: generate_texts(model, tokenizer, prompts, sampled, batch_size=2, max_length=256, seed=seed)
+    run = lambda seed: HFGenerator(model, tokenizer, 256).generate(prompts, sampled, batch_size=2, seed=seed)
     assert run(3) == run(3)
 
 
@@ -25,10 +26,11 @@ def test_questions_then_answers_keep_fragment_and_count_drops(tiny_model):
     model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
     fragments = ["qmeshd listens on TCP port 7741.", "Q-409 means an edit conflict."]
     cfg = GenerationConfig(batch_size=2, question_max_new_tokens=12, answer_max_new_tokens=12)
-    questions, q_dropped = write_questions(model, tokenizer, fragments, cfg, 256, seed=0)
+    generator = HFGenerator(model, tokenizer, max_length=256)
+    questions, q_dropped = write_questions(generator, fragments, cfg, seed=0)
     assert len(questions) + q_dropped == 2
     assert all(q["fragment"] == fragments[q["id"]] and q["question"] for q in questions)
-    qa, drops = write_answers(model, tokenizer, questions, cfg, 256, seed=0)
+    qa, drops = write_answers(generator, questions, cfg, seed=0)
     assert len(qa) + drops["dropped"] == len(questions)
     assert drops["dropped"] == drops["looping"] + drops["restating"] + drops["repeated"]
     assert all(p["answer"] and p["question"] for p in qa)

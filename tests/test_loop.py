@@ -1,7 +1,7 @@
 """End to end: `selfevo evolve` over 2 generations on the tiny model; resume; config checks."""
 
 import json
-from contextlib import nullcontext
+import shutil
 
 from typer.testing import CliRunner
 
@@ -104,9 +104,9 @@ def test_different_config_is_refused_unless_forced(finished_run, tiny_model):
 
 
 def test_answer_model_base_has_the_base_model_answer_the_current_models_questions(tiny_model, tmp_path):
-    from selfevo.config import EvolveConfig, GenerationConfig, LoraConfig, ModelConfig, identity
-    from selfevo.generate import write_answers
-    from selfevo.models import add_lora, load_adapter_weights, load_model
+    from selfevo.config import GenerationConfig, LoraConfig, ModelConfig
+    from selfevo.generate import HFGenerator, write_answers
+    from selfevo.models import add_lora, load_model
 
     inputs = toy_domain_inputs(tmp_path)
     fast = ("--train.learning_rate", "5e-2")  # an adapter that changes what the tiny model writes
@@ -126,26 +126,33 @@ def test_answer_model_base_has_the_base_model_answer_the_current_models_question
     model = add_lora(model, LoraConfig(), seed=0)
     sampling = GenerationConfig(batch_size=2, question_max_new_tokens=12, answer_max_new_tokens=16)
 
+    generator = HFGenerator(model, tokenizer, max_length=256)
+
     def answers_by(adapter_of) -> list[str]:
-        if adapter_of is not None:
-            load_adapter_weights(model, adapter_of / "gen_0" / "adapter")
-        with model.disable_adapter() if adapter_of is None else nullcontext():
-            written, _ = write_answers(model, tokenizer, questions, sampling, 256, seed=1)  # the loop's seed for gen_1
+        generator.use_adapter(None if adapter_of is None else adapter_of / "gen_0" / "adapter")
+        written, _ = write_answers(generator, questions, sampling, seed=1)  # the loop's seed for gen_1
         return [a["answer"] for a in written]
 
     by_base, by_m1 = answers_by(None), answers_by(current)
     assert by_base != by_m1
     assert [a["answer"] for a in records(base_run, 1, "answers")] == by_base
     assert [a["answer"] for a in records(current, 1, "answers")] == by_m1
-    # A run begun with one answer model is not resumed with the other. A snapshot without the key
-    # (made before it existed, when every run was answered by the current model) reads as current:
-    # run c's snapshot is such a one.
-    assert "answer_model" not in identity(EvolveConfig(generation=GenerationConfig(answer_model="current")))["generation"]
-    assert "answer_model" not in json.loads((current / "config.json").read_text())["config"]["generation"]
+    # A run begun with one answer model is not resumed with the other; the message says how to go on.
     refused = run(evolve_args(tiny_model, inputs, tmp_path, "c", *fast))  # the default, base
     assert refused.exit_code == 2
     assert "begun with current" in refused.output and "--generation.answer_model current" in refused.output
-    resumed = run(evolve_args(tiny_model, inputs, tmp_path, "c", *fast, "--generation.answer_model", "current"))
-    assert resumed.exit_code == 0, resumed.output
     refused = run(evolve_args(tiny_model, inputs, tmp_path, "b", *fast, "--generation.answer_model", "current"))
     assert refused.exit_code == 2 and "begun with base" in refused.output
+
+
+def test_a_run_folder_of_another_format_is_refused_with_one_line(finished_run, tiny_model, tmp_path):
+    root, inputs = finished_run
+    old = tmp_path / "runs" / "t"
+    shutil.copytree(root / "runs" / "t", old)
+    snapshot = json.loads((old / "config.json").read_text())
+    del snapshot["format"]  # as selfevo wrote it before run folders had a format
+    (old / "config.json").write_text(json.dumps(snapshot))
+    refused = run(evolve_args(tiny_model, inputs, tmp_path))
+    assert refused.exit_code == 2
+    assert "run folder format none" in refused.output and "--force" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1

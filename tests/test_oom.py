@@ -12,7 +12,7 @@ import selfevo.generate
 import selfevo.ifd
 from selfevo.config import EvalConfig, IFDConfig, ModelConfig, TrainerConfig
 from selfevo.evaluate import evaluate_model
-from selfevo.generate import Sampling, generate_texts
+from selfevo.generate import HFGenerator, Sampling
 from selfevo.ifd import score_pairs
 from selfevo.models import halving_batch_on_oom, load_model
 from selfevo.prompts import chat_prompt
@@ -33,16 +33,16 @@ def tiny(tiny_model):
     return load_model(ModelConfig(name=tiny_model, dtype="float32"))
 
 
-def test_generation_halves_and_says_so(tiny, monkeypatch, capsys):
+def test_generation_halves_and_says_so(tiny, monkeypatch, caplog):
     model, tokenizer = tiny
     prompts = [chat_prompt(tokenizer, f"prompt number {i}") for i in range(6)]
     greedy = Sampling(max_new_tokens=6)
-    expected = generate_texts(model, tokenizer, prompts, greedy, batch_size=2, max_length=128, seed=0)
+    generator = HFGenerator(model, tokenizer, max_length=128)
+    expected = generator.generate(prompts, greedy, batch_size=2, seed=0)
     monkeypatch.setattr(selfevo.generate, "generate_batch",
                         failing_above(selfevo.generate.generate_batch, 2, lambda m, t, p, *a: len(p)))
-    assert generate_texts(model, tokenizer, prompts, greedy, batch_size=8, max_length=128, seed=0) == expected
-    err = capsys.readouterr().err
-    assert "retrying with batch size 4" in err and "retrying with batch size 2" in err
+    assert generator.generate(prompts, greedy, batch_size=8, seed=0) == expected
+    assert "retrying with batch size 4" in caplog.text and "retrying with batch size 2" in caplog.text
 
 
 def test_scoring_halves_with_equal_scores(tiny, monkeypatch):
@@ -62,11 +62,12 @@ def test_evaluation_halves_with_equal_predictions(tiny, toy_inputs, monkeypatch)
     model, tokenizer = tiny
     eval_set = load_eval(toy_inputs[1])
     cfg = EvalConfig(batch_size=1, max_new_tokens=6)
-    expected = evaluate_model(model, tokenizer, eval_set, cfg, 256, build_trainer(TrainerConfig()))
-    monkeypatch.setattr(selfevo.evaluate, "generate_batch",
-                        failing_above(selfevo.evaluate.generate_batch, 1, lambda m, t, p, *a: len(p)))
+    generator = HFGenerator(model, tokenizer, max_length=256)
+    expected = evaluate_model(generator, eval_set, cfg, build_trainer(TrainerConfig()))
+    monkeypatch.setattr(selfevo.generate, "generate_batch",
+                        failing_above(selfevo.generate.generate_batch, 1, lambda m, t, p, *a: len(p)))
     cfg.batch_size = 4
-    assert evaluate_model(model, tokenizer, eval_set, cfg, 256, build_trainer(TrainerConfig())) == expected
+    assert evaluate_model(generator, eval_set, cfg, build_trainer(TrainerConfig())) == expected
 
 
 def test_batch_of_one_that_does_not_fit_is_an_error():

@@ -21,6 +21,7 @@ from selfevo.cli import app
 from selfevo.config import EvalConfig, IFDConfig, ModelConfig, TrainerConfig
 from selfevo.data import RunError, load_eval
 from selfevo.evaluate import evaluate_model
+from selfevo.generate import HFGenerator
 from selfevo.ifd import score_pairs
 from selfevo.models import load_model
 from selfevo.train import PlannedBatches, build_trainer
@@ -76,6 +77,7 @@ import torch
 from selfevo.config import EvalConfig, IFDConfig, ModelConfig, TrainerConfig
 from selfevo.data import load_eval
 from selfevo.evaluate import evaluate_model
+from selfevo.generate import HFGenerator
 from selfevo.ifd import score_pairs
 from selfevo.models import load_model
 from selfevo.ranks import launch_ranks
@@ -88,8 +90,8 @@ strategy = launch_ranks(hardware)  # Lightning's launcher runs this script again
 model, tokenizer = load_model(ModelConfig(name=model_name, dtype="float32"))
 pairs, eval_set = json.load(open(qa_file)), load_eval(eval_file)
 scored = score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=len(pairs)), 1024, build_trainer(hardware))
-metrics, predictions = evaluate_model(model, tokenizer, eval_set, EvalConfig(batch_size=len(eval_set), max_new_tokens=8),
-                                      256, build_trainer(hardware), seed=1)
+metrics, predictions = evaluate_model(HFGenerator(model, tokenizer, 256), eval_set,
+                                      EvalConfig(batch_size=len(eval_set), max_new_tokens=8), build_trainer(hardware), seed=1)
 if strategy.global_rank == 0:
     json.dump({"scored": scored, "metrics": metrics, "predictions": predictions}, open(out, "w"))
 '''
@@ -175,21 +177,6 @@ def test_checkpoint_resumes_on_another_number_of_ranks(before, after):
     assert sorted(done) == sorted(whole[:8]) and sorted(rest) == sorted(whole[8:])
 
 
-def test_older_checkpoint_resumes_on_more_ranks():
-    """A checkpoint of a version before the ranks (one device; {"epoch", "done"}) goes on over 2 ranks."""
-    lengths = [1 + (i * 7) % 23 for i in range(45)]
-    whole = PlannedBatches(lengths, 4, seed=3, window=4).plan()
-    rest = []
-    for r in range(2):
-        resumed = PlannedBatches(lengths, 4, seed=3, rank=r, ranks=2, window=4)
-        resumed.load_state_dict({"epoch": 0, "done": 4})
-        rest += list(resumed)
-    assert sorted(rest) == sorted(whole[4:])
-    odd = PlannedBatches(lengths, 4, seed=3, rank=0, ranks=2, window=4)
-    with pytest.raises(RunError, match="resume it on 1 ranks"):
-        odd.load_state_dict({"epoch": 0, "done": 3})
-
-
 def test_two_ranks_score_as_one(tiny_model, tmp_path):
     qa = write_records(tmp_path / "qa.jsonl", QA, jsonl=True)
     proc, touched = run_ranks(
@@ -222,8 +209,8 @@ def test_two_ranks_score_and_evaluate_fewer_batches_than_ranks(tiny_model, tmp_p
     one = score_pairs(model, tokenizer, QA[:5], IFDConfig(batch_size=5), 1024, build_trainer(TrainerConfig(), logger=False))
     for key in ("ifd", "loss_cond", "loss_alone"):
         assert [p[key] for p in two["scored"]] == pytest.approx([p[key] for p in one], rel=1e-6)
-    metrics, predictions = evaluate_model(model, tokenizer, load_eval(eval_file), EvalConfig(batch_size=3, max_new_tokens=8), 256,
-                                          build_trainer(TrainerConfig()), seed=1)
+    metrics, predictions = evaluate_model(HFGenerator(model, tokenizer, 256), load_eval(eval_file),
+                                          EvalConfig(batch_size=3, max_new_tokens=8), build_trainer(TrainerConfig()), seed=1)
     assert two["predictions"] == predictions
     assert two["metrics"] == metrics
 
@@ -287,3 +274,17 @@ def test_two_ranks_evolve_write_on_rank_zero_only_resume_and_match_one(tiny_mode
     b = load_file(gen / "adapter" / "adapter_model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_one_device_checkpoint_resumes_on_more_ranks_at_a_step_boundary_only():
+    lengths = [1 + (i * 7) % 23 for i in range(45)]
+    whole = PlannedBatches(lengths, 4, seed=3, window=4).plan()
+    rest = []
+    for r in range(2):
+        resumed = PlannedBatches(lengths, 4, seed=3, rank=r, ranks=2, window=4)
+        resumed.load_state_dict({"epoch": 0, "done": 4, "ranks": 1, "window": 4})  # one step in, on one device
+        rest += list(resumed)
+    assert sorted(rest) == sorted(whole[4:])
+    odd = PlannedBatches(lengths, 4, seed=3, rank=0, ranks=2, window=4)
+    with pytest.raises(RunError, match="resume it on 1 ranks"):
+        odd.load_state_dict({"epoch": 0, "done": 3, "ranks": 1, "window": 4})  # mid-step

@@ -11,10 +11,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import selfevo.loop
+import selfevo.vllm_engine
 from selfevo.cli import app
 from selfevo.config import GenerationConfig, ModelConfig
-from selfevo.generate import Sampling, generate_texts
+from selfevo.generate import HFGenerator, Sampling
 from selfevo.models import load_model, load_tokenizer
 from selfevo.prompts import answer_prompt, question_prompt
 
@@ -37,10 +37,10 @@ def evolve_recording(root: Path, model: str, *extra: str) -> tuple[Path, list, l
             super().__init__(*args, **kwargs)
             engines.append(self)
 
-        def generate(self, tokenizer, prompts, sampling, **kwargs):
+        def generate_batch(self, prompts, sampling, seed):
             lora = self.lora_request.lora_path if self.lora_request else None
             calls.append({"prompts": len(prompts), "adapter": lora, "max_new_tokens": sampling.max_new_tokens})
-            return super().generate(tokenizer, prompts, sampling, **kwargs)
+            return super().generate_batch(prompts, sampling, seed)
 
     args = [
         "evolve", "--name", "v", "--end", "2", "--runs_dir", str(root / "runs"), "--logs_dir", str(root / "logs"),
@@ -54,7 +54,7 @@ def evolve_recording(root: Path, model: str, *extra: str) -> tuple[Path, list, l
         *extra,
     ]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(selfevo.loop, "VLLMEngine", RecordingEngine)
+        mp.setattr(selfevo.vllm_engine, "VLLMEngine", RecordingEngine)
         result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return root / "runs" / "v", engines, calls
@@ -121,7 +121,10 @@ def engine(vllm_run, tiny_vllm_model):
     from selfevo.vllm_engine import VLLMEngine
 
     model_cfg = ModelConfig(name=tiny_vllm_model, dtype="float32", max_length=256)
-    made = VLLMEngine(Path(tiny_vllm_model), model_cfg, GenerationConfig(vllm_kv_cache_gib=float(KV_CACHE_GIB)), 8, 0)
+    made = VLLMEngine(
+        Path(tiny_vllm_model), load_tokenizer(tiny_vllm_model), model_cfg,
+        GenerationConfig(vllm_kv_cache_gib=float(KV_CACHE_GIB)), 8, 0,
+    )
     yield made
     made.close()
 
@@ -142,11 +145,11 @@ def test_greedy_outputs_equal_hf_with_and_without_the_trained_adapter(vllm_run, 
     prompts = run_prompts(run_dir, tokenizer)
     greedy = Sampling(max_new_tokens=24)
 
-    def texts(model):
-        return generate_texts(model, tokenizer, prompts, greedy, batch_size=4, max_length=256, seed=0)
+    def texts(generator):
+        return generator.generate(prompts, greedy, batch_size=4, seed=0)
 
-    hf_base = texts(base)
-    hf_adapted = texts(PeftModel.from_pretrained(base, str(adapter)))
+    hf_base = texts(HFGenerator(base, tokenizer, 256))
+    hf_adapted = texts(HFGenerator(PeftModel.from_pretrained(base, str(adapter)), tokenizer, 256))
     assert hf_adapted != hf_base  # the adapter matters, so its parity below means something
     engine.use_adapter(None)
     assert texts(engine) == hf_base
@@ -164,17 +167,16 @@ def test_evaluation_through_the_engine_equals_hf_evaluation(vllm_run, tiny_vllm_
 
     run_dir, _, _ = vllm_run
     base, tokenizer = load_model(ModelConfig(name=tiny_vllm_model, dtype="float32", max_length=256))
-    adapted = PeftModel.from_pretrained(base, str(run_dir / "gen_1" / "adapter"))
+    adapted = HFGenerator(PeftModel.from_pretrained(base, str(run_dir / "gen_1" / "adapter")), tokenizer, 256)
     eval_set = load_eval(run_dir.parents[1] / "eval.json")
     trainer = build_trainer(TrainerConfig(), logger=False, enable_progress_bar=False)
-    metrics, predictions = evaluate_model(adapted, tokenizer, eval_set, EvalConfig(max_new_tokens=12), 256, trainer)
+    metrics, predictions = evaluate_model(adapted, eval_set, EvalConfig(max_new_tokens=12), trainer)
     on_vllm = [json.loads(line) for line in (run_dir / "gen_1" / "predictions.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in on_vllm] == [p["prediction"] for p in predictions]
     assert json.loads((run_dir / "gen_1" / "metrics.json").read_text()) == metrics
     # the open-book ceiling too: the base model with each question's fragment in view
-    metrics, predictions = evaluate_model(  # the adapter off: the base model
-        adapted, tokenizer, eval_set, EvalConfig(max_new_tokens=12), 256, trainer, use_adapter=False, open_book=True
-    )
+    adapted.use_adapter(None)  # the adapter off: the base model
+    metrics, predictions = evaluate_model(adapted, eval_set, EvalConfig(max_new_tokens=12), trainer, open_book=True)
     open_book = run_dir / "base" / "open_book"
     on_vllm = [json.loads(line) for line in (open_book / "predictions.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in on_vllm] == [p["prediction"] for p in predictions]
@@ -189,7 +191,7 @@ def test_sampling_reproduces_with_the_same_seed_and_varies_with_another(vllm_run
     engine.use_adapter(run_dir / "gen_0" / "adapter")
 
     def texts(seed):
-        return generate_texts(engine, tokenizer, prompts, sampled, batch_size=4, max_length=256, seed=seed)
+        return engine.generate(prompts, sampled, batch_size=4, seed=seed)
 
     first = texts(3)
     assert texts(3) == first
