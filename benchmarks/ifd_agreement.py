@@ -1,6 +1,10 @@
-"""How closely selfevo's batched IFD agrees with the seed's per-pair algorithm.
+"""Measures how closely selfevo's batched IFD agrees with the seed's per-pair algorithm (Spearman,
+relative differences, both timings). Figures: docs/ifd.md.
+
+Run from the repository root, with `../shared` (the seed's data and reference scorer) beside the checkout:
 
     python benchmarks/ifd_agreement.py [--model smollm2-135m-instruct] [--limit 100] [--dtype float32]
+    python benchmarks/ifd_agreement.py --out benchmarks/results/ifd_agreement_cpu_fp32.json   # docs/ifd.md's CPU row
 
 Scores the AIOps eval pairs with both (same model in memory, fp32 on the CPU by default) and prints
 one JSON line: Spearman correlation, median / max relative difference, and both timings. The seed's

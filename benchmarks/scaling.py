@@ -1,12 +1,12 @@
-"""Throughput of each stage on 1 device and on N, from the loop itself.
+"""Measures the throughput of each stage on 1 device and on N, from the loop itself (docs/scaling.md).
 
 Runs the same `selfevo evolve` generation twice, with --trainer.devices 1 and --trainer.devices N
 (each its own run folder), and reads the seconds each stage recorded in stages.json (rank 0's wall
 clock; model loading and start-up are not in any stage). Prints a table of items per second,
 speed-up and scaling efficiency (speed-up / N), and writes it as JSON.
 
-    python benchmarks/scaling.py --devices 8 --out /tmp/out/scaling.json -- \\
-        --config configs/aiops.yaml --model.name /models/Qwen1.5-7B-Chat --data.fragments ... --data.eval ...
+    python benchmarks/scaling.py --devices 8 --out scaling.json -- \\
+        --config configs/aiops.yaml --model.name MODEL --data.fragments FRAGMENTS --data.eval EVAL
 
 Arguments after `--` go to every `selfevo evolve` (train.grad_accum must be a multiple of N).
 On a CPU, `--devices 2 -- --trainer.accelerator cpu ...` runs the same over gloo (a check of the
@@ -58,7 +58,7 @@ def throughput(run_dir: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, required=True, help="N, the devices to compare with one")
-    parser.add_argument("--root", type=Path, default=Path("/tmp/selfevo-scaling"), help="run and log folders")
+    parser.add_argument("--root", type=Path, default=Path("runs/scaling"), help="run and log folders")
     parser.add_argument("--out", type=Path, default=None, help="the table as JSON")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="-- then arguments for selfevo evolve")
     args = parser.parse_args()

@@ -1,5 +1,5 @@
 """The small-scale reproduction's tools: run folders that travel slim between machines and resume
-there (benchmarks/reproduce_runs.py, the loop's --start)."""
+there (tools/gpu/reproduce_runs.py, the loop's --start)."""
 
 import importlib.util
 import json
@@ -17,7 +17,7 @@ from tests.conftest import ROOT, evolve_args, run_files
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "gpu" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -186,13 +186,13 @@ evaluation: {{batch_size: 2, max_new_tokens: 12}}
 
 
 def visit(step: list[str], root: Path, **env: str) -> str:
-    """One step of benchmarks/reproduce_visit.sh as a device call runs it, on the CPU with the tiny model,
+    """One step of tools/gpu/reproduce_visit.sh as a device call runs it, on the CPU with the tiny model,
     from a folder of its own (no .carry there: set-up has nothing to install)."""
     import os
     import subprocess
 
     result = subprocess.run(
-        ["bash", "benchmarks/reproduce_visit.sh", *step], cwd=root / "checkout", capture_output=True, text=True,
+        ["bash", "tools/gpu/reproduce_visit.sh", *step], cwd=root / "checkout", capture_output=True, text=True,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(root / "out"),
              "REPRO_DIR": str(root / "repro"), "STAGE_DIR": str(root / "stage"), "SELFEVO_CACHE": str(root / "cache"),
              "CONFIG": str(root / "tiny.yaml"), "MODEL": env.pop("MODEL"), "DATA_DIR": str(root / "data"),
@@ -206,7 +206,7 @@ def visit(step: list[str], root: Path, **env: str) -> str:
 def test_a_visit_probes_the_rate_takes_the_best_and_a_later_rate_sets_the_old_runs_aside(tiny_model, tmp_path):
     checkout = tmp_path / "checkout"
     checkout.mkdir()
-    for name in ("benchmarks", "selfevo"):
+    for name in ("tools", "selfevo"):
         (checkout / name).symlink_to(ROOT / name)
     (tmp_path / "tiny.yaml").write_text(TINY_CONFIG.format(model=tiny_model))
     (tmp_path / "data").mkdir()
