@@ -206,7 +206,8 @@ def bench_training(model_name, qa_file, steps, ways) -> list[dict]:
         clock = StepClock()
         trainer = build_trainer(TrainerConfig(precision=precision), max_steps=steps, accumulate_grad_batches=accum,
                                 enable_progress_bar=False, logger=False, callbacks=[clock])
-        module = LoRAModule.around(model, TrainConfig(learning_rate=2e-4))
+        module = LoRAModule(model_name, dtype, quantization, LoraConfig(), TrainConfig(learning_rate=2e-4),
+                            _peft_model=model)
         _, secs = timed(lambda: trainer.fit(module, datamodule=data))
         # Real (unpadded) tokens per second over the steady-state steps.
         rows.append({"stage": "train", "way": name, "items": steps * accum * micro, "seconds": secs,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -15,11 +15,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import typer
 
+from selfevo.config import EvolveConfig
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Teach a small LLM a private domain by self-evolution: generate, score, select, train, evaluate, repeat.",
+    help="Teach a small LLM a private domain by self-evolution: generate, score, select, train, "
+    "evaluate, repeat.",
 )
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -36,13 +39,14 @@ def quiet_libraries() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
-    # The in-process vLLM engine starts a one-process torch.distributed group, so Lightning would ask
-    # for sync_dist in every logged metric; with one process there is nothing to sync.
+    # The in-process vLLM engine starts a one-process torch.distributed group, so Lightning would
+    # ask for sync_dist in every logged metric; with one process there is nothing to sync.
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
 
 
 def fail(message: str, code: int = 2) -> None:
-    """One line on stderr and an exit code: 2 for bad input or an unusable run, 1 for a failing machine."""
+    """One line on stderr and an exit code: 2 for bad input or an unusable run, 1 for a failing
+    machine."""
     typer.echo(f"selfevo: error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -54,8 +58,9 @@ def guarded(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from selfevo.config import ConfigError
-        from selfevo.data import DataError, RunError
+        from selfevo.data import DataError
         from selfevo.models import ModelError
+        from selfevo.rundir import RunError
 
         try:
             return fn(*args, **kwargs)
@@ -65,7 +70,8 @@ def guarded(fn):
             if e.filename is None:
                 raise
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                fail(f"{e.filename}: no space left on the device; free some and run the same command to resume", 1)
+                fail(f"{e.filename}: no space left on the device; free some and run the same "
+                     "command to resume", 1)
             fail(f"{e.filename}: {e.strerror}", 1)
         except KeyboardInterrupt:
             typer.echo("selfevo: interrupted; run the same command again to resume", err=True)
@@ -74,19 +80,46 @@ def guarded(fn):
     return wrapper
 
 
+def config_parser(prog: str, description: Optional[str]):
+    """A jsonargparse parser whose --help gives each config field with its docstring."""
+    from jsonargparse import ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    return ArgumentParser(prog=prog, description=description, exit_on_error=False)
+
+
+def config_sections() -> dict:
+    """The sections of an evolve config, each name with its dataclass (model: ModelConfig, ...)."""
+    return {
+        f.name: f.default_factory for f in fields(EvolveConfig) if is_dataclass(f.default_factory)
+    }
+
+
+def name_groups(parser) -> None:
+    """Head each group of options in --help with its section's name, not with the signature that
+    a dataclass without a docstring has for one."""
+    import re
+
+    for key, group in parser.groups.items():
+        signature = re.match(r"(\w+)\(", group.title or "")
+        if not signature:
+            group.title = f"{key}: {group.title}"
+        else:
+            group.title = key if key == signature[1] else f"{key} ({signature[1]})"
+
+
 def evolve_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
 
-    from selfevo.config import EvolveConfig
-
-    parser = ArgumentParser(
-        prog="selfevo evolve",
-        description="Run self-evolution generations start..end-1; resumes an interrupted run.",
-        exit_on_error=False,
+    parser = config_parser(
+        "selfevo evolve", "Run self-evolution generations start..end-1; resumes an interrupted run."
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML config (see configs/)")
-    parser.add_argument("--force", action="store_true", help="set aside a run directory of another config")
+    parser.add_argument(
+        "--force", action="store_true", help="set aside a run directory of another config"
+    )
     parser.add_class_arguments(EvolveConfig)
+    name_groups(parser)
     return parser
 
 
@@ -108,25 +141,47 @@ def check_yaml_keys(path: Path) -> None:
 
     StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     try:
-        yaml.load(path.read_text(encoding="utf-8"), StrictLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        text = path.read_bytes().decode("utf-8")
+    except OSError:
+        return  # the config parser reports a missing file with its own message
+    except UnicodeDecodeError as e:
+        fail(f"{path}: not UTF-8 (byte {e.start})")
+    try:
+        yaml.load(text, StrictLoader)
+    except RecursionError:
+        fail(f"{path}: nested too deeply")
+    except yaml.YAMLError:
         pass  # the config parser reports these with its own messages
 
 
-def parse_evolve_args(args: list[str]):
-    """(EvolveConfig, force) from `--config FILE` and dotted overrides such as `--data.fragments PATH`."""
-    from jsonargparse import ArgumentError
+def parse_config_args(parser, args: list[str], sections: dict):
+    """The namespace of `args`, its config `sections` (name: dataclass) built into their
+    dataclasses; bad input stops the command with one line on stderr, before any work."""
+    from jsonargparse import ArgumentError, Namespace
 
-    from selfevo.config import EvolveConfig
-
-    parser = evolve_parser()
     for flag, value in zip(args, args[1:]):
         if flag == "--config":
             check_yaml_keys(Path(value))
     try:
-        ns = parser.instantiate(parser.parse_args(args))
+        ns = parser.parse_args(args)
     except ArgumentError as e:
-        fail(" ".join(line.strip() for line in str(e).splitlines()))
+        message = " ".join(line.strip() for line in str(e).splitlines())
+        for name in sections:  # `--model NAME`, say: the option takes a file of the section's keys
+            if message.startswith(f'Parser key "{name}": Unable to load config'):
+                field = fields(sections[name])[0].name
+                message = (f"--{name}: takes a YAML file of the {name} section; set one key with "
+                           f"--{name}.KEY VALUE, such as --{name}.{field}")
+        fail(message)
+    for name in sections:  # a section given as a plain value ("data: 5") has no keys to build from
+        if not isinstance(ns.get(name), Namespace):
+            fail(f"{name}: must be a section of keys, got {ns.get(name)!r}")
+    return parser.instantiate(ns)
+
+
+def parse_evolve_args(args: list[str]):
+    """(EvolveConfig, force) from `--config FILE` and dotted overrides such as
+    `--data.fragments PATH`."""
+    ns = parse_config_args(evolve_parser(), args, config_sections())
     cfg = EvolveConfig(**{f.name: ns[f.name] for f in fields(EvolveConfig)})
     return cfg, bool(ns.force)
 
@@ -134,7 +189,7 @@ def parse_evolve_args(args: list[str]):
 @app.command(context_settings=PASSTHROUGH, add_help_option=False)
 @guarded
 def evolve(ctx: typer.Context) -> None:
-    """Run the whole loop: selfevo evolve --config configs/demo.yaml [--start N] [--end M] [--key.sub VALUE]"""
+    """Run the whole loop: selfevo evolve --config FILE [--start N] [--end M] [--KEY.SUB VALUE]"""
     from selfevo.loop import evolve as run_evolve
 
     cfg, force = parse_evolve_args(ctx.args)
@@ -144,212 +199,306 @@ def evolve(ctx: typer.Context) -> None:
 @app.command(context_settings=PASSTHROUGH, add_help_option=False)
 @guarded
 def fit(ctx: typer.Context) -> None:
-    """Train a LoRA adapter on a QA file with the Lightning CLI: selfevo fit --config configs/lora.yaml"""
+    """Train a LoRA adapter on a QA file, Lightning CLI: selfevo fit --config configs/lora.yaml"""
     from selfevo.train import LoRACLI, LoRAModule, QADataModule
 
-    LoRACLI(LoRAModule, QADataModule, args=["fit", *ctx.args], save_config_kwargs={"overwrite": True})
+    LoRACLI(
+        LoRAModule, QADataModule, args=["fit", *ctx.args], save_config_kwargs={"overwrite": True}
+    )
 
 
-def _load(model: str, adapter: Optional[str], dtype: str = "auto"):
+# --- each stage on its own, over files ------------------------------------------------------------
+# A stage command takes the evolve config's sections that it uses, under the same names
+# (--model.name, --generation.language, ...), and --config FILE for a YAML like configs/demo.yaml.
+
+
+def own_part(parser, value: str):
+    """The part of an evolve config file that a stage command takes: the sections and keys of an
+    evolve config that it does not take are passed over (a key no config has is left, to be
+    refused). `value` as it is where it is not a YAML mapping in a readable file."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return value
+    if not isinstance(loaded, dict):
+        return value
+    evolve = {f.name for f in fields(EvolveConfig)}
+    evolve |= {f"{name}.{f.name}" for name, cls in config_sections().items() for f in fields(cls)}
+    taken = {action.dest for action in parser._actions}
+    kept = {}
+    for key, part in loaded.items():
+        if key in evolve and key not in taken:
+            continue
+        if key in config_sections() and isinstance(part, dict):
+            part = {
+                k: v for k, v in part.items() if f"{key}.{k}" in taken or f"{key}.{k}" not in evolve
+            }
+        kept[key] = part
+    return yaml.safe_dump(kept)
+
+
+def stage_config_action():
+    from jsonargparse import ActionConfigFile
+
+    class StageConfigFile(ActionConfigFile):
+        """--config FILE of a stage command: the part of an evolve config that the command takes."""
+
+        def __call__(self, parser, cfg, values, option_string=None):
+            self.apply_config(parser, cfg, self.dest, own_part(parser, values))
+
+    return StageConfigFile
+
+
+def parse_stage(
+    ctx: typer.Context, options: dict, sections: tuple = (), skip: Optional[dict] = None
+):
+    """A stage command's arguments: `options` (a flag or positional's name: add_argument's
+    keywords) and, with --config FILE, the evolve config's `sections` less the fields in `skip`
+    (section: names), each section checked as `selfevo evolve` checks it."""
+    from selfevo.config import validate, world_size
+
+    parser = config_parser(f"selfevo {ctx.info_name}", ctx.command.help)
+    for flag, keywords in options.items():
+        parser.add_argument(flag, **keywords)
+    if sections:
+        parser.add_argument(
+            "--config", action=stage_config_action(),
+            help="a YAML config such as configs/demo.yaml: the sections that this command takes",
+        )
+    taken = {name: config_sections()[name] for name in sections}
+    for name, cls in taken.items():
+        parser.add_class_arguments(cls, name, skip=set((skip or {}).get(name, ())))
+    name_groups(parser)
+    ns = parse_config_args(parser, ctx.args, taken)
+    cfg = EvolveConfig(**{name: ns[name] for name in taken})  # the other sections at their defaults
+    if "trainer" in taken:  # no training here, whose micro-batches the ranks would share
+        cfg.train.grad_accum = world_size(cfg.trainer)
+    validate(cfg)
+    return ns
+
+
+ADAPTER = {"type": Optional[str], "help": "a LoRA adapter folder (selfevo's or PEFT's)"}
+SEED = {"type": int, "default": EvolveConfig.seed, "help": "seeds the sampling (the config's seed)"}
+
+
+def _load(model_cfg, adapter: Optional[str], accelerator: str = "auto"):
+    """The model (with the adapter, if any) on the accelerator, and its tokenizer."""
     from peft import PeftModel
 
-    from selfevo.config import ModelConfig
     from selfevo.models import accelerator_device, check_adapter_folder, load_model
 
-    m, tokenizer = load_model(ModelConfig(name=model, dtype=dtype))
+    m, tokenizer = load_model(model_cfg)
     if adapter:
         m = PeftModel.from_pretrained(m, str(check_adapter_folder(adapter)))
-    return m.to(accelerator_device()), tokenizer
+    return m.to(accelerator_device(accelerator)), tokenizer
 
 
-@app.command()
+def _generator(model_cfg, generation, adapter: Optional[str], seed: int, eval_max_new_tokens: int):
+    """The loop's generator (generate.make_generator) over the base model; the adapter's folder."""
+    from selfevo.config import LoraConfig
+    from selfevo.generate import make_generator
+    from selfevo.models import check_adapter_folder, load_tokenizer
+    from selfevo.rundir import read_json
+
+    adapter_path = check_adapter_folder(adapter) if adapter else None
+    if generation.backend == "hf":
+        model, tokenizer = _load(model_cfg, adapter)
+    else:  # the engine loads the weights itself
+        model, tokenizer = None, load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
+    rank = read_json(adapter_path / "adapter_config.json")["r"] if adapter_path else LoraConfig().r
+    generator = make_generator(
+        generation.backend, model, tokenizer, model_cfg, generation, rank, seed, eval_max_new_tokens
+    )
+    return generator, adapter_path
+
+
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
 @guarded
-def generate(
-    fragments: Path = typer.Argument(..., help="knowledge fragments (JSON list or JSONL)"),
-    out: Path = typer.Option(..., "--out", help="QA pairs to write (JSONL)"),
-    model: str = typer.Option("smollm2-135m-instruct", help="base model"),
-    adapter: Optional[str] = typer.Option(None, help="LoRA adapter folder to generate with"),
-    language: str = typer.Option("en", help="prompt language: en or zh"),
-    batch_size: int = typer.Option(16, min=1),
-    max_length: int = typer.Option(1024, min=16),
-    seed: int = typer.Option(0),
-) -> None:
-    """Write a question for each fragment and answer it (open book)."""
-    from selfevo.config import ConfigError, GenerationConfig
-    from selfevo.data import check_can_create, load_fragments, write_jsonl
-    from selfevo.generate import HFGenerator, write_answers, write_questions
+def generate(ctx: typer.Context) -> None:
+    """Write a question for each fragment and answer it (open book).
 
-    if language not in ("en", "zh"):
-        raise ConfigError(f"--language: must be en or zh, got {language!r}")
-    texts, duplicates = load_fragments(fragments)
+    As a generation of the loop does: the questions by the model with --adapter, the answers as
+    generation.answer_model says (base: the base model, the adapter off)."""
+    from selfevo.data import load_fragments
+    from selfevo.generate import write_answers, write_questions
+    from selfevo.rundir import check_can_create, write_jsonl
+
+    a = parse_stage(ctx, {
+        "fragments": {"type": str, "help": "knowledge fragments (JSON list or JSONL)"},
+        "--out": {"type": str, "required": True, "help": "QA pairs to write (JSONL)"},
+        "--adapter": ADAPTER,
+        "--seed": SEED,
+    }, ("model", "generation"))
+    out = Path(a.out)
+    texts, duplicates = load_fragments(a.fragments)
     check_can_create(out.parent, "output")
-    m, tokenizer = _load(model, adapter)
-    generator = HFGenerator(m, tokenizer, max_length)
-    cfg = GenerationConfig(language=language, batch_size=batch_size)
-    questions, q_dropped = write_questions(generator, texts, cfg, seed)
-    qa, a_drops = write_answers(generator, questions, cfg, seed)
+    generator, adapter = _generator(a.model, a.generation, a.adapter, a.seed, 0)
+    try:
+        generator.use_adapter(adapter)
+        questions, q_dropped = write_questions(generator, texts, a.generation, a.seed)
+        generator.use_adapter(adapter if a.generation.answer_model == "current" else None)
+        qa, a_drops = write_answers(generator, questions, a.generation, a.seed)
+    finally:
+        generator.close()
     write_jsonl(out, qa)
-    typer.echo(f"{len(qa)} QA pairs -> {out} ({duplicates} duplicate fragments, {q_dropped} questions and {a_drops['dropped']} answers dropped)")
+    typer.echo(
+        f"{len(qa)} QA pairs -> {out} ({duplicates} duplicate fragments, {q_dropped} questions "
+        f"and {a_drops['dropped']} answers dropped)"
+    )
 
 
-@app.command()
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
 @guarded
-def score(
-    qa: Path = typer.Argument(..., help="QA pairs (JSON/JSONL with question/answer or input/output)"),
-    out: Path = typer.Option(..., "--out", help="scored pairs to write (JSONL)"),
-    model: str = typer.Option("smollm2-135m-instruct"),
-    adapter: Optional[str] = typer.Option(None, help="score with this adapter instead of the base model"),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16"),
-    batch_size: int = typer.Option(16, min=1),
-    max_length: int = typer.Option(1024, min=16),
-    accelerator: str = typer.Option("auto", help="Lightning accelerator: auto, cpu, gpu"),
-    devices: int = typer.Option(1, min=1, help="devices per node, one rank each (Lightning's ddp)"),
-    num_nodes: int = typer.Option(1, min=1),
-    strategy: str = typer.Option("auto", help="Lightning strategy: auto or ddp"),
-) -> None:
-    """Add IFD and both mean losses to every QA pair."""
-    from selfevo.config import ConfigError, IFDConfig, TrainerConfig
-    from selfevo.data import check_can_create, load_qa, write_jsonl
+def score(ctx: typer.Context) -> None:
+    """Add IFD and both mean losses to every QA pair.
+
+    With the base model, or with --adapter the trained one; on several devices with
+    --trainer.devices N --trainer.strategy ddp."""
+    from selfevo.data import load_qa
     from selfevo.ifd import score_pairs
+    from selfevo.rundir import check_can_create, write_jsonl
     from selfevo.train import build_trainer
 
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype: must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    if strategy not in ("auto", "ddp"):
-        raise ConfigError(f"--strategy: must be auto or ddp, got {strategy!r}")
-    pairs = load_qa(qa)
+    a = parse_stage(ctx, {
+        "qa": {"type": str, "help": "QA pairs (JSON/JSONL with question/answer or input/output)"},
+        "--out": {"type": str, "required": True, "help": "scored pairs to write (JSONL)"},
+        "--adapter": {**ADAPTER, "help": "score with this adapter on the base model"},
+    }, ("model", "ifd", "trainer"), skip={"ifd": ("scorer",)})  # --adapter says which model scores
+    out = Path(a.out)
+    pairs = load_qa(a.qa)
     check_can_create(out.parent, "output")
-    m, tokenizer = _load(model, adapter, dtype)
+    model, tokenizer = _load(a.model, a.adapter, a.trainer.accelerator)
     # On several devices, Lightning's launcher runs this command again for ranks 1..N-1 at predict.
-    trainer = build_trainer(TrainerConfig(accelerator, devices, strategy, num_nodes))
-    scored = score_pairs(m, tokenizer, pairs, IFDConfig(batch_size=batch_size), max_length, trainer, adapter is not None)
+    trainer = build_trainer(a.trainer)
+    use_adapter = a.adapter is not None
+    scored = score_pairs(model, tokenizer, pairs, a.ifd, a.model.max_length, trainer, use_adapter)
     if trainer.is_global_zero:  # every rank holds all the scores; one writes them
         write_jsonl(out, scored)
         typer.echo(f"{len(scored)} pairs scored -> {out}")
 
 
-@app.command("select")
+@app.command("select", context_settings=PASSTHROUGH, add_help_option=False)
 @guarded
-def select_cmd(
-    history: list[Path] = typer.Argument(..., help="scored QA files of earlier generations"),
-    out: Path = typer.Option(..., "--out"),
-    mode: str = typer.Option("hard", help="hard, easy, even, random or all"),
-    k: int = typer.Option(..., help="pairs to choose"),
-    seed: int = typer.Option(0),
-) -> None:
-    """Choose a replay set by IFD."""
-    from selfevo.config import ConfigError
-    from selfevo.data import check_can_create, load_qa, write_jsonl
-    from selfevo.select import MODES, select_replay
+def select_cmd(ctx: typer.Context) -> None:
+    """Choose a replay set by IFD.
 
-    if mode not in MODES:
-        raise ConfigError(f"--mode: must be one of {', '.join(MODES)}, got {mode!r}")
-    if k < 0:
-        raise ConfigError(f"--k: must be >= 0, got {k}")
-    pairs = [p for f in history for p in load_qa(f)]
+    From scored QA files, as the loop does from those of the earlier generations."""
+    from selfevo.data import load_qa
+    from selfevo.rundir import check_can_create, write_jsonl
+    from selfevo.select import select_replay
+
+    a = parse_stage(ctx, {
+        "history": {"type": str, "nargs": "+", "help": "scored QA files of earlier generations"},
+        "--out": {"type": str, "required": True, "help": "the replay set to write (JSONL)"},
+        "--seed": SEED,
+    }, ("replay",))
+    out = Path(a.out)
+    pairs = [p for f in a.history for p in load_qa(f)]
     check_can_create(out.parent, "output")
-    chosen = select_replay(pairs, mode, k, seed)  # type: ignore[arg-type]
+    chosen = select_replay(pairs, a.replay.mode, a.replay.k, a.seed)
     write_jsonl(out, chosen)
     typer.echo(f"{len(chosen)} of {len(pairs)} pairs -> {out}")
 
 
-@app.command("evaluate")
+@app.command("evaluate", context_settings=PASSTHROUGH, add_help_option=False)
 @guarded
-def evaluate_cmd(
-    eval_file: Path = typer.Argument(..., help="eval QA (instruction/input/output)"),
-    out: Path = typer.Option(..., "--out", help="folder for predictions.jsonl and metrics.json"),
-    model: str = typer.Option("smollm2-135m-instruct"),
-    adapter: Optional[str] = typer.Option(None),
-    open_book: bool = typer.Option(False, "--open-book", help="the ceiling: each question with its fragment in the prompt"),
-    backend: str = typer.Option("hf", help="hf (Hugging Face generate) or vllm"),
-    language: str = typer.Option("en", help="en or zh: the open-book prompt, and which metrics auto picks"),
-    metrics: str = typer.Option("auto", help="seed, seed+word, or auto (seed+word for en, seed for zh)"),
-    sample: bool = typer.Option(False, help="the seed's sampled decoding instead of greedy"),
-    batch_size: int = typer.Option(16, min=1),
-    max_new_tokens: int = typer.Option(256, min=1),
-    max_length: int = typer.Option(1024, min=16),
-    seed: int = typer.Option(0),
-    vllm_kv_cache_gib: float = typer.Option(4.0, min=0.01, help="vllm backend: its KV cache, in GiB"),
-) -> None:
-    """Answer the eval questions, closed book (or open book); the seed's metrics, fact recall, and the
-    word-level metrics for English."""
-    from selfevo.config import ConfigError, EvalConfig, GenerationConfig, LoraConfig, ModelConfig, TrainerConfig
-    from selfevo.data import check_can_create, load_eval, read_json, write_json, write_jsonl
+def evaluate_cmd(ctx: typer.Context) -> None:
+    """Answer the eval questions, closed book (or open book).
+
+    Writes predictions.jsonl and metrics.json: the seed's metrics, fact recall, and the word-level
+    metrics for English."""
+    from selfevo.config import TrainerConfig
+    from selfevo.data import load_eval
     from selfevo.evaluate import evaluate_model
-    from selfevo.generate import make_generator
-    from selfevo.models import check_adapter_folder, load_tokenizer
+    from selfevo.rundir import check_can_create, write_json, write_jsonl
     from selfevo.train import build_trainer
 
-    for name, value, choices in (("--backend", backend, ("hf", "vllm")), ("--language", language, ("en", "zh")),
-                                 ("--metrics", metrics, ("auto", "seed", "seed+word"))):
-        if value not in choices:
-            raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
-    records = load_eval(eval_file)
+    a = parse_stage(ctx, {
+        "eval": {"type": str, "help": "eval QA (instruction/input/output)"},
+        "--out": {
+            "type": str, "required": True, "help": "folder for predictions.jsonl and metrics.json"
+        },
+        "--adapter": ADAPTER,
+        "--open-book": {
+            "action": "store_true",
+            "help": "the ceiling: each question with its fragment in the prompt",
+        },
+        "--seed": SEED,
+    }, ("model", "generation", "evaluation"), skip={"generation": (  # what writes QA pairs
+        "batch_size", "question_max_new_tokens", "answer_max_new_tokens", "temperature", "top_p",
+        "answer_model",
+    )})
+    out = Path(a.out)
+    records = load_eval(a.eval)
     check_can_create(out, "output")
-    cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=sample, metrics=metrics)
-    adapter_path = check_adapter_folder(adapter) if adapter else None
-    model_cfg = ModelConfig(name=model, max_length=max_length)
-    if backend == "hf":
-        hf_model, tokenizer = _load(model, adapter)
-    else:  # the engine loads the weights itself
-        hf_model, tokenizer = None, load_tokenizer(model)
-    rank = read_json(adapter_path / "adapter_config.json")["r"] if adapter_path else LoraConfig().r
-    generator = make_generator(
-        backend, hf_model, tokenizer, model_cfg, GenerationConfig(backend=backend, vllm_kv_cache_gib=vllm_kv_cache_gib),
-        rank, seed, max_new_tokens,
+    generator, adapter = _generator(
+        a.model, a.generation, a.adapter, a.seed, a.evaluation.max_new_tokens
     )
     try:
-        generator.use_adapter(adapter_path)
-        metrics_out, predictions = evaluate_model(
-            generator, records, cfg, build_trainer(TrainerConfig()), seed, language=language, open_book=open_book
+        generator.use_adapter(adapter)
+        metrics, predictions = evaluate_model(
+            generator, records, a.evaluation, build_trainer(TrainerConfig()), a.seed,
+            language=a.generation.language, open_book=a.open_book,
         )
     finally:
         generator.close()
     write_jsonl(out / "predictions.jsonl", predictions)
-    write_json(out / "metrics.json", metrics_out)
-    typer.echo(" ".join(f"{k} {v:.2f}" for k, v in metrics_out.items()))
+    write_json(out / "metrics.json", metrics)
+    typer.echo(" ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
 
 
-@app.command()
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
 @guarded
-def export(
-    run: Path = typer.Argument(..., help="run directory"),
-    generation: int = typer.Option(..., help="export the adapter trained by this generation"),
-    out: Optional[Path] = typer.Option(None, help="default: RUN/export_gen_<N>"),
-) -> None:
+def export(ctx: typer.Context) -> None:
     """Merge a generation's adapter into the base model and save a full model folder."""
     from selfevo.config import ModelConfig
-    from selfevo.data import RunError, read_json
     from selfevo.models import check_adapter_folder, export_merged
+    from selfevo.rundir import RunError, read_json
 
+    a = parse_stage(ctx, {
+        "run": {"type": str, "help": "run directory"},
+        "--generation": {
+            "type": int, "required": True, "help": "export the adapter trained by this generation"
+        },
+        "--out": {"type": Optional[str], "help": "default: RUN/export_gen_<N>"},
+    })
+    run = Path(a.run)
     snapshot = run / "config.json"
-    adapter = run / f"gen_{generation}" / "adapter"
+    adapter = run / f"gen_{a.generation}" / "adapter"
     if not snapshot.is_file():
         raise RunError(f"{snapshot}: missing; not a selfevo run directory")
     if not adapter.is_dir():
-        raise RunError(f"{adapter}: missing; generation {generation} has not finished training")
+        raise RunError(f"{adapter}: missing; generation {a.generation} has not finished training")
     check_adapter_folder(adapter)
     model_cfg = ModelConfig(**read_json(snapshot)["config"]["model"])
-    path = export_merged(model_cfg, adapter, out or run / f"export_gen_{generation}")
+    path = export_merged(model_cfg, adapter, Path(a.out or run / f"export_gen_{a.generation}"))
     typer.echo(f"merged model -> {path}")
 
 
-@app.command()
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
 @guarded
-def report(
-    run: Path = typer.Argument(..., help="run directory"),
-    eval_file: Optional[Path] = typer.Option(
-        None, "--eval", help="the eval file, for run files that kept only the answers (default: the run's data.eval)"
-    ),
-) -> None:
-    """Write RUN/summary.json, summary.md, report.md and report.png: each generation's scores, the share
-    of the open-book gap it recovered, and its controls with intervals."""
+def report(ctx: typer.Context) -> None:
+    """Write RUN/summary.json, summary.md, report.md and report.png.
+
+    Each generation's scores, the share of the open-book gap it recovered, and its controls with
+    intervals."""
     from rich.console import Console
 
     from selfevo.report import summary_table, write_report, write_summary
 
+    a = parse_stage(ctx, {
+        "run": {"type": str, "help": "run directory"},
+        "--eval": {
+            "type": Optional[str],
+            "help": "the eval file, for run files that kept only the answers "
+                    "(default: the run's data.eval)",
+        },
+    })
+    run = Path(a.run)
     try:
-        rows = write_summary(run, eval_file)
+        rows = write_summary(run, a.eval and Path(a.eval))
         png = write_report(run, rows)
     except FileNotFoundError as e:
         fail(str(e))

@@ -6,8 +6,10 @@ an `EvolveConfig`; any key can be overridden in dotted form on the command line.
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Literal, Optional, Union
 
 # The prompt of the IFD paper (Cherry_LLM) and of the seed's get_ifd_original.py; kept as the
@@ -172,8 +174,28 @@ class ConfigError(ValueError):
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
+def _check_values(section: object, prefix: str = "") -> None:
+    """Every value of the declared kind: no null where the type takes none, numbers finite, text
+    that UTF-8 can write (a command-line byte that is not UTF-8 arrives as a lone surrogate)."""
+    hints = typing.get_type_hints(type(section))
+    for f in fields(section):
+        key, value = prefix + f.name, getattr(section, f.name)
+        if is_dataclass(value):
+            _check_values(value, key + ".")
+        elif value is None and type(None) not in typing.get_args(hints[f.name]):
+            raise ConfigError(f"{key}: must not be null")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"{key}: holds a character that is not valid Unicode text") from None
+
+
 def validate(cfg: EvolveConfig) -> None:
     """Reject values that would only fail later, after work was done."""
+    _check_values(cfg)
     if not _RUN_NAME.match(cfg.name) or ".." in cfg.name:
         raise ConfigError(f"name: {cfg.name!r} is not a valid run name (letters, digits, '.', '_', '-')")
     if cfg.model.quantization == "nf4" and cfg.generation.backend == "vllm":

@@ -1,25 +1,18 @@
-"""Reading and validating input files; writing run files atomically."""
+"""Reading and validating input files: fragments, eval sets and QA pairs."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from selfevo.config import DataConfig
-from selfevo.faults import kill_point
 
 
 class DataError(ValueError):
     """Bad input: the message is one line naming the file and the record."""
-
-
-class RunError(RuntimeError):
-    """A run directory that cannot be used as it is: the message says how to recover."""
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
@@ -155,89 +148,3 @@ def load_qa(path: str | os.PathLike) -> list[dict]:
         a_key = "answer" if "answer" in r else "output"
         out.append({**r, "question": _text_field(path, i, r, q_key), "answer": _text_field(path, i, r, a_key)})
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Run files: written to a temporary file in the same folder and renamed, so that a reader never
-# sees half a file, whenever the writer is killed.
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-TEMP_SUFFIX = ".tmp"
-
-
-def check_can_create(folder: Path, what: str) -> None:
-    """Fail before any work when `folder` cannot be created (or written, if it exists)."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise DataError(f"{folder}: cannot create the {what} directory ({existing} is not a writable folder)")
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, and rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make run files private
-        with os.fdopen(fd, "wb") as f:
-            half = len(data) // 2
-            f.write(data[:half])
-            f.flush()  # a process killed now leaves half a file under its temporary name (the crash tests kill here)
-            kill_point("write")
-            f.write(data[half:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(path)  # a full disk fails in write() or fsync(), which name no file
-        raise
-
-
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
-
-
-def remove_temporary_files(folder: Path) -> int:
-    """Delete what killed writers left behind (`.NAME.*.tmp` files and folders); returns how many."""
-    leftovers = [p for p in folder.rglob(f".*{TEMP_SUFFIX}")]
-    for p in leftovers:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    return len(leftovers)
-
-
-def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        raise DataError(f"{path}: truncated (no newline after the last record)")
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            raise DataError(f"{path}: line {lineno}: damaged record") from None
-    return out
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(Path(path), json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise DataError(f"{path}: damaged JSON") from None

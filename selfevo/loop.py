@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from selfevo import rundir
 from selfevo.config import EvolveConfig, validate
-from selfevo.data import RunError, load_eval, load_fragments, read_jsonl, select_fragments, write_jsonl
+from selfevo.data import load_eval, load_fragments, select_fragments
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import make_generator, write_answers, write_questions
 from selfevo.ifd import score_pairs
@@ -40,7 +40,7 @@ from selfevo.models import (
 )
 from selfevo.ranks import Strategy, launch_ranks, on_rank_zero
 from selfevo.report import generation_line, log_knowledge, summary_table, write_report, write_summary
-from selfevo.rundir import ADAPTER_FILES, EVAL_FILES, OPEN_BOOK_FILES, Stages
+from selfevo.rundir import ADAPTER_FILES, EVAL_FILES, OPEN_BOOK_FILES, RunError, Stages, read_jsonl, write_jsonl
 from selfevo.sampling import generation_seed
 from selfevo.select import select_replay
 from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint, build_trainer
@@ -266,10 +266,11 @@ def train_adapter(
     if resume:
         log.info("  resuming training from %s", last)
     try:
-        trainer.fit(
-            LoRAModule.around(model, cfg.train), datamodule=data,
-            ckpt_path=str(last) if resume else None, weights_only=True,
+        module = LoRAModule(
+            cfg.model.name, cfg.model.dtype, cfg.model.quantization, cfg.lora, cfg.train, seed=cfg.seed,
+            _peft_model=model,
         )
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
     except torch.OutOfMemoryError:
         raise RunError(
             f"out of GPU memory in training: lower train.micro_batch_size (now {cfg.train.micro_batch_size}) "

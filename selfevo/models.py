@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import LoraConfig, ModelConfig
-from selfevo.data import TEMP_SUFFIX
+from selfevo.rundir import TEMP_SUFFIX
 
 log = logging.getLogger(__name__)
 

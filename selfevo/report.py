@@ -26,7 +26,8 @@ import numpy as np
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
-from selfevo.data import DataError, load_eval, read_json, read_jsonl, write_bytes, write_json, write_text
+from selfevo.data import DataError, load_eval
+from selfevo.rundir import read_json, read_jsonl, write_bytes, write_json, write_text
 from selfevo.evaluate import score_answers
 from selfevo.prompts import Language
 

@@ -1,5 +1,5 @@
-"""A run's folder: its config snapshot and identity, its lock, and the skip-if-done stages of its
-generations, each recorded with its files' checksums.
+"""A run's folder: its config snapshot and identity, its lock, its files written atomically, and the
+skip-if-done stages of its generations, each recorded with its files' checksums.
 
 Every stage writes its result atomically into runs/NAME/gen_<i>/ (or base/) and records its files'
 SHA-256 in that folder's stages.json; it is skipped when they are there and match, so an interrupted
@@ -18,20 +18,19 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from selfevo.config import EvolveConfig, identity
-from selfevo.data import (
-    DataError, RunError, check_can_create, read_json, read_jsonl, remove_temporary_files, write_json, write_jsonl,
-)
+from selfevo.data import DataError
 from selfevo.faults import kill_point
 from selfevo.prompts import prompts_digest
 from selfevo.ranks import Strategy, on_rank_zero
@@ -44,6 +43,94 @@ LIBRARIES = ("selfevo", "torch", "transformers", "peft", "lightning", "torchmetr
 EVAL_FILES = ("predictions.jsonl", "metrics.json")
 OPEN_BOOK_FILES = ("open_book/predictions.jsonl", "open_book/metrics.json")
 ADAPTER_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors")
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be used as it is: the message says how to recover."""
+
+
+# --- run files: written to a temporary file in the same folder and renamed, so that a reader never
+# sees half a file, whenever the writer is killed.
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+TEMP_SUFFIX = ".tmp"
+
+
+def check_can_create(folder: Path, what: str) -> None:
+    """Fail before any work when `folder` cannot be created (or written, if it exists)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{folder}: cannot create the {what} directory ({existing} is not a writable folder)")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, and rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make run files private
+        with os.fdopen(fd, "wb") as f:
+            half = len(data) // 2
+            f.write(data[:half])
+            f.flush()  # a process killed now leaves half a file under its temporary name (the crash tests kill here)
+            kill_point("write")
+            f.write(data[half:])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a full disk fails in write() or fsync(), which name no file
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def remove_temporary_files(folder: Path) -> int:
+    """Delete what killed writers left behind (`.NAME.*.tmp` files and folders); returns how many."""
+    leftovers = [p for p in folder.rglob(f".*{TEMP_SUFFIX}")]
+    for p in leftovers:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return len(leftovers)
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        raise DataError(f"{path}: truncated (no newline after the last record)")
+    out = []
+    for lineno, line in enumerate(text.split("\n")[:-1], 1):  # not splitlines(): see _JSONL_LINE_BREAK
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            raise DataError(f"{path}: line {lineno}: damaged record") from None
+    return out
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(Path(path), json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise DataError(f"{path}: damaged JSON") from None
 
 
 def library_versions() -> dict[str, str]:

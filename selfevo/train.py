@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from selfevo.config import LoraConfig, ModelConfig, TrainConfig, TrainerConfig
-from selfevo.data import RunError, load_qa, write_bytes
+from selfevo.data import load_qa
+from selfevo.rundir import RunError, write_bytes
 from selfevo.faults import kill_point
 from selfevo.models import SMOLLM2_ALIAS, add_lora, load_adapter_weights, load_model, load_tokenizer, save_adapter
 from selfevo.prompts import closed_book_prompt
@@ -200,7 +201,12 @@ class QADataModule(L.LightningDataModule):
 
 
 class LoRAModule(L.LightningModule):
-    """A causal LM with a LoRA adapter; only the adapter trains."""
+    """A causal LM with a LoRA adapter; only the adapter trains.
+
+    `selfevo fit` loads `model` and adds a fresh adapter (or `init_adapter`) in configure_model; the
+    evolve loop hands in the PEFT model it holds as `_peft_model`, with the run's settings, which
+    Lightning records in hparams.yaml either way.
+    """
 
     def __init__(
         self,
@@ -212,6 +218,7 @@ class LoRAModule(L.LightningModule):
         init_adapter: Optional[str] = None,
         save_adapter_to: Optional[str] = None,
         seed: int = 0,
+        _peft_model: Optional[torch.nn.Module] = None,
     ):
         """
         Args:
@@ -223,32 +230,27 @@ class LoRAModule(L.LightningModule):
             init_adapter: continue this adapter folder instead of starting a fresh one.
             save_adapter_to: where the trained adapter is written at the end of fit.
             seed: seeds the fresh adapter's initialisation.
+            _peft_model: `model` with its adapter, already in memory (the evolve loop's), trained
+                as it is instead of being loaded; not in hparams.yaml, nor (for the leading _)
+                an option of `selfevo fit`.
         """
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["_peft_model"])
         # Checkpoints hold the trainable (LoRA) weights only; the frozen base comes from the model folder.
         self.strict_loading = False
         self.lora_cfg = lora
         self.train_cfg = train
-        self.model = None
-
-    @classmethod
-    def around(cls, peft_model, train: TrainConfig) -> "LoRAModule":
-        """Train an adapter the caller already holds in memory (the evolve loop's way)."""
-        module = cls(train=train)
-        module.model = peft_model
-        return module
+        self.model = _peft_model
 
     def configure_model(self) -> None:
+        if self.model is None:
+            hp = self.hparams
+            model_cfg = ModelConfig(name=hp.model, dtype=hp.dtype, quantization=hp.quantization)
+            base, _ = load_model(model_cfg)
+            self.model = add_lora(base, self.lora_cfg, hp.seed)
+            if hp.init_adapter:
+                load_adapter_weights(self.model, hp.init_adapter)
         # Hugging Face loads models in eval mode; the adapter trains in train mode.
-        if self.model is not None:
-            self.model.train()
-            return
-        hp = self.hparams
-        base, _ = load_model(ModelConfig(name=hp.model, dtype=hp.dtype, quantization=hp.quantization))
-        self.model = add_lora(base, self.lora_cfg, hp.seed)
-        if hp.init_adapter:
-            load_adapter_weights(self.model, hp.init_adapter)
         self.model.train()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

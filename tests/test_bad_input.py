@@ -199,8 +199,8 @@ def test_fragment_longer_than_the_context_is_cut_with_a_warning(tmp_path, tiny_m
     long = tmp_path / "long.json"
     long.write_text('[{"instruction": "%s"}]' % ("qmeshd syncs the mesh. " * 200))
     out = tmp_path / "qa.jsonl"
-    result = CliRunner().invoke(app, ["generate", str(long), "--out", str(out), "--model", tiny_model,
-                                      "--max-length", "128", "--batch-size", "1"])
+    result = CliRunner().invoke(app, ["generate", str(long), "--out", str(out), "--model.name", tiny_model,
+                                      "--model.max_length", "128", "--generation.batch_size", "1"])
     assert result.exit_code == 0, result.output
     said = " ".join(result.stderr.split())
     assert "1 of 1 prompts exceed" in said and "warning" in said.lower()  # "warning:" or "WARNING"

@@ -1,7 +1,8 @@
 
 import pytest
 
-from selfevo.data import DataError, load_eval, load_fragments, load_qa, read_jsonl, write_jsonl
+from selfevo.data import DataError, load_eval, load_fragments, load_qa
+from selfevo.rundir import read_jsonl, write_jsonl
 from tests.conftest import SHARED, write_records
 
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from selfevo.cli import app
-from selfevo.data import write_json
+from selfevo.rundir import write_json
 from tests.conftest import ROOT, evolve_args, run_files
 
 

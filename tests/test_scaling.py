@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from selfevo.cli import app
 from selfevo.config import EvalConfig, IFDConfig, ModelConfig, TrainerConfig
-from selfevo.data import RunError, load_eval
+from selfevo.data import load_eval
+from selfevo.rundir import RunError
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import HFGenerator
 from selfevo.ifd import score_pairs
@@ -180,8 +181,9 @@ def test_checkpoint_resumes_on_another_number_of_ranks(before, after):
 def test_two_ranks_score_as_one(tiny_model, tmp_path):
     qa = write_records(tmp_path / "qa.jsonl", QA, jsonl=True)
     proc, touched = run_ranks(
-        ["score", str(qa), "--out", str(tmp_path / "scored.jsonl"), "--model", tiny_model, "--dtype", "float32",
-         "--batch-size", "2", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"], tmp_path,
+        ["score", str(qa), "--out", str(tmp_path / "scored.jsonl"), "--model.name", tiny_model,
+         "--model.dtype", "float32", "--ifd.batch_size", "2", "--trainer.accelerator", "cpu",
+         "--trainer.devices", "2", "--trainer.strategy", "ddp"], tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(touched) == {"rank0", "rank1"} and not outside(touched["rank1"], tmp_path / "audit")

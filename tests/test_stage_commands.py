@@ -22,21 +22,23 @@ def read(path):
 def test_generate_score_select_evaluate_chain(tiny_model, toy_inputs, tmp_path):
     fragments, eval_file = toy_inputs
     qa = tmp_path / "qa.jsonl"
-    invoke("generate", fragments, "--out", qa, "--model", tiny_model, "--batch-size", 4, "--max-length", 256)
+    invoke("generate", fragments, "--out", qa, "--model.name", tiny_model,
+           "--generation.batch_size", 4, "--model.max_length", 256)
     pairs = read(qa)
     assert pairs and all(p["question"] and p["answer"] and p["fragment"] for p in pairs)
 
     scored = tmp_path / "scored.jsonl"
-    invoke("score", qa, "--out", scored, "--model", tiny_model, "--dtype", "float32")
+    invoke("score", qa, "--out", scored, "--model.name", tiny_model, "--model.dtype", "float32")
     assert [p["question"] for p in read(scored)] == [p["question"] for p in pairs]
     assert all(p["ifd"] > 0 and p["loss_cond"] > 0 for p in read(scored))
 
     replay = tmp_path / "replay.jsonl"
-    invoke("select", scored, "--mode", "easy", "--k", 2, "--out", replay)
+    invoke("select", scored, "--replay.mode", "easy", "--replay.k", 2, "--out", replay)
     assert sorted(p["ifd"] for p in read(scored))[:2] == [p["ifd"] for p in read(replay)]
 
     out = tmp_path / "eval"
-    invoke("evaluate", eval_file, "--out", out, "--model", tiny_model, "--max-new-tokens", 8, "--max-length", 256)
+    invoke("evaluate", eval_file, "--out", out, "--model.name", tiny_model,
+           "--evaluation.max_new_tokens", 8, "--model.max_length", 256)
     metrics = json.loads((out / "metrics.json").read_text())
     # the seed's metrics, fact recall, and for English the word-level metrics
     assert set(metrics) == {"bleu-4", "rouge-1", "rouge-2", "rouge-l", "fact-recall", "fact-recall-scored",
@@ -48,13 +50,16 @@ def test_generate_score_select_evaluate_chain(tiny_model, toy_inputs, tmp_path):
 
     # the open-book ceiling: the same questions with their fragments in the prompt, the same cap
     ceiling = tmp_path / "open"
-    invoke("evaluate", eval_file, "--out", ceiling, "--model", tiny_model, "--max-new-tokens", 8, "--max-length", 256,
-           "--open-book", "--metrics", "seed")
+    invoke("evaluate", eval_file, "--out", ceiling, "--model.name", tiny_model,
+           "--evaluation.max_new_tokens", 8, "--model.max_length", 256, "--open-book",
+           "--evaluation.metrics", "seed")
     assert set(json.loads((ceiling / "metrics.json").read_text())) == {
         "bleu-4", "rouge-1", "rouge-2", "rouge-l", "fact-recall", "fact-recall-scored"}
     assert [p["question"] for p in read(ceiling / "predictions.jsonl")] == [p["question"] for p in predictions]
-    bad = CliRunner().invoke(app, ["evaluate", str(eval_file), "--out", str(ceiling), "--backend", "tgi"])
-    assert bad.exit_code == 2 and "--backend" in bad.stderr
+    bad = CliRunner().invoke(
+        app, ["evaluate", str(eval_file), "--out", str(ceiling), "--generation.backend", "tgi"]
+    )
+    assert bad.exit_code == 2 and "generation.backend" in bad.stderr
 
 
 def test_export_merges_the_adapter_into_a_full_model(tiny_model, tmp_path):
@@ -78,3 +83,29 @@ def test_export_merges_the_adapter_into_a_full_model(tiny_model, tmp_path):
         assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
     missing = CliRunner().invoke(app, ["export", str(run), "--generation", "3"])
     assert missing.exit_code == 2 and "gen_3" in missing.stderr
+
+
+def test_evolve_training_records_the_real_model_in_hparams_yaml(tiny_model, tmp_path):
+    """The loop's training of a generation writes hparams.yaml with the run's model and settings,
+    not LoRAModule's defaults."""
+    import yaml
+
+    from selfevo.config import EvolveConfig, TrainConfig
+    from selfevo.loop import train_adapter
+    from selfevo.ranks import launch_ranks
+
+    cfg = EvolveConfig(
+        model=ModelConfig(name=tiny_model, dtype="float32", max_length=128), lora=LoraConfig(r=4),
+        train=TrainConfig(micro_batch_size=2, grad_accum=1, checkpoint_every=0),
+    )
+    base, _ = load_model(cfg.model)
+    model = add_lora(base, cfg.lora, cfg.seed)
+    pairs = [{"question": "Which port does qmeshd listen on?", "answer": "Port 7421."}] * 2
+    folder = tmp_path / "gen_0"
+    folder.mkdir()
+    train_adapter(cfg, model, pairs, folder, tmp_path / "logs", 0, launch_ranks(cfg.trainer))
+    hparams = yaml.unsafe_load((tmp_path / "logs" / "train_gen_0" / "hparams.yaml").read_text())
+    assert hparams["model"] == tiny_model != ModelConfig().name
+    assert hparams["dtype"] == "float32" and hparams["seed"] == cfg.seed
+    assert hparams["lora"] == cfg.lora and hparams["train"] == cfg.train
+    assert (folder / "adapter" / "adapter_config.json").exists()

@@ -51,7 +51,8 @@ def test_training_lowers_answer_loss_and_touches_only_the_adapter(tiny_model, tm
     train_file = write_records(tmp_path / "qa.json", QA)
     data = QADataModule(str(train_file), tiny_model, micro_batch_size=4, max_length=256)
     trainer = build_trainer(TrainerConfig(), max_epochs=30, logger=False)
-    trainer.fit(LoRAModule.around(model, TrainConfig(learning_rate=3e-3, warmup_ratio=0.0, lr_schedule="constant")), datamodule=data)
+    train = TrainConfig(learning_rate=3e-3, warmup_ratio=0.0, lr_schedule="constant")
+    trainer.fit(LoRAModule(tiny_model, "float32", train=train, _peft_model=model), datamodule=data)
     assert answer_loss(model, tokenizer) < 0.85 * before
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 

@@ -105,9 +105,10 @@ def test_evaluate_command_on_vllm_answers_open_book_as_the_loop_did(vllm_run, ti
     run_dir, _, _ = vllm_run
     out = tmp_path / "open"
     result = CliRunner().invoke(app, [
-        "evaluate", str(run_dir.parents[1] / "eval.json"), "--out", str(out), "--model", tiny_vllm_model,
-        "--backend", "vllm", "--open-book", "--max-new-tokens", "12", "--max-length", "256",
-        "--vllm-kv-cache-gib", KV_CACHE_GIB,
+        "evaluate", str(run_dir.parents[1] / "eval.json"), "--out", str(out),
+        "--model.name", tiny_vllm_model, "--generation.backend", "vllm", "--open-book",
+        "--evaluation.max_new_tokens", "12", "--model.max_length", "256",
+        "--generation.vllm_kv_cache_gib", KV_CACHE_GIB,
     ])
     assert result.exit_code == 0, result.output
     loop = run_dir / "base" / "open_book"

@@ -21,8 +21,9 @@ for way in "closed vllm" "open vllm" "open hf"; do
   set -- $way
   book=$([ "$1" = open ] && echo --open-book)
   start=$(date +%s)
-  python -m selfevo.cli evaluate "$EVAL" --out "$work/$1_$2" --model "$MODEL" --backend "$2" $book \
-    --language zh --max-new-tokens 512 --max-length 1024 --batch-size 100 --vllm-kv-cache-gib 8 2>&1 \
+  python -m selfevo.cli evaluate "$EVAL" --out "$work/$1_$2" --model.name "$MODEL" \
+    --generation.backend "$2" $book --generation.language zh --evaluation.max_new_tokens 512 \
+    --model.max_length 1024 --evaluation.batch_size 100 --generation.vllm_kv_cache_gib 8 2>&1 \
     | grep -v -e "it/s" -e "s/it" -e "━"
   echo "$1 book, $2: $(( $(date +%s) - start )) s (process, model load and engine start included)"
 done

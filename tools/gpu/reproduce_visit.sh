@@ -301,12 +301,13 @@ evaluate_both_ways() {  # NAME GEN [SECONDS]: the same adapter decoded greedily 
   folder=$RUNS/$name/sampled/gen_$gen
   [ "$gen" = base ] && folder=$RUNS/$name/sampled/base || adapter=(--adapter $RUNS/"$name"/gen_"$gen"/adapter)
   for way in greedy sample; do
-    flag=(); [ $way = sample ] && flag=(--sample)
+    flag=(); [ $way = sample ] && flag=(--evaluation.do_sample true)
     rm -rf "$folder/$way"
     ((stop_at > SECONDS)) || { echo "$name $gen $way: not started, no time left"; continue; }
     timeout -s INT -k 30 $((stop_at - SECONDS)) \
-      python -m selfevo.cli evaluate $D/AIOps_eval_data.json --out "$folder/$way" --model $M "${adapter[@]}" "${flag[@]}" \
-      --batch-size 100 --max-new-tokens 512 --max-length 1024 2>&1 | tail -n 3
+      python -m selfevo.cli evaluate $D/AIOps_eval_data.json --out "$folder/$way" --model.name $M "${adapter[@]}" \
+      "${flag[@]}" --evaluation.batch_size 100 --evaluation.max_new_tokens 512 --model.max_length 1024 \
+      --generation.language zh 2>&1 | tail -n 3
   done
 }
 
