@@ -70,8 +70,11 @@ def guarded(fn):
             if e.filename is None:
                 raise
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                fail(f"{e.filename}: no space left on the device; free some and run the same "
-                     "command to resume", 1)
+                fail(
+                    f"{e.filename}: no space left on the device; free some and run the same "
+                    "command to resume",
+                    1,
+                )
             fail(f"{e.filename}: {e.strerror}", 1)
         except KeyboardInterrupt:
             typer.echo("selfevo: interrupted; run the same command again to resume", err=True)
@@ -150,6 +153,8 @@ def check_yaml_keys(path: Path) -> None:
         yaml.load(text, StrictLoader)
     except RecursionError:
         fail(f"{path}: nested too deeply")
+    except (ValueError, OverflowError) as e:  # PyYAML's scanner on an escape beyond Unicode
+        fail(f"{path}: not valid YAML text ({e})")
     except yaml.YAMLError:
         pass  # the config parser reports these with its own messages
 
@@ -169,8 +174,10 @@ def parse_config_args(parser, args: list[str], sections: dict):
         for name in sections:  # `--model NAME`, say: the option takes a file of the section's keys
             if message.startswith(f'Parser key "{name}": Unable to load config'):
                 field = fields(sections[name])[0].name
-                message = (f"--{name}: takes a YAML file of the {name} section; set one key with "
-                           f"--{name}.KEY VALUE, such as --{name}.{field}")
+                message = (
+                    f"--{name}: takes a YAML file of the {name} section; set one key with "
+                    f"--{name}.KEY VALUE, such as --{name}.{field}"
+                )
         fail(message)
     for name in sections:  # a section given as a plain value ("data: 5") has no keys to build from
         if not isinstance(ns.get(name), Namespace):
@@ -264,7 +271,8 @@ def parse_stage(
         parser.add_argument(flag, **keywords)
     if sections:
         parser.add_argument(
-            "--config", action=stage_config_action(),
+            "--config",
+            action=stage_config_action(),
             help="a YAML config such as configs/demo.yaml: the sections that this command takes",
         )
     taken = {name: config_sections()[name] for name in sections}
@@ -325,12 +333,16 @@ def generate(ctx: typer.Context) -> None:
     from selfevo.generate import write_answers, write_questions
     from selfevo.rundir import check_can_create, write_jsonl
 
-    a = parse_stage(ctx, {
-        "fragments": {"type": str, "help": "knowledge fragments (JSON list or JSONL)"},
-        "--out": {"type": str, "required": True, "help": "QA pairs to write (JSONL)"},
-        "--adapter": ADAPTER,
-        "--seed": SEED,
-    }, ("model", "generation"))
+    a = parse_stage(
+        ctx,
+        {
+            "fragments": {"type": str, "help": "knowledge fragments (JSON list or JSONL)"},
+            "--out": {"type": str, "required": True, "help": "QA pairs to write (JSONL)"},
+            "--adapter": ADAPTER,
+            "--seed": SEED,
+        },
+        ("model", "generation"),
+    )
     out = Path(a.out)
     texts, duplicates = load_fragments(a.fragments)
     check_can_create(out.parent, "output")
@@ -361,11 +373,19 @@ def score(ctx: typer.Context) -> None:
     from selfevo.rundir import check_can_create, write_jsonl
     from selfevo.train import build_trainer
 
-    a = parse_stage(ctx, {
-        "qa": {"type": str, "help": "QA pairs (JSON/JSONL with question/answer or input/output)"},
-        "--out": {"type": str, "required": True, "help": "scored pairs to write (JSONL)"},
-        "--adapter": {**ADAPTER, "help": "score with this adapter on the base model"},
-    }, ("model", "ifd", "trainer"), skip={"ifd": ("scorer",)})  # --adapter says which model scores
+    a = parse_stage(
+        ctx,
+        {
+            "qa": {
+                "type": str,
+                "help": "QA pairs (JSON/JSONL with question/answer or input/output)",
+            },
+            "--out": {"type": str, "required": True, "help": "scored pairs to write (JSONL)"},
+            "--adapter": {**ADAPTER, "help": "score with this adapter on the base model"},
+        },
+        ("model", "ifd", "trainer"),
+        skip={"ifd": ("scorer",)},
+    )  # --adapter says which model scores
     out = Path(a.out)
     pairs = load_qa(a.qa)
     check_can_create(out.parent, "output")
@@ -389,11 +409,19 @@ def select_cmd(ctx: typer.Context) -> None:
     from selfevo.rundir import check_can_create, write_jsonl
     from selfevo.select import select_replay
 
-    a = parse_stage(ctx, {
-        "history": {"type": str, "nargs": "+", "help": "scored QA files of earlier generations"},
-        "--out": {"type": str, "required": True, "help": "the replay set to write (JSONL)"},
-        "--seed": SEED,
-    }, ("replay",))
+    a = parse_stage(
+        ctx,
+        {
+            "history": {
+                "type": str,
+                "nargs": "+",
+                "help": "scored QA files of earlier generations",
+            },
+            "--out": {"type": str, "required": True, "help": "the replay set to write (JSONL)"},
+            "--seed": SEED,
+        },
+        ("replay",),
+    )
     out = Path(a.out)
     pairs = [p for f in a.history for p in load_qa(f)]
     check_can_create(out.parent, "output")
@@ -415,21 +443,34 @@ def evaluate_cmd(ctx: typer.Context) -> None:
     from selfevo.rundir import check_can_create, write_json, write_jsonl
     from selfevo.train import build_trainer
 
-    a = parse_stage(ctx, {
-        "eval": {"type": str, "help": "eval QA (instruction/input/output)"},
-        "--out": {
-            "type": str, "required": True, "help": "folder for predictions.jsonl and metrics.json"
+    a = parse_stage(
+        ctx,
+        {
+            "eval": {"type": str, "help": "eval QA (instruction/input/output)"},
+            "--out": {
+                "type": str,
+                "required": True,
+                "help": "folder for predictions.jsonl and metrics.json",
+            },
+            "--adapter": ADAPTER,
+            "--open-book": {
+                "action": "store_true",
+                "help": "the ceiling: each question with its fragment in the prompt",
+            },
+            "--seed": SEED,
         },
-        "--adapter": ADAPTER,
-        "--open-book": {
-            "action": "store_true",
-            "help": "the ceiling: each question with its fragment in the prompt",
+        ("model", "generation", "evaluation"),
+        skip={
+            "generation": (  # what writes QA pairs
+                "batch_size",
+                "question_max_new_tokens",
+                "answer_max_new_tokens",
+                "temperature",
+                "top_p",
+                "answer_model",
+            )
         },
-        "--seed": SEED,
-    }, ("model", "generation", "evaluation"), skip={"generation": (  # what writes QA pairs
-        "batch_size", "question_max_new_tokens", "answer_max_new_tokens", "temperature", "top_p",
-        "answer_model",
-    )})
+    )
     out = Path(a.out)
     records = load_eval(a.eval)
     check_can_create(out, "output")
@@ -439,8 +480,13 @@ def evaluate_cmd(ctx: typer.Context) -> None:
     try:
         generator.use_adapter(adapter)
         metrics, predictions = evaluate_model(
-            generator, records, a.evaluation, build_trainer(TrainerConfig()), a.seed,
-            language=a.generation.language, open_book=a.open_book,
+            generator,
+            records,
+            a.evaluation,
+            build_trainer(TrainerConfig()),
+            a.seed,
+            language=a.generation.language,
+            open_book=a.open_book,
         )
     finally:
         generator.close()
@@ -457,13 +503,18 @@ def export(ctx: typer.Context) -> None:
     from selfevo.models import check_adapter_folder, export_merged
     from selfevo.rundir import RunError, read_json
 
-    a = parse_stage(ctx, {
-        "run": {"type": str, "help": "run directory"},
-        "--generation": {
-            "type": int, "required": True, "help": "export the adapter trained by this generation"
+    a = parse_stage(
+        ctx,
+        {
+            "run": {"type": str, "help": "run directory"},
+            "--generation": {
+                "type": int,
+                "required": True,
+                "help": "export the adapter trained by this generation",
+            },
+            "--out": {"type": Optional[str], "help": "default: RUN/export_gen_<N>"},
         },
-        "--out": {"type": Optional[str], "help": "default: RUN/export_gen_<N>"},
-    })
+    )
     run = Path(a.run)
     snapshot = run / "config.json"
     adapter = run / f"gen_{a.generation}" / "adapter"
@@ -488,14 +539,17 @@ def report(ctx: typer.Context) -> None:
 
     from selfevo.report import summary_table, write_report, write_summary
 
-    a = parse_stage(ctx, {
-        "run": {"type": str, "help": "run directory"},
-        "--eval": {
-            "type": Optional[str],
-            "help": "the eval file, for run files that kept only the answers "
-                    "(default: the run's data.eval)",
+    a = parse_stage(
+        ctx,
+        {
+            "run": {"type": str, "help": "run directory"},
+            "--eval": {
+                "type": Optional[str],
+                "help": "the eval file, for run files that kept only the answers "
+                "(default: the run's data.eval)",
+            },
         },
-    })
+    )
     run = Path(a.run)
     try:
         rows = write_summary(run, a.eval and Path(a.eval))
