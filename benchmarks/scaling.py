@@ -1,4 +1,5 @@
-"""Measures the throughput of each stage on 1 device and on N, from the loop itself (docs/scaling.md).
+"""Measures the throughput of each stage on 1 device and on N, from the loop itself
+(docs/scaling.md).
 
 Runs the same `selfevo evolve` generation twice, with --trainer.devices 1 and --trainer.devices N
 (each its own run folder), and reads the seconds each stage recorded in stages.json (rank 0's wall
@@ -22,7 +23,6 @@ import sys
 from pathlib import Path
 
 
-
 def generated(record: dict, epochs: int) -> int:
     return record["kept"] + record["dropped"]
 
@@ -39,8 +39,25 @@ STAGES = {
 
 def run(devices: int, root: Path, extra: list[str]) -> Path:
     name = f"scaling_{devices}"
-    cmd = [sys.executable, "-m", "selfevo.cli", "evolve", *extra, "--name", name, "--start", "0", "--end", "1",
-           "--runs_dir", str(root / "runs"), "--logs_dir", str(root / "logs"), "--trainer.devices", str(devices)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "selfevo.cli",
+        "evolve",
+        *extra,
+        "--name",
+        name,
+        "--start",
+        "0",
+        "--end",
+        "1",
+        "--runs_dir",
+        str(root / "runs"),
+        "--logs_dir",
+        str(root / "logs"),
+        "--trainer.devices",
+        str(devices),
+    ]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return root / "runs" / name
@@ -56,25 +73,44 @@ def throughput(run_dir: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--devices", type=int, required=True, help="N, the devices to compare with one")
-    parser.add_argument("--root", type=Path, default=Path("runs/scaling"), help="run and log folders")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--devices", type=int, required=True, help="N, the devices to compare with one"
+    )
+    parser.add_argument(
+        "--root", type=Path, default=Path("runs/scaling"), help="run and log folders"
+    )
     parser.add_argument("--out", type=Path, default=None, help="the table as JSON")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="-- then arguments for selfevo evolve")
+    parser.add_argument(
+        "extra", nargs=argparse.REMAINDER, help="-- then arguments for selfevo evolve"
+    )
     args = parser.parse_args()
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     one = throughput(run(1, args.root, extra))
     many = throughput(run(args.devices, args.root, extra))
     n = args.devices
     rows = [
-        {"stage": s, "items": STAGES[s][0], "per_s_1": one[s], f"per_s_{n}": many[s],
-         "speedup": many[s] / one[s], "efficiency": many[s] / one[s] / n}
+        {
+            "stage": s,
+            "items": STAGES[s][0],
+            "per_s_1": one[s],
+            f"per_s_{n}": many[s],
+            "speedup": many[s] / one[s],
+            "efficiency": many[s] / one[s] / n,
+        }
         for s in STAGES
     ]
-    print(f"\n| stage | items | 1 device /s | {n} devices /s | speed-up | efficiency |\n|---|---|---|---|---|---|")
+    print(
+        f"\n| stage | items | 1 device /s | {n} devices /s | speed-up | efficiency "
+        "|\n|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['stage']} | {r['items']} | {r['per_s_1']:.2f} | {r[f'per_s_{n}']:.2f} | "
-              f"{r['speedup']:.2f}x | {r['efficiency']:.0%} |")
+        print(
+            f"| {r['stage']} | {r['items']} | {r['per_s_1']:.2f} | {r[f'per_s_{n}']:.2f} | "
+            f"{r['speedup']:.2f}x | {r['efficiency']:.0%} |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"devices": n, "rows": rows}, indent=1) + "\n")

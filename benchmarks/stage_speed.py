@@ -1,15 +1,19 @@
 """Measures the speed of each stage (IFD scoring pairs/s, generation new tokens/s, LoRA training
-tokens/s), selfevo's way beside the seed's way, in one run on one device. Figures: docs/benchmarks.md.
+tokens/s), selfevo's way beside the seed's way, in one run on one device. Figures:
+docs/benchmarks.md.
 
-Run from the repository root (with `../shared` beside the checkout, or SELFEVO_SHARED pointing at it):
+Run from the repository root (with `../shared` beside the checkout, or SELFEVO_SHARED pointing at
+it):
 
     python benchmarks/stage_speed.py --model smollm2-135m-instruct --out results.json          # GPU
-    python benchmarks/stage_speed.py --cpu-sizes --out results.json                            # CPU variant
-    python benchmarks/stage_speed.py --model smollm2-135m-instruct --stages ifd --seed-pairs 20 \
-        --ifd-batch-sizes 64 128 256 --out ifd.json                                             # one stage
+    python benchmarks/stage_speed.py --cpu-sizes --out results.json                            #
+    CPU variant python benchmarks/stage_speed.py --model smollm2-135m-instruct --stages ifd
+    --seed-pairs 20 \
+        --ifd-batch-sizes 64 128 256 --out ifd.json                                             #
+        one stage
 
-The H100 figures of docs/benchmarks.md ran through `bash tools/gpu/h100_visit.sh ifd|generation|train`,
-which holds their exact arguments.
+The H100 figures of docs/benchmarks.md ran through `bash tools/gpu/h100_visit.sh
+ifd|generation|train`, which holds their exact arguments.
 
 Data: the seed's AIOps set (../shared/data). Pairs are the 100 eval QA, repeated to --pairs;
 generation prompts are the AIOps fragments' question prompts. Prints a markdown table and writes
@@ -22,6 +26,7 @@ the JSON of every figure. Seed-style baselines:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -57,7 +62,9 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def bench_ifd(model, tokenizer, pairs, seed_pairs, batch_sizes, device, compile_batch: int = 0) -> list[dict]:
+def bench_ifd(
+    model, tokenizer, pairs, seed_pairs, batch_sizes, device, compile_batch: int = 0
+) -> list[dict]:
     """The seed's per-pair way, selfevo's at each batch size, and (compile_batch > 0) selfevo's with
     the decoder compiled by torch.compile at that batch size, its values checked against eager's."""
     sys.path.insert(0, str(SHARED / "bench"))
@@ -65,22 +72,47 @@ def bench_ifd(model, tokenizer, pairs, seed_pairs, batch_sizes, device, compile_
 
     rows = []
     seed.ifd(tokenizer, model, pairs[0]["question"], pairs[0]["answer"], 1024, device)  # warm-up
-    _, secs = timed(lambda: [seed.ifd(tokenizer, model, p["question"], p["answer"], 1024, device)
-                             for p in pairs[:seed_pairs]])
-    rows.append({"stage": "ifd", "way": "seed (per pair)", "items": seed_pairs, "seconds": secs,
-                 "pairs_per_s": seed_pairs / secs})
+    _, secs = timed(
+        lambda: [
+            seed.ifd(tokenizer, model, p["question"], p["answer"], 1024, device)
+            for p in pairs[:seed_pairs]
+        ]
+    )
+    rows.append(
+        {
+            "stage": "ifd",
+            "way": "seed (per pair)",
+            "items": seed_pairs,
+            "seconds": secs,
+            "pairs_per_s": seed_pairs / secs,
+        }
+    )
     trainer = build_trainer(TrainerConfig(), enable_progress_bar=False)
     eager = {}
     ways = [(bs, False) for bs in batch_sizes] + ([(compile_batch, True)] if compile_batch else [])
     for bs, compiled in ways:
         if compiled:  # in place: from here on every forward of the decoder runs compiled
             model.get_decoder().compile(dynamic=True)
-        _, w = timed(lambda: score_pairs(model, tokenizer, pairs[: 2 * bs], IFDConfig(batch_size=bs), 1024, trainer))
-        scored, secs = timed(lambda: score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=bs), 1024, trainer))
-        row = {"stage": "ifd", "way": f"selfevo batch {bs}" + (", compiled decoder" if compiled else ""),
-               "items": len(pairs), "seconds": secs, "pairs_per_s": len(pairs) / secs, "warmup_s": w}
+        _, w = timed(
+            lambda: score_pairs(
+                model, tokenizer, pairs[: 2 * bs], IFDConfig(batch_size=bs), 1024, trainer
+            )
+        )
+        scored, secs = timed(
+            lambda: score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=bs), 1024, trainer)
+        )
+        row = {
+            "stage": "ifd",
+            "way": f"selfevo batch {bs}" + (", compiled decoder" if compiled else ""),
+            "items": len(pairs),
+            "seconds": secs,
+            "pairs_per_s": len(pairs) / secs,
+            "warmup_s": w,
+        }
         if compiled and bs in eager:
-            row["max_abs_ifd_diff_vs_eager"] = max(abs(a["ifd"] - b["ifd"]) for a, b in zip(scored, eager[bs]))
+            row["max_abs_ifd_diff_vs_eager"] = max(
+                abs(a["ifd"] - b["ifd"]) for a, b in zip(scored, eager[bs])
+            )
         if not compiled:
             eager[bs] = scored
         rows.append(row)
@@ -92,9 +124,11 @@ def count_new_tokens(tokenizer, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
-def bench_vllm_generation(model_name, model, tokenizer, prompts, new_tokens, kv_cache_gib) -> list[dict]:
-    """selfevo's vLLM backend on the same prompts, serving a LoRA adapter as generations >= 1 do, then
-    the same engine without the adapter, sampled and greedy."""
+def bench_vllm_generation(
+    model_name, model, tokenizer, prompts, new_tokens, kv_cache_gib
+) -> list[dict]:
+    """selfevo's vLLM backend on the same prompts, serving a LoRA adapter as generations >= 1 do,
+    then the same engine without the adapter, sampled and greedy."""
     import tempfile
 
     from selfevo.config import GenerationConfig
@@ -103,32 +137,55 @@ def bench_vllm_generation(model_name, model, tokenizer, prompts, new_tokens, kv_
 
     adapter = Path(tempfile.mkdtemp()) / "adapter"
     save_adapter(model, adapter)
-    gen_cfg = GenerationConfig(backend="vllm", question_max_new_tokens=new_tokens, answer_max_new_tokens=new_tokens,
-                               vllm_kv_cache_gib=kv_cache_gib)
+    gen_cfg = GenerationConfig(
+        backend="vllm",
+        question_max_new_tokens=new_tokens,
+        answer_max_new_tokens=new_tokens,
+        vllm_kv_cache_gib=kv_cache_gib,
+    )
     model_cfg = ModelConfig(name=model_name, max_length=2048)
-    (engine, up) = timed(lambda: VLLMEngine(resolve_model(model_name), tokenizer, model_cfg, gen_cfg, 8, 0))
+    (engine, up) = timed(
+        lambda: VLLMEngine(resolve_model(model_name), tokenizer, model_cfg, gen_cfg, 8, 0)
+    )
     config = engine.llm.llm_engine.vllm_config
-    engine_info = {"max_num_seqs": config.scheduler_config.max_num_seqs,
-                   "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
-                   "cudagraph_capture_max": max(config.compilation_config.cudagraph_capture_sizes or [0])}
+    engine_info = {
+        "max_num_seqs": config.scheduler_config.max_num_seqs,
+        "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+        "cudagraph_capture_max": max(config.compilation_config.cudagraph_capture_sizes or [0]),
+    }
     print(json.dumps(engine_info), flush=True)
     sampled, greedy = Sampling(new_tokens, True, 0.5, 0.95), Sampling(new_tokens, False, 0.0, 1.0)
-    ways = [("LoRA adapter (generations >= 1)", adapter, sampled), ("no adapter (generation 0)", None, sampled),
-            ("no adapter, greedy", None, greedy)]
+    ways = [
+        ("LoRA adapter (generations >= 1)", adapter, sampled),
+        ("no adapter (generation 0)", None, sampled),
+        ("no adapter, greedy", None, greedy),
+    ]
     rows = []
     for name, lora, sampling in ways:
         engine.use_adapter(lora)
         engine.generate(prompts[:64], sampling, seed=1)  # warm-up (loads the adapter)
         texts, secs = timed(lambda: engine.generate(prompts, sampling, seed=0))
         n = count_new_tokens(tokenizer, texts)
-        rows.append({"stage": "generation", "way": f"vLLM, {name}, KV cache {kv_cache_gib:g} GiB", "items": len(prompts),
-                     "seconds": secs, "engine_start_s": up, "new_tokens": n, "new_tokens_per_s": n / secs, **engine_info})
+        rows.append(
+            {
+                "stage": "generation",
+                "way": f"vLLM, {name}, KV cache {kv_cache_gib:g} GiB",
+                "items": len(prompts),
+                "seconds": secs,
+                "engine_start_s": up,
+                "new_tokens": n,
+                "new_tokens_per_s": n / secs,
+                **engine_info,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     engine.close()
     return rows
 
 
-def bench_generation(model, tokenizer, prompts, seed_prompts, batch_sizes, new_tokens) -> list[dict]:
+def bench_generation(
+    model, tokenizer, prompts, seed_prompts, batch_sizes, new_tokens
+) -> list[dict]:
     rows = []
     sampling = Sampling(new_tokens, True, 0.5, 0.95)
     # The seed's way: fixed batches of 128 in file order (no length sorting), 256 new tokens.
@@ -145,15 +202,31 @@ def bench_generation(model, tokenizer, prompts, seed_prompts, batch_sizes, new_t
 
     texts, secs = timed(seed_way)
     n = count_new_tokens(tokenizer, texts)
-    rows.append({"stage": "generation", "way": "seed (batch 128, unsorted)", "items": len(subset), "seconds": secs,
-                 "new_tokens": n, "new_tokens_per_s": n / secs})
+    rows.append(
+        {
+            "stage": "generation",
+            "way": "seed (batch 128, unsorted)",
+            "items": len(subset),
+            "seconds": secs,
+            "new_tokens": n,
+            "new_tokens_per_s": n / secs,
+        }
+    )
     print(json.dumps(rows[-1]), flush=True)
     for bs in batch_sizes:
         generator = HFGenerator(model, tokenizer, max_length=2048)
         texts, secs = timed(lambda: generator.generate(prompts, sampling, batch_size=bs, seed=0))
         n = count_new_tokens(tokenizer, texts)
-        rows.append({"stage": "generation", "way": f"selfevo batch {bs}, sorted", "items": len(prompts),
-                     "seconds": secs, "new_tokens": n, "new_tokens_per_s": n / secs})
+        rows.append(
+            {
+                "stage": "generation",
+                "way": f"selfevo batch {bs}, sorted",
+                "items": len(prompts),
+                "seconds": secs,
+                "new_tokens": n,
+                "new_tokens_per_s": n / secs,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -188,38 +261,73 @@ class StepClock(L.Callback):
 
 
 def bench_training(model_name, qa_file, steps, ways) -> list[dict]:
-    """Each way: (name, micro-batch, accumulation, precision, dtype, length-grouped, quantization, compiled)."""
+    """Each way: (name, micro-batch, accumulation, precision, dtype, length-grouped, quantization,
+    compiled)."""
     rows = []
     for name, micro, accum, precision, dtype, grouped, quantization, compiled in ways:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            base, tokenizer = load_model(ModelConfig(name=model_name, dtype=dtype, quantization=quantization))
+            base, tokenizer = load_model(
+                ModelConfig(name=model_name, dtype=dtype, quantization=quantization)
+            )
         except Exception as e:  # e.g. no bitsandbytes on this machine
             rows.append({"stage": "train", "way": name, "error": repr(e)[:200]})
             continue
         model = add_lora(base, LoraConfig(), seed=0)
-        if compiled:  # the decoder stack (LoRA layers included) compiled in place; the loss stays eager
+        if (
+            compiled
+        ):  # the decoder stack (LoRA layers included) compiled in place; the loss stays eager
             model.get_base_model().get_decoder().compile(dynamic=True)
-        data = QADataModule(str(qa_file), model_name, micro_batch_size=micro, max_length=1024, group_by_length=grouped)
+        data = QADataModule(
+            str(qa_file),
+            model_name,
+            micro_batch_size=micro,
+            max_length=1024,
+            group_by_length=grouped,
+        )
         clock = StepClock()
-        trainer = build_trainer(TrainerConfig(precision=precision), max_steps=steps, accumulate_grad_batches=accum,
-                                enable_progress_bar=False, logger=False, callbacks=[clock])
-        module = LoRAModule(model_name, dtype, quantization, LoraConfig(), TrainConfig(learning_rate=2e-4),
-                            _peft_model=model)
-        _, secs = timed(lambda: trainer.fit(module, datamodule=data))
+        trainer = build_trainer(
+            TrainerConfig(precision=precision),
+            max_steps=steps,
+            accumulate_grad_batches=accum,
+            enable_progress_bar=False,
+            logger=False,
+            callbacks=[clock],
+        )
+        module = LoRAModule(
+            model_name,
+            dtype,
+            quantization,
+            LoraConfig(),
+            TrainConfig(learning_rate=2e-4),
+            _peft_model=model,
+        )
+        _, secs = timed(functools.partial(trainer.fit, module, datamodule=data))
         # Real (unpadded) tokens per second over the steady-state steps.
-        rows.append({"stage": "train", "way": name, "items": steps * accum * micro, "seconds": secs,
-                     "steady_steps": steps - clock.skip, "steady_seconds": clock.seconds,
-                     "tokens_per_s": clock.tokens / clock.seconds if clock.seconds else float("nan"),
-                     "loss_first": clock.losses[0] if clock.losses else None,
-                     "loss_last10": sum(clock.losses[-10:]) / max(1, len(clock.losses[-10:])),
-                     "losses": clock.losses,
-                     "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None})
+        rows.append(
+            {
+                "stage": "train",
+                "way": name,
+                "items": steps * accum * micro,
+                "seconds": secs,
+                "steady_steps": steps - clock.skip,
+                "steady_seconds": clock.seconds,
+                "tokens_per_s": clock.tokens / clock.seconds if clock.seconds else float("nan"),
+                "loss_first": clock.losses[0] if clock.losses else None,
+                "loss_last10": sum(clock.losses[-10:]) / max(1, len(clock.losses[-10:])),
+                "losses": clock.losses,
+                "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30
+                if torch.cuda.is_available()
+                else None,
+            }
+        )
         if compiled:  # the same steps eager: the loss curve must not change
             eager = next(r for r in rows if r["way"] == name.removesuffix(", compiled decoder"))
-            rows[-1]["max_abs_loss_diff_vs_eager"] = max(abs(a - b) for a, b in zip(eager["losses"], clock.losses))
+            rows[-1]["max_abs_loss_diff_vs_eager"] = max(
+                abs(a - b) for a, b in zip(eager["losses"], clock.losses)
+            )
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
         del model, base, module, trainer
     return rows
@@ -232,22 +340,38 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=4000)
     p.add_argument("--seed-pairs", type=int, default=100)
     p.add_argument("--ifd-batch-sizes", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--ifd-compile-batch", type=int, default=0, help="> 0: also time IFD with a compiled decoder")
+    p.add_argument(
+        "--ifd-compile-batch",
+        type=int,
+        default=0,
+        help="> 0: also time IFD with a compiled decoder",
+    )
     p.add_argument("--prompts", type=int, default=4000)
     p.add_argument("--seed-prompts", type=int, default=256)
     p.add_argument("--gen-batch-sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--train-steps", type=int, default=30)
-    p.add_argument("--train-compile", action="store_true", help="also time training with a compiled decoder")
-    p.add_argument("--train-qlora", action="store_true", help="also time QLoRA (nf4 base; needs bitsandbytes)")
-    p.add_argument("--vllm-kv-cache-gib", type=float, default=0, help="> 0: also time the vLLM backend")
+    p.add_argument(
+        "--train-compile", action="store_true", help="also time training with a compiled decoder"
+    )
+    p.add_argument(
+        "--train-qlora", action="store_true", help="also time QLoRA (nf4 base; needs bitsandbytes)"
+    )
+    p.add_argument(
+        "--vllm-kv-cache-gib", type=float, default=0, help="> 0: also time the vLLM backend"
+    )
     p.add_argument("--cpu-sizes", action="store_true", help="small sizes for a 2-core CPU")
     p.add_argument("--stages", nargs="+", default=["ifd", "generation", "train"])
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.cpu_sizes:
         args.pairs, args.seed_pairs, args.ifd_batch_sizes = 48, 16, [4, 16]
-        args.prompts, args.seed_prompts, args.gen_batch_sizes, args.new_tokens = 32, 16, [16, 32], 64
+        args.prompts, args.seed_prompts, args.gen_batch_sizes, args.new_tokens = (
+            32,
+            16,
+            [16, 32],
+            64,
+        )
         args.train_steps = 6
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -256,46 +380,133 @@ def main() -> None:
     eval_set = json.loads((SHARED / "data" / "AIOps_eval_data.json").read_text(encoding="utf-8"))
     pairs = [{"question": r["input"], "answer": r["output"]} for r in eval_set]
     pairs = (pairs * (args.pairs // len(pairs) + 1))[: args.pairs]
-    fragments = [r["instruction"] for r in json.loads((SHARED / "data" / "AIOps_data.json").read_text("utf-8"))]
+    fragments = [
+        r["instruction"]
+        for r in json.loads((SHARED / "data" / "AIOps_data.json").read_text("utf-8"))
+    ]
     prompts = [question_prompt(tokenizer, f, "zh") for f in fragments[: args.prompts]]
 
     rows = []
     if "ifd" in args.stages:
-        rows += bench_ifd(model, tokenizer, pairs, args.seed_pairs, args.ifd_batch_sizes, device, args.ifd_compile_batch)
+        rows += bench_ifd(
+            model,
+            tokenizer,
+            pairs,
+            args.seed_pairs,
+            args.ifd_batch_sizes,
+            device,
+            args.ifd_compile_batch,
+        )
     if "generation" in args.stages:
-        rows += bench_generation(model, tokenizer, prompts, args.seed_prompts, args.gen_batch_sizes, args.new_tokens)
+        rows += bench_generation(
+            model, tokenizer, prompts, args.seed_prompts, args.gen_batch_sizes, args.new_tokens
+        )
         if args.vllm_kv_cache_gib > 0:
             lora_model = add_lora(model, LoraConfig(), seed=0)
-            rows += bench_vllm_generation(args.model, lora_model, tokenizer, prompts, args.new_tokens,
-                                          args.vllm_kv_cache_gib)
+            rows += bench_vllm_generation(
+                args.model, lora_model, tokenizer, prompts, args.new_tokens, args.vllm_kv_cache_gib
+            )
             model = lora_model.unload()
     if "train" in args.stages:
         qa_file = Path(tempfile.mkdtemp()) / "qa.json"
-        qa_file.write_text(json.dumps([{"question": p["question"], "answer": p["answer"]} for p in pairs],
-                                      ensure_ascii=False))
+        qa_file.write_text(
+            json.dumps(
+                [{"question": p["question"], "answer": p["answer"]} for p in pairs],
+                ensure_ascii=False,
+            )
+        )
         fp16 = "16-mixed" if device == "cuda" else "32-true"
         bf16 = "bf16-mixed" if device == "cuda" else "32-true"
         del model
-        ways = [("seed (4 x 4, unsorted, fp32 weights, fp16 autocast)", 4, 4, fp16, "float32", False, "none", False),
-                ("selfevo (16 x 1, length-grouped, bf16)", 16, 1, bf16, args.dtype, True, "none", False),
-                ("selfevo (32 x 1, length-grouped, bf16)", 32, 1, bf16, args.dtype, True, "none", False)]
+        ways = [
+            (
+                "seed (4 x 4, unsorted, fp32 weights, fp16 autocast)",
+                4,
+                4,
+                fp16,
+                "float32",
+                False,
+                "none",
+                False,
+            ),
+            (
+                "selfevo (16 x 1, length-grouped, bf16)",
+                16,
+                1,
+                bf16,
+                args.dtype,
+                True,
+                "none",
+                False,
+            ),
+            (
+                "selfevo (32 x 1, length-grouped, bf16)",
+                32,
+                1,
+                bf16,
+                args.dtype,
+                True,
+                "none",
+                False,
+            ),
+        ]
         if device == "cuda" and args.train_qlora:
-            ways.append(("selfevo QLoRA (nf4 base, 16 x 1, length-grouped)", 16, 1, bf16, args.dtype, True, "nf4", False))
+            ways.append(
+                (
+                    "selfevo QLoRA (nf4 base, 16 x 1, length-grouped)",
+                    16,
+                    1,
+                    bf16,
+                    args.dtype,
+                    True,
+                    "nf4",
+                    False,
+                )
+            )
         if args.train_compile:
-            ways += [("selfevo (16 x 1, length-grouped, bf16), compiled decoder", 16, 1, bf16, args.dtype, True, "none", True),
-                     ("selfevo (32 x 1, length-grouped, bf16), compiled decoder", 32, 1, bf16, args.dtype, True, "none", True)]
+            ways += [
+                (
+                    "selfevo (16 x 1, length-grouped, bf16), compiled decoder",
+                    16,
+                    1,
+                    bf16,
+                    args.dtype,
+                    True,
+                    "none",
+                    True,
+                ),
+                (
+                    "selfevo (32 x 1, length-grouped, bf16), compiled decoder",
+                    32,
+                    1,
+                    bf16,
+                    args.dtype,
+                    True,
+                    "none",
+                    True,
+                ),
+            ]
 
         rows += bench_training(args.model, qa_file, args.train_steps, ways)
 
-    env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "date": date.today().isoformat(), "command": " ".join(sys.argv)}
+    env = {
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "date": date.today().isoformat(),
+        "command": " ".join(sys.argv),
+    }
     print("\n| stage | way | items | seconds | rate |\n|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['stage']} | {r['way']} | error | {r['error'][:80]} | |")
             continue
-        rate = next(f"{r[k]:,.0f} {k.replace('_per_s', '/s')}" for k in ("pairs_per_s", "new_tokens_per_s", "tokens_per_s")
-                    if k in r)
+        rate = next(
+            f"{r[k]:,.0f} {k.replace('_per_s', '/s')}"
+            for k in ("pairs_per_s", "new_tokens_per_s", "tokens_per_s")
+            if k in r
+        )
         print(f"| {r['stage']} | {r['way']} | {r['items']} | {r['seconds']:.1f} | {rate} |")
     print(json.dumps(env))
     if args.out:

@@ -3,7 +3,8 @@ config's learning rate; it chose the demo's (docs/tuning.md, benchmarks/results/
 
 Run from the repository root (any config; the demo's by default):
 
-    python benchmarks/tune_demo.py [--config configs/demo.yaml] [--lrs 1e-6 2e-4 1e-3 3e-3] [--work runs/tune_demo]
+    python benchmarks/tune_demo.py [--config configs/demo.yaml] [--lrs 1e-6 2e-4 1e-3 3e-3] [--work
+    runs/tune_demo]
 
 Generation 0's QA pairs depend only on the base model and the seed, so they are written once;
 then, for each learning rate, a fresh adapter is trained on them exactly as `selfevo evolve`
@@ -53,8 +54,13 @@ def main() -> None:
 
     def evaluate(use_adapter: bool) -> dict:
         generator.adapter_on = use_adapter  # the adapter trained in memory, or none
-        metrics, _ = evaluate_model(generator, eval_set, cfg.evaluation,
-                                    build_trainer(cfg.trainer, enable_progress_bar=False), cfg.seed)
+        metrics, _ = evaluate_model(
+            generator,
+            eval_set,
+            cfg.evaluation,
+            build_trainer(cfg.trainer, enable_progress_bar=False),
+            cfg.seed,
+        )
         return metrics
 
     rows = [("base", evaluate(use_adapter=False), 0.0)]
@@ -66,10 +72,17 @@ def main() -> None:
         t = time.perf_counter()
         train_adapter(cfg, model, qa, folder, work / "logs", seed, strategy)
         rows.append((f"lr {lr:g}", evaluate(use_adapter=True), time.perf_counter() - t))
-    print("| model | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L | train+eval s |\n|---|---|---|---|---|---|")
+    print(
+        "| model | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L | train+eval s |\n|---|---|---|---|---|---|"
+    )
     for name, m, secs in rows:
-        print(f"| {name} | {m['bleu-4']:.2f} | {m['rouge-1']:.2f} | {m['rouge-2']:.2f} | {m['rouge-l']:.2f} | {secs:.0f} |")
-    (work / "results.json").write_text(json.dumps([{"model": n, **m, "seconds": s} for n, m, s in rows], indent=1))
+        print(
+            f"| {name} | {m['bleu-4']:.2f} | {m['rouge-1']:.2f} | {m['rouge-2']:.2f} | "
+            f"{m['rouge-l']:.2f} | {secs:.0f} |"
+        )
+    (work / "results.json").write_text(
+        json.dumps([{"model": n, **m, "seconds": s} for n, m, s in rows], indent=1)
+    )
 
 
 if __name__ == "__main__":

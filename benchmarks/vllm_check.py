@@ -1,12 +1,14 @@
 """Checks whether vLLM generates with this model on this GPU, and measures how fast: one engine per
 process, in the loop's settings (LoRA enabled, in-process engine core, KV cache in bytes), with one
-setting changed at a time. Prints one line: the settings, and the new tokens per second or the error.
-Figures and the fault it isolated: docs/vllm.md, benchmarks/results/vllm_check_h100_2026-11-25.txt.
+setting changed at a time. Prints one line: the settings, and the new tokens per second or the
+error. Figures and the fault it isolated: docs/vllm.md,
+benchmarks/results/vllm_check_h100_2026-11-25.txt.
 
 Run from the repository root on a GPU machine with vLLM installed:
   python benchmarks/vllm_check.py MODEL_FOLDER [--no-lora] [--eager] [--sync]
   python -c 'from benchmarks.vllm_check import loop_engine_check as c; c()' MODEL_FOLDER EVAL_JSON
-  python -c 'from benchmarks.vllm_check import lightning_eval_check as c; c()' MODEL_FOLDER EVAL_JSON"""
+  python -c 'from benchmarks.vllm_check import lightning_eval_check as c; c()' MODEL_FOLDER
+  EVAL_JSON"""
 
 import argparse
 import os
@@ -24,18 +26,32 @@ def main() -> None:
     ap.add_argument("--sync", action="store_true", help="no asynchronous scheduling")
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
-    ap.add_argument("--seeded", action="store_true", help="selfevo's worker extension, seeded before the call")
-    ap.add_argument("--context", choices=("none", "autocast", "inference"), default="none",
-                    help="generate inside torch.autocast(bf16) or torch.inference_mode, as inside a Lightning test_step")
-    ap.add_argument("--hf-first", action="store_true", help="the model loaded by transformers onto the GPU first")
+    ap.add_argument(
+        "--seeded", action="store_true", help="selfevo's worker extension, seeded before the call"
+    )
+    ap.add_argument(
+        "--context",
+        choices=("none", "autocast", "inference"),
+        default="none",
+        help="generate inside torch.autocast(bf16) or torch.inference_mode, as inside a Lightning "
+        "test_step",
+    )
+    ap.add_argument(
+        "--hf-first",
+        action="store_true",
+        help="the model loaded by transformers onto the GPU first",
+    )
     a = ap.parse_args()
     from vllm import LLM, SamplingParams
 
     extra = {"async_scheduling": False} if a.sync else {}
     if a.seeded:
         extra["worker_extension_cls"] = "selfevo.vllm_engine.SeedingWorker"
-    label = (f"lora={not a.no_lora} eager={a.eager} sync={a.sync} rep={a.repetition_penalty} seeded={a.seeded} "
-             f"context={a.context} hf_first={a.hf_first}")
+    label = (
+        f"lora={not a.no_lora} eager={a.eager} sync={a.sync} rep={a.repetition_penalty} "
+        f"seeded={a.seeded} "
+        f"context={a.context} hf_first={a.hf_first}"
+    )
     import contextlib
 
     import torch
@@ -43,24 +59,44 @@ def main() -> None:
     if a.hf_first:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).cuda()  # noqa: F841
-    context = {"none": contextlib.nullcontext, "inference": torch.inference_mode,
-               "autocast": lambda: torch.autocast("cuda", dtype=torch.bfloat16)}[a.context]
+        _hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).cuda()
+    context = {
+        "none": contextlib.nullcontext,
+        "inference": torch.inference_mode,
+        "autocast": lambda: torch.autocast("cuda", dtype=torch.bfloat16),
+    }[a.context]
     t = time.perf_counter()
     try:
-        llm = LLM(model=a.model, dtype="bfloat16", max_model_len=1024, seed=0, enable_lora=not a.no_lora,
-                  max_loras=1, max_lora_rank=8, kv_cache_memory_bytes=2 * 2**30, gpu_memory_utilization=0.05,
-                  generation_config="vllm", enforce_eager=a.eager, enable_prefix_caching=False, **extra)
+        llm = LLM(
+            model=a.model,
+            dtype="bfloat16",
+            max_model_len=1024,
+            seed=0,
+            enable_lora=not a.no_lora,
+            max_loras=1,
+            max_lora_rank=8,
+            kv_cache_memory_bytes=2 * 2**30,
+            gpu_memory_utilization=0.05,
+            generation_config="vllm",
+            enforce_eager=a.eager,
+            enable_prefix_caching=False,
+            **extra,
+        )
         start = time.perf_counter() - t
         prompts = [f"请解释运维中的第{i}个概念。" for i in range(a.prompts)]
         t = time.perf_counter()
         if a.seeded:
             llm.collective_rpc("seed_generators", args=(0,))
-        params = SamplingParams(max_tokens=256, temperature=0, repetition_penalty=a.repetition_penalty)
+        params = SamplingParams(
+            max_tokens=256, temperature=0, repetition_penalty=a.repetition_penalty
+        )
         with context():
             outs = llm.generate(prompts, params, use_tqdm=False)
         n = sum(len(o.outputs[0].token_ids) for o in outs)
-        print(f"CHECK {label}: ok, start {start:.0f}s, {n / (time.perf_counter() - t):.0f} new tok/s", flush=True)
+        print(
+            f"CHECK {label}: ok, start {start:.0f}s, {n / (time.perf_counter() - t):.0f} new tok/s",
+            flush=True,
+        )
     except Exception as e:  # noqa: BLE001 - the point is to report it
         print(f"CHECK {label}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
         sys.exit(1)
@@ -71,8 +107,9 @@ if __name__ == "__main__":
 
 
 def loop_engine_check() -> None:
-    """selfevo's own engine (VLLMEngine) on the eval questions, as the loop's base evaluation calls it:
-      python -c 'from benchmarks.vllm_check import loop_engine_check as c; c()' MODEL_FOLDER EVAL_JSON [simple] [tokens]"""
+    """selfevo's own engine (VLLMEngine) on the eval questions, as the loop's base evaluation calls
+    it: python -c 'from benchmarks.vllm_check import loop_engine_check as c; c()' MODEL_FOLDER
+    EVAL_JSON [simple] [tokens]"""
     from pathlib import Path
 
     from transformers import AutoTokenizer
@@ -88,9 +125,15 @@ def loop_engine_check() -> None:
     tokens = int(sys.argv[4]) if len(sys.argv) > 4 else 512
     tok = AutoTokenizer.from_pretrained(folder)
     model_cfg = ModelConfig(name=str(folder), dtype="bfloat16", max_length=1024)
-    engine = VLLMEngine(folder, tok, model_cfg, GenerationConfig(backend="vllm", vllm_kv_cache_gib=4), 8, 0, 512)
+    engine = VLLMEngine(
+        folder, tok, model_cfg, GenerationConfig(backend="vllm", vllm_kv_cache_gib=4), 8, 0, 512
+    )
     questions = [r["question"] for r in load_eval(eval_path)]
-    prompts = [f"请解释运维中的第{i}个概念。" for i in range(100)] if simple else [closed_book_prompt(tok, q) for q in questions]
+    prompts = (
+        [f"请解释运维中的第{i}个概念。" for i in range(100)]
+        if simple
+        else [closed_book_prompt(tok, q) for q in questions]
+    )
     label = f"VLLMEngine simple={simple} tokens={tokens}"
     try:
         texts = engine.generate(prompts, Sampling(max_new_tokens=tokens, do_sample=False), seed=0)
@@ -101,9 +144,10 @@ def loop_engine_check() -> None:
 
 def lightning_eval_check() -> None:
     """selfevo's evaluation (a Lightning test loop) with its engine, as the loop's base evaluation:
-      python -c 'from benchmarks.vllm_check import lightning_eval_check as c; c()' MODEL_FOLDER EVAL_JSON [hf] [fp32] [grad]
-    Before the engine kept cuBLAS's workspaces (selfevo.vllm_engine.keep_cublas_workspaces), this failed
-    with an illegal memory access (benchmarks/results/vllm_check_h100_2026-11-25.txt)."""
+      python -c 'from benchmarks.vllm_check import lightning_eval_check as c; c()' MODEL_FOLDER
+      EVAL_JSON [hf] [fp32] [grad]
+    Before the engine kept cuBLAS's workspaces (selfevo.vllm_engine.keep_cublas_workspaces), this
+    failed with an illegal memory access (benchmarks/results/vllm_check_h100_2026-11-25.txt)."""
     from pathlib import Path
 
     from selfevo.config import EvalConfig, GenerationConfig, ModelConfig, TrainerConfig
@@ -124,12 +168,19 @@ def lightning_eval_check() -> None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(folder)
-    engine = VLLMEngine(folder, tok, model_cfg, GenerationConfig(backend="vllm", vllm_kv_cache_gib=4), 8, 0, 512)
+    engine = VLLMEngine(
+        folder, tok, model_cfg, GenerationConfig(backend="vllm", vllm_kv_cache_gib=4), 8, 0, 512
+    )
     label = f"Lightning evaluation hf_model={hf} precision={precision} inference_mode={inference}"
     try:
         engine.use_adapter(None)
-        metrics, _ = evaluate_model(engine, load_eval(eval_path), EvalConfig(batch_size=100, max_new_tokens=512),
-                                    build_trainer(TrainerConfig(precision=precision), inference_mode=inference), 0)
+        metrics, _ = evaluate_model(
+            engine,
+            load_eval(eval_path),
+            EvalConfig(batch_size=100, max_new_tokens=512),
+            build_trainer(TrainerConfig(precision=precision), inference_mode=inference),
+            0,
+        )
         print(f"CHECK {label}: ok, {metrics}", flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"CHECK {label}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)

@@ -15,7 +15,8 @@ from typing import Literal, Optional, Union
 # The prompt of the IFD paper (Cherry_LLM) and of the seed's get_ifd_original.py; kept as the
 # default so that our scores agree with the seed's.
 SEED_IFD_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. "
     "Write a response that appropriately completes the request.\n\n"
     "### Input:\n{question}\n\n### Response:"
 )
@@ -27,15 +28,17 @@ class DataConfig:
     fragments: str = "data/quillmesh_fragments.json"
     """Knowledge fragments: JSON list or JSONL of {"instruction": text} (or {"text": text})."""
     eval: str = "data/quillmesh_eval.json"
-    """Eval QA: JSON list or JSONL of {"instruction": fragment, "input": question, "output": answer}."""
+    """Eval QA: JSON list or JSONL of {"instruction": fragment, "input": question, "output":
+    answer}."""
     limit: Optional[int] = None
-    """Use only N unique fragments (None: all): the first N, unless include_eval or fill say otherwise."""
+    """Use only N unique fragments (None: all): the first N, unless include_eval or fill say
+    otherwise."""
     include_eval: bool = False
     """Make every eval fragment (the eval records' `instruction`) a training fragment: they are kept
     whatever `limit` is, and count towards it; each must be in the fragment file."""
     fill: Literal["first", "random"] = "first"
-    """Which fragments make up the rest of `limit`: the first in file order, or a random choice seeded
-    by `seed`. Either way the chosen fragments keep their file order."""
+    """Which fragments make up the rest of `limit`: the first in file order, or a random choice
+    seeded by `seed`. Either way the chosen fragments keep their file order."""
 
 
 @dataclass
@@ -46,7 +49,8 @@ class ModelConfig:
     """auto: bfloat16 on a GPU that supports it, else float32."""
     trust_remote_code: bool = False
     quantization: Literal["none", "nf4"] = "none"
-    """nf4: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes (CUDA only; pip install "selfevo[qlora]")."""
+    """nf4: QLoRA, the frozen base in 4-bit NF4 through bitsandbytes (CUDA only; pip install
+    "selfevo[qlora]")."""
     max_length: int = 1024
     """Token cutoff for every prompt + completion (the seed's cutoff_len)."""
 
@@ -63,10 +67,10 @@ class GenerationConfig:
     temperature: float = 0.5
     top_p: float = 0.95
     answer_model: Literal["base", "current"] = "base"
-    """Who answers the questions, open book: base = the base model, its adapter off; current = the model
-    of this generation, which also wrote the questions (the paper's loop). The questions are always the
-    current model's. With current, a small model's answers drifted from one generation to the next, to
-    echoing the question; with base they held (docs/results.md)."""
+    """Who answers the questions, open book: base = the base model, its adapter off; current = the
+    model of this generation, which also wrote the questions (the paper's loop). The questions are
+    always the current model's. With current, a small model's answers drifted from one generation
+    to the next, to echoing the question; with base they held (docs/results.md)."""
     vllm_kv_cache_gib: float = 4.0
     """vllm backend: memory for its KV cache, in GiB (the model's weights come on top)."""
     vllm_tensor_parallel_size: int = 1
@@ -113,7 +117,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     checkpoint_every: int = 50
-    """Optimizer steps between mid-training checkpoints, from which a killed training resumes (0: none)."""
+    """Optimizer steps between mid-training checkpoints, from which a killed training resumes (0:
+    none)."""
 
 
 @dataclass
@@ -135,16 +140,17 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 256
     do_sample: bool = False
-    """False: greedy (reproducible). True: the seed's sampled decoding (LLaMA-Factory's defaults)."""
+    """False: greedy (reproducible). True: the seed's sampled decoding (LLaMA-Factory's
+    defaults)."""
     temperature: float = 0.95
     top_p: float = 0.7
     top_k: int = 50
     limit: Optional[int] = None
     """Evaluate only the first N eval pairs (None: all)."""
     metrics: Literal["auto", "seed", "seed+word"] = "auto"
-    """seed: the seed's character BLEU-4 and jieba ROUGE (to compare with the paper); seed+word: also
-    SacreBLEU and stemmed ROUGE-L over words; auto: seed+word for English, seed for Chinese. Fact
-    recall is scored either way (docs/metrics.md)."""
+    """seed: the seed's character BLEU-4 and jieba ROUGE (to compare with the paper); seed+word:
+    also SacreBLEU and stemmed ROUGE-L over words; auto: seed+word for English, seed for Chinese.
+    Fact recall is scored either way (docs/metrics.md)."""
 
 
 @dataclass
@@ -190,17 +196,22 @@ def _check_values(section: object, prefix: str = "") -> None:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise ConfigError(f"{key}: holds a character that is not valid Unicode text") from None
+                raise ConfigError(
+                    f"{key}: holds a character that is not valid Unicode text"
+                ) from None
 
 
 def validate(cfg: EvolveConfig) -> None:
     """Reject values that would only fail later, after work was done."""
     _check_values(cfg)
     if not _RUN_NAME.match(cfg.name) or ".." in cfg.name:
-        raise ConfigError(f"name: {cfg.name!r} is not a valid run name (letters, digits, '.', '_', '-')")
+        raise ConfigError(
+            f"name: {cfg.name!r} is not a valid run name (letters, digits, '.', '_', '-')"
+        )
     if cfg.model.quantization == "nf4" and cfg.generation.backend == "vllm":
         raise ConfigError(
-            "model.quantization nf4 with generation.backend vllm: vLLM would serve the adapter on an "
+            "model.quantization nf4 with generation.backend vllm: vLLM would serve the adapter on "
+            "an "
             "unquantized base, not the 4-bit one it was trained on; use generation.backend hf"
         )
     if cfg.start < 0 or cfg.end <= cfg.start:
@@ -219,21 +230,26 @@ def validate(cfg: EvolveConfig) -> None:
         "lora.r": cfg.lora.r,
         "model.max_length": cfg.model.max_length,
     }
-    positive.update({
-        "generation.question_max_new_tokens": cfg.generation.question_max_new_tokens,
-        "generation.answer_max_new_tokens": cfg.generation.answer_max_new_tokens,
-        "generation.temperature": cfg.generation.temperature,
-        "generation.vllm_kv_cache_gib": cfg.generation.vllm_kv_cache_gib,
-        "generation.vllm_tensor_parallel_size": cfg.generation.vllm_tensor_parallel_size,
-        "evaluation.max_new_tokens": cfg.evaluation.max_new_tokens,
-        "evaluation.temperature": cfg.evaluation.temperature,
-        "data.limit": 1 if cfg.data.limit is None else cfg.data.limit,
-        "evaluation.limit": 1 if cfg.evaluation.limit is None else cfg.evaluation.limit,
-    })
+    positive.update(
+        {
+            "generation.question_max_new_tokens": cfg.generation.question_max_new_tokens,
+            "generation.answer_max_new_tokens": cfg.generation.answer_max_new_tokens,
+            "generation.temperature": cfg.generation.temperature,
+            "generation.vllm_kv_cache_gib": cfg.generation.vllm_kv_cache_gib,
+            "generation.vllm_tensor_parallel_size": cfg.generation.vllm_tensor_parallel_size,
+            "evaluation.max_new_tokens": cfg.evaluation.max_new_tokens,
+            "evaluation.temperature": cfg.evaluation.temperature,
+            "data.limit": 1 if cfg.data.limit is None else cfg.data.limit,
+            "evaluation.limit": 1 if cfg.evaluation.limit is None else cfg.evaluation.limit,
+        }
+    )
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
-    for key, value in {"generation.top_p": cfg.generation.top_p, "evaluation.top_p": cfg.evaluation.top_p}.items():
+    for key, value in {
+        "generation.top_p": cfg.generation.top_p,
+        "evaluation.top_p": cfg.evaluation.top_p,
+    }.items():
         if not 0 < value <= 1:
             raise ConfigError(f"{key}: must be in (0, 1], got {value}")
     if "{question}" not in cfg.ifd.prompt:
@@ -248,17 +264,20 @@ def validate(cfg: EvolveConfig) -> None:
     if ranks > 1:
         if cfg.trainer.strategy not in ("auto", "ddp"):
             raise ConfigError(
-                f"trainer.strategy: the evolve loop runs on several devices with ddp (every rank runs the "
+                "trainer.strategy: the evolve loop runs on several devices with ddp (every rank "
+                "runs the "
                 f"command, docs/scaling.md), got {cfg.trainer.strategy!r}"
             )
         if cfg.generation.backend == "vllm":
             raise ConfigError(
                 "generation.backend: vllm runs on one rank; spread it over GPUs with "
-                "generation.vllm_tensor_parallel_size and trainer.devices 1, or use backend hf on several devices"
+                "generation.vllm_tensor_parallel_size and trainer.devices 1, or use backend hf on "
+                "several devices"
             )
         if cfg.train.grad_accum % ranks:
             raise ConfigError(
-                f"train.grad_accum: each optimizer step's {cfg.train.grad_accum} micro-batches are dealt out to "
+                f"train.grad_accum: each optimizer step's {cfg.train.grad_accum} micro-batches "
+                "are dealt out to "
                 f"the {ranks} ranks, so it must be a multiple of {ranks}"
             )
 
@@ -268,21 +287,28 @@ def world_size(cfg: TrainerConfig) -> int:
     try:
         devices = int(cfg.devices)
     except ValueError:
-        raise ConfigError(f"trainer.devices: the evolve loop needs a number of devices, got {cfg.devices!r}") from None
+        raise ConfigError(
+            f"trainer.devices: the evolve loop needs a number of devices, got {cfg.devices!r}"
+        ) from None
     if devices < 1 or cfg.num_nodes < 1:
-        raise ConfigError(f"trainer.devices/num_nodes: must be >= 1, got {cfg.devices} and {cfg.num_nodes}")
+        raise ConfigError(
+            f"trainer.devices/num_nodes: must be >= 1, got {cfg.devices} and {cfg.num_nodes}"
+        )
     return devices * cfg.num_nodes
 
 
 def identity(cfg: EvolveConfig) -> dict:
     """The part of a config that defines a run's results: everything but the generation range, the
     folders, the checkpoint interval, the vLLM cache size and how many devices do the work (several
-    give one device's results within float tolerance, so a run begun on one GPU can go on over eight)."""
+    give one device's results within float tolerance, so a run begun on one GPU can go on over
+    eight)."""
     d = asdict(cfg)
     for key in ("start", "end", "runs_dir", "logs_dir"):
         del d[key]
     del d["train"]["checkpoint_every"]
-    del d["generation"]["vllm_kv_cache_gib"]  # lowered after running out of memory, the results stay
+    del d["generation"][
+        "vllm_kv_cache_gib"
+    ]  # lowered after running out of memory, the results stay
     del d["generation"]["vllm_tensor_parallel_size"]
     for key in ("devices", "strategy", "num_nodes"):
         del d["trainer"][key]

@@ -1,6 +1,8 @@
-"""Stage 6: the model answers the eval questions closed book (or, for the ceiling, open book), scored.
+"""Stage 6: the model answers the eval questions closed book (or, for the ceiling, open book),
+scored.
 
-The seed's metrics (LLaMA-Factory's ComputeMetrics) score each pair, round to 4 decimals, and average:
+The seed's metrics (LLaMA-Factory's ComputeMetrics) score each pair, round to 4 decimals, and
+average:
   BLEU-4  = nltk sentence_bleu over characters, SmoothingFunction().method3, x100;
   ROUGE-n = rouge_chinese F1 over jieba-segmented words, x100, 0 when either side is blank.
 For English, the standard word-level metrics come beside them (evaluation.metrics): SacreBLEU (13a
@@ -39,11 +41,14 @@ _SMOOTHING = SmoothingFunction().method3
 
 def bleu4(prediction: str, reference: str) -> float:
     """Character-level sentence BLEU-4, NIST geometric smoothing, x100, rounded as the seed did."""
-    return round(sentence_bleu([list(reference)], list(prediction), smoothing_function=_SMOOTHING) * 100, 4)
+    return round(
+        sentence_bleu([list(reference)], list(prediction), smoothing_function=_SMOOTHING) * 100, 4
+    )
 
 
 def rouge(prediction: str, reference: str) -> dict[str, float]:
-    """ROUGE-1/2/L F1 over jieba words, x100, rounded as the seed did; 0 when either side is blank."""
+    """ROUGE-1/2/L F1 over jieba words, x100, rounded as the seed did; 0 when either side is
+    blank."""
     hypothesis = " ".join(jieba.cut(prediction))
     ref = " ".join(jieba.cut(reference))
     if not hypothesis.split() or not ref.split():
@@ -59,7 +64,9 @@ class SeedBLEU4(Metric):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, predictions: list[str], references: list[str]) -> None:
@@ -84,7 +91,9 @@ class SeedROUGE(Metric):
     def update(self, predictions: list[str], references: list[str]) -> None:
         for p, r in zip(predictions, references, strict=True):
             scores = rouge(p, r)
-            self.total += torch.tensor([scores[k] for k in ROUGE_KEYS], dtype=torch.float64, device=self.total.device)
+            self.total += torch.tensor(
+                [scores[k] for k in ROUGE_KEYS], dtype=torch.float64, device=self.total.device
+            )
             self.count += 1
 
     def compute(self) -> dict[str, torch.Tensor]:
@@ -105,7 +114,9 @@ class Evaluator(L.LightningModule):
         self.generator = generator
         if generator.module is not None:
             self.model = generator.module  # a submodule: Lightning places it on the stage's device
-        self.sampling = Sampling(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k)
+        self.sampling = Sampling(
+            cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k
+        )
         self.seed = seed
         self.predictions: dict[int, str] = {}
         # Lightning refuses a rank with no batch unless told that this is intended.
@@ -113,20 +124,24 @@ class Evaluator(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         # seeded by the batch's number in the whole plan, the same on any number of ranks
-        answers = self.generator.generate_batch(batch["prompt"], self.sampling, batch_seed(self.seed, batch["number"]))
+        answers = self.generator.generate_batch(
+            batch["prompt"], self.sampling, batch_seed(self.seed, batch["number"])
+        )
         self.predictions.update(zip(batch["index"], (a.strip() for a in answers)))
         kill_point("evaluate")
 
 
 def metric_set(cfg: EvalConfig, language: Language) -> str:
-    """The metrics evaluation.metrics chooses: auto = the seed's, and for English the word-level too."""
+    """The metrics evaluation.metrics chooses: auto = the seed's, and for English the word-level
+    too."""
     if cfg.metrics != "auto":
         return cfg.metrics
     return "seed+word" if language == "en" else "seed"
 
 
 def rouge_l_stemmed(prediction: str, reference: str) -> float:
-    """Word-level ROUGE-L F1 with Porter stemming (torchmetrics, as rouge-score computes it), x100."""
+    """Word-level ROUGE-L F1 with Porter stemming (torchmetrics, as rouge-score computes it),
+    x100."""
     scores = rouge_score(prediction, reference, use_stemmer=True, rouge_keys="rougeL")
     return round(float(scores["rougeL_fmeasure"]) * 100, 4)
 
@@ -151,7 +166,11 @@ def score_answers(
     facts.update(answers, references, questions)
     means = {"bleu-4": bleu.compute(), **seed_rouge.compute(), "fact-recall": facts.compute()}
     pairs = [
-        {"bleu-4": bleu4(a, r), **rouge(a, r), "fact-recall": _percent(fact_recall(a, r, q, language))}
+        {
+            "bleu-4": bleu4(a, r),
+            **rouge(a, r),
+            "fact-recall": _percent(fact_recall(a, r, q, language)),
+        }
         for a, r, q in zip(answers, references, questions)
     ]
     if metrics == "seed+word":
@@ -172,10 +191,12 @@ def _percent(share: float | None) -> float | None:
     return None if share is None else round(share * 100, 4)
 
 
-def eval_prompt(tokenizer: PreTrainedTokenizerBase, record: dict, language: Language, open_book: bool) -> str:
-    """Closed book: the question alone, as in training. Open book (the ceiling): the fragment and the
-    question in the answer prompt that wrote the training answers, so the ceiling is what the loop's
-    own teacher answers with the document in view."""
+def eval_prompt(
+    tokenizer: PreTrainedTokenizerBase, record: dict, language: Language, open_book: bool
+) -> str:
+    """Closed book: the question alone, as in training. Open book (the ceiling): the fragment and
+    the question in the answer prompt that wrote the training answers, so the ceiling is what the
+    loop's own teacher answers with the document in view."""
     if open_book:
         return answer_prompt(tokenizer, record["fragment"], record["question"], language)
     return closed_book_prompt(tokenizer, record["question"])
@@ -194,18 +215,31 @@ def evaluate_model(
     set, closed book or open book, with the same decoding and cap either way."""
     records = eval_set[: cfg.limit] if cfg.limit else eval_set
     items = [
-        {"index": i, "prompt": eval_prompt(generator.tokenizer, r, language, open_book), "reference": r["reference"]}
+        {
+            "index": i,
+            "prompt": eval_prompt(generator.tokenizer, r, language, open_book),
+            "reference": r["reference"],
+        }
         for i, r in enumerate(records)
     ]
     items.sort(key=lambda it: -len(it["prompt"]))  # similar lengths share a batch
 
     def run(size: int) -> Evaluator:
         batches = [
-            {"number": b, **{k: [it[k] for it in items[s : s + size]] for k in ("index", "prompt", "reference")}}
+            {
+                "number": b,
+                **{
+                    k: [it[k] for it in items[s : s + size]]
+                    for k in ("index", "prompt", "reference")
+                },
+            }
             for b, s in enumerate(range(0, len(items), size))
         ]
-        # This rank's share of the batches (all of them on one device; none where there are fewer batches than ranks).
-        loader = DataLoader(share(batches, trainer.strategy), batch_size=None, collate_fn=lambda b: b)
+        # This rank's share of the batches (all of them on one device; none where there are fewer
+        # batches than ranks).
+        loader = DataLoader(
+            share(batches, trainer.strategy), batch_size=None, collate_fn=lambda b: b
+        )
         evaluator = Evaluator(generator, cfg, seed)
         trainer.test(evaluator, dataloaders=loader, verbose=False)
         return evaluator

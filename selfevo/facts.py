@@ -8,12 +8,13 @@ with examples; in short:
 - numbers: 8080, 0.5, 1,000 (= 1000), 50% (= 50); a number glued to a unit counts as the number
   (30s, 512MB, 10Gbps, 30秒 -> 30, 512, 10, 30), since answers write units in many ways;
 - identifiers: Latin tokens with a digit, an underscore or a capital after the first letter
-  (RELRGCHG, eth0, IPv6, gRPC, max_connections), dotted names (net.ipv4.tcp_syncookies, config.yaml),
-  paths, URLs and e-mail addresses, --flags and versions (counted without the dashes or the v:
-  max-retries, 2.3.1), `code` spans;
+  (RELRGCHG, eth0, IPv6, gRPC, max_connections), dotted names (net.ipv4.tcp_syncookies,
+  config.yaml), paths, URLs and e-mail addresses, --flags and versions (counted without the dashes
+  or the v: max-retries, 2.3.1), `code` spans;
 - English adds capitalised names (Thonquin; a run of them, Harbor Daemon, is one) that do not start
   a sentence (there a capital says nothing); Chinese adds every capitalised Latin word (License) and
-  quoted terms (“…”「…」『…』《…》"…"); step, figure and table numbers (1., 图2) are layout, not facts;
+  quoted terms (“…”「…」『…』《…》"…"); step, figure and table numbers (1., 图2) are layout,
+  not facts;
 - a reference that opens with yes or no (是的/否/不能/...) also counts its polarity as a fact.
 
 Values are compared normalised (NFKC, case-folded, thousands separators dropped, spaces collapsed),
@@ -38,7 +39,9 @@ YES, NO = "polarity:yes", "polarity:no"
 _THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])")
 _SPACES = re.compile(r"\s+")
 _DIGITS = frozenset("0123456789")
-_LATIN = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")  # what a word is made of, once case-folded
+_LATIN = frozenset(
+    "abcdefghijklmnopqrstuvwxyz0123456789_"
+)  # what a word is made of, once case-folded
 # Step numbers ("1. ", "2、", "(3)") and figure or table numbers ("如图2所示", "Table 1") are the
 # layout of the text, not its facts.
 _LAYOUT = re.compile(
@@ -46,7 +49,8 @@ _LAYOUT = re.compile(
     r"|(?:图|(?<![代列报发])表|\b(?:Figure|Fig\.|Table) ?)\d+"  # 图2, 表1 (not 代表3个), Figure 2
 )
 _CODE = re.compile(r"`([^`\n]+)`")
-# A quoted term is a name (a button, a menu, a document); a quote longer than 40 characters is prose.
+# A quoted term is a name (a button, a menu, a document); a quote longer than 40 characters is
+# prose.
 _QUOTED = re.compile(
     r"“([^”\n]{1,40})”|「([^」\n]{1,40})」|『([^』\n]{1,40})』|《([^》\n]{1,40})》|\"([^\"\n]{1,40})\""
 )
@@ -64,18 +68,23 @@ _TOKEN = re.compile(
     r"|(?P<dotted>[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*(?:\.[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*)+)"
     r"|(?P<word>[A-Za-z0-9_]+)"
 )
-_UNIT_WORD = re.compile(rf"(?:{_UNITS})", re.IGNORECASE)  # "4 MiB": the number is the fact, not "MiB"
+_UNIT_WORD = re.compile(
+    rf"(?:{_UNITS})", re.IGNORECASE
+)  # "4 MiB": the number is the fact, not "MiB"
 # What may stand between a sentence's end and its first word: spaces, opening quotes, bullets.
 _OPENERS = set(" \t\"'([{“‘*#>•-")
 _LEAD = re.compile(r"^[\W_]+")  # punctuation, spaces and markdown before the first word
 # "No" only before punctuation or the end: "No one ..." and "No matter ..." are not answers.
 _POLARITY = {
     "en": (re.compile(r"yes\b"), re.compile(r"no(?=\s*(?:[^\w\s]|$))")),
-    # 是/对/可以... alone (before punctuation or the end) say yes; "是指...", "是否...", "可以使用..." do not.
+    # 是/对/可以... alone (before punctuation or the end) say yes; "是指...", "是否...",
+    # "可以使用..." do not.
     # 不能/不支持/不需要... say no whatever follows; 不同, 不一定 do not.
     "zh": (
         re.compile(r"是的|(?:是|对|可以|能|会|支持|需要|有|行)(?=\s*(?:[^\w\s]|$))"),
-        re.compile(r"(?:否|不|没有|没)(?=\s*(?:[^\w\s]|$))|不(?:是|能|会|可|支持|需|允许|行|用|必|应|对|存在)"),
+        re.compile(
+            r"(?:否|不|没有|没)(?=\s*(?:[^\w\s]|$))|不(?:是|能|会|可|支持|需|允许|行|用|必|应|对|存在)"
+        ),
     ),
 }
 
@@ -133,7 +142,8 @@ def _token_fact(m: re.Match, text: str, language: Language) -> str | None:
 def _mentions(text: str, fact: str) -> bool:
     """Whether the normalised text holds the normalised fact as a whole: a letter or digit at the
     fact's edge may not run on into the text's letters or digits, except that a number may carry a
-    unit ("30" is stated by "30s" and "30秒", not by "300" or "1.30") and a version a v ("v2.3.1")."""
+    unit ("30" is stated by "30s" and "30秒", not by "300" or "1.30") and a version a v
+    ("v2.3.1")."""
     start = text.find(fact)
     while start >= 0:
         end = start + len(fact)
@@ -141,7 +151,8 @@ def _mentions(text: str, fact: str) -> bool:
         after = text[end : end + 2]
         follow, follow2 = after[:1], after[1:2]
         left = fact[0] in _LATIN and prev in _LATIN
-        if fact[0] in _DIGITS:  # not inside a word or a number; a lone v (v2.3.1) before it is allowed
+        # not inside a word or a number; a lone v (v2.3.1) before it is allowed
+        if fact[0] in _DIGITS:
             lone_v = prev == "v" and prev2 not in _LATIN
             left = (prev in _LATIN and not lone_v) or (prev == "." and prev2 in _DIGITS)
         right = fact[-1] in _LATIN and follow in _LATIN
@@ -160,7 +171,9 @@ def reference_facts(reference: str, question: str, language: Language) -> list[s
     found: list[tuple[int, str]] = [(m.start(), m.group(1)) for m in _CODE.finditer(text)]
     if language == "zh":
         found += [(m.start(), next(g for g in m.groups() if g)) for m in _QUOTED.finditer(text)]
-    found += [(m.start(), fact) for m in _TOKEN.finditer(text) if (fact := _token_fact(m, text, language))]
+    found += [
+        (m.start(), fact) for m in _TOKEN.finditer(text) if (fact := _token_fact(m, text, language))
+    ]
     asked = normalise(question)
     facts: list[str] = []
     for _, raw in sorted(found, key=lambda f: f[0]):
@@ -172,7 +185,8 @@ def reference_facts(reference: str, question: str, language: Language) -> list[s
 
 
 def states(fact: str, answer: str, language: Language) -> bool:
-    """Whether the answer states the (normalised) fact; a polarity fact, whether it opens the same way."""
+    """Whether the answer states the (normalised) fact; a polarity fact, whether it opens the same
+    way."""
     if fact in (YES, NO):
         return polarity(answer, language) == fact
     return _mentions(normalise(answer), fact)
@@ -197,7 +211,9 @@ class FactRecall(Metric):
         if language not in _POLARITY:
             raise ValueError(f"language must be en or zh, not {language!r}")
         self.language = language
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, answers: list[str], references: list[str], questions: list[str]) -> None:

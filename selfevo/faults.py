@@ -1,5 +1,6 @@
-"""Fault injection for the crash tests: `SELFEVO_KILL_AT=POINT:N` makes the process SIGKILL itself at
-the N-th pass of POINT (counted from the start of the process). Without the variable it does nothing.
+"""Fault injection for the crash tests: `SELFEVO_KILL_AT=POINT:N` makes the process SIGKILL itself
+at the N-th pass of POINT (counted from the start of the process). Without the variable it does
+nothing.
 
 The points, where the code calls `kill_point`:
     stage     after a stage's files are written, before the next stage starts

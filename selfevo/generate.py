@@ -1,4 +1,5 @@
-"""Stage 1-2: the current model writes a question for every fragment, then a model answers it open book.
+"""Stage 1-2: the current model writes a question for every fragment, then a model answers it open
+book.
 
 What writes is a `Generator`, chosen once per run by `make_generator`: `HFGenerator` (Hugging Face
 `generate`: batched, length-sorted, left-padded, the adapter active and never merged) or
@@ -19,14 +20,27 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from selfevo.config import GenerationConfig, ModelConfig
 from selfevo.faults import kill_point
 from selfevo.log import progress
-from selfevo.models import adapter_switched, halving_batch_on_oom, load_adapter_weights, resolve_model
-from selfevo.prompts import Language, answer_fault, answer_prompt, clean_answer, clean_question, question_prompt
+from selfevo.models import (
+    adapter_switched,
+    halving_batch_on_oom,
+    load_adapter_weights,
+    resolve_model,
+)
+from selfevo.prompts import (
+    Language,
+    answer_fault,
+    answer_prompt,
+    clean_answer,
+    clean_question,
+    question_prompt,
+)
 from selfevo.ranks import Strategy, gather_in_order, share
 from selfevo.sampling import Sampling, answers_seed, batch_seed, prompt_limit, warn_if_cut
 
 log = logging.getLogger(__name__)
 
-# An answer may be given word for word to this many questions (two questions on one topic can share it).
+# An answer may be given word for word to this many questions (two questions on one topic can share
+# it).
 MAX_SAME_ANSWER = 2
 
 
@@ -45,7 +59,13 @@ class Generator(Protocol):
         """One batch, its draws seeded by `seed`; only the new text, special tokens removed."""
 
     def generate(
-        self, prompts: list[str], sampling: Sampling, *, seed: int, batch_size: int, description: str,
+        self,
+        prompts: list[str],
+        sampling: Sampling,
+        *,
+        seed: int,
+        batch_size: int,
+        description: str,
         strategy: Strategy | None = None,
     ) -> list[str]:
         """A whole stage's prompts, outputs in input order; with a strategy of several ranks, each
@@ -62,7 +82,8 @@ def generate_batch(
     sampling: Sampling,
     max_length: int,
 ) -> list[str]:
-    """Continue each prompt with Hugging Face `generate`; return only the new text, special tokens removed."""
+    """Continue each prompt with Hugging Face `generate`; return only the new text, special tokens
+    removed."""
     enc = tokenizer(
         prompts,
         return_tensors="pt",
@@ -113,21 +134,35 @@ class HFGenerator:
             return generate_batch(self.model, self.tokenizer, prompts, sampling, self.max_length)
 
     def generate(
-        self, prompts: list[str], sampling: Sampling, *, seed: int, batch_size: int, description: str = "generating",
+        self,
+        prompts: list[str],
+        sampling: Sampling,
+        *,
+        seed: int,
+        batch_size: int,
+        description: str = "generating",
         strategy: Strategy | None = None,
     ) -> list[str]:
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        lengths = [
+            len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        ]
         warn_if_cut(lengths, prompt_limit(sampling, self.max_length))
-        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM shows early
+        order = sorted(
+            range(len(prompts)), key=lambda i: -lengths[i]
+        )  # longest first: OOM shows early
         was_training = self.model.training
         self.model.eval()
 
         def run(size: int) -> dict[int, str]:
-            batches = share(list(enumerate(order[s : s + size] for s in range(0, len(order), size))), strategy)
+            batches = share(
+                list(enumerate(order[s : s + size] for s in range(0, len(order), size))), strategy
+            )
             outputs: dict[int, str] = {}
             with progress(description, sum(len(idx) for _, idx in batches)) as advance:
                 for b, idx in batches:
-                    texts = self.generate_batch([prompts[i] for i in idx], sampling, batch_seed(seed, b))
+                    texts = self.generate_batch(
+                        [prompts[i] for i in idx], sampling, batch_seed(seed, b)
+                    )
                     outputs.update(zip(idx, texts))
                     advance(len(idx))
                     kill_point("generate")
@@ -144,11 +179,17 @@ class HFGenerator:
 
 
 def make_generator(
-    backend: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_cfg: ModelConfig,
-    generation: GenerationConfig, lora_r: int, seed: int, eval_max_new_tokens: int,
+    backend: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    model_cfg: ModelConfig,
+    generation: GenerationConfig,
+    lora_r: int,
+    seed: int,
+    eval_max_new_tokens: int,
 ) -> Generator:
-    """The run's generator, chosen once: the Hugging Face model in memory (hf), or a vLLM engine over
-    the same base model that serves each generation's saved adapter (vllm)."""
+    """The run's generator, chosen once: the Hugging Face model in memory (hf), or a vLLM engine
+    over the same base model that serves each generation's saved adapter (vllm)."""
     if backend == "hf":
         return HFGenerator(model, tokenizer, model_cfg.max_length)
     from selfevo.vllm_engine import VLLMEngine  # vLLM is an optional extra
@@ -158,13 +199,22 @@ def make_generator(
 
 
 def write_questions(
-    generator: Generator, fragments: list[str], cfg: GenerationConfig, seed: int, strategy: Strategy | None = None
+    generator: Generator,
+    fragments: list[str],
+    cfg: GenerationConfig,
+    seed: int,
+    strategy: Strategy | None = None,
 ) -> tuple[list[dict], int]:
     """One question per fragment; returns the kept records and the number dropped."""
     prompts = [question_prompt(generator.tokenizer, f, cfg.language) for f in fragments]
     sampling = Sampling(cfg.question_max_new_tokens, True, cfg.temperature, cfg.top_p)
     raw = generator.generate(
-        prompts, sampling, seed=seed, batch_size=cfg.batch_size, description="writing questions", strategy=strategy
+        prompts,
+        sampling,
+        seed=seed,
+        batch_size=cfg.batch_size,
+        description="writing questions",
+        strategy=strategy,
     )
     records = []
     for i, (fragment, text) in enumerate(zip(fragments, raw)):
@@ -175,30 +225,47 @@ def write_questions(
 
 
 def write_answers(
-    generator: Generator, questions: list[dict], cfg: GenerationConfig, seed: int, strategy: Strategy | None = None
+    generator: Generator,
+    questions: list[dict],
+    cfg: GenerationConfig,
+    seed: int,
+    strategy: Strategy | None = None,
 ) -> tuple[list[dict], dict]:
     """Answer each question open book (fragment in the prompt); returns the kept QA pairs and what
-    `pair_answers` counts of the dropped ones. `seed` is the questions' (the answers draw their own)."""
-    prompts = [answer_prompt(generator.tokenizer, r["fragment"], r["question"], cfg.language) for r in questions]
+    `pair_answers` counts of the dropped ones. `seed` is the questions' (the answers draw their
+    own)."""
+    prompts = [
+        answer_prompt(generator.tokenizer, r["fragment"], r["question"], cfg.language)
+        for r in questions
+    ]
     sampling = Sampling(cfg.answer_max_new_tokens, True, cfg.temperature, cfg.top_p)
     raw = generator.generate(
-        prompts, sampling, seed=answers_seed(seed), batch_size=cfg.batch_size, description="writing answers",
+        prompts,
+        sampling,
+        seed=answers_seed(seed),
+        batch_size=cfg.batch_size,
+        description="writing answers",
         strategy=strategy,
     )
     return pair_answers(questions, raw, cfg.language)
 
 
-def pair_answers(questions: list[dict], replies: list[str], language: Language) -> tuple[list[dict], dict]:
-    """The QA pairs worth keeping, each question with its cleaned reply; and how many were dropped and
-    why ("looping", "restating", "repeated"), with how often the commonest reply was given, dropped or not."""
+def pair_answers(
+    questions: list[dict], replies: list[str], language: Language
+) -> tuple[list[dict], dict]:
+    """The QA pairs worth keeping, each question with its cleaned reply; and how many were dropped
+    and why ("looping", "restating", "repeated"), with how often the commonest reply was given,
+    dropped or not."""
     answers = [clean_answer(text) for text in replies]
     faults = [answer_fault(a, language) for a in answers]
-    # One reply given word for word to several different questions answers none of them: it is what a
-    # collapsing model writes (a stock sentence, 7 answers of generation 1 and 288 of generation 2 in
-    # docs/results.md's second attempt), and training on it spreads it.
+    # One reply given word for word to several different questions answers none of them: it is what
+    # a collapsing model writes (a stock sentence, 7 answers of generation 1 and 288 of generation
+    # 2 in docs/results.md's second attempt), and training on it spreads it.
     given = Counter(a for a, f in zip(answers, faults) if f != "looping")  # not the empty replies
     records = [
-        {**r, "answer": a} for r, a, f in zip(questions, answers, faults) if f is None and given[a] <= MAX_SAME_ANSWER
+        {**r, "answer": a}
+        for r, a, f in zip(questions, answers, faults)
+        if f is None and given[a] <= MAX_SAME_ANSWER
     ]
     stats = {
         "dropped": len(questions) - len(records),

@@ -25,7 +25,6 @@ from selfevo.faults import kill_point
 from selfevo.models import adapter_switched, halving_batch_on_oom
 from selfevo.ranks import gather_in_order, share
 
-
 # Config keys of models whose forward rescales the LM head's output (Gemma 2, Cohere, Granite).
 RESCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -33,7 +32,8 @@ RESCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 def pair_token_ids(
     tokenizer: PreTrainedTokenizerBase, question: str, answer: str, cfg: IFDConfig, max_length: int
 ) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, answer-prefix ids, answer ids), the answer cut to fit max_length after the prompt."""
+    """(prompt ids, answer-prefix ids, answer ids), the answer cut to fit max_length after the
+    prompt."""
     prompt = tokenizer(cfg.prompt.format(question=question))["input_ids"]
     prefix = tokenizer(cfg.answer_prefix)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
@@ -52,7 +52,9 @@ class SequenceBatches(Dataset):
         self.seqs: list[list[int]] = []
         self.answer_len: list[int] = []
         for p in pairs:
-            prompt, prefix, answer = pair_token_ids(tokenizer, p["question"], p["answer"], cfg, max_length)
+            prompt, prefix, answer = pair_token_ids(
+                tokenizer, p["question"], p["answer"], cfg, max_length
+            )
             self.seqs += [prompt + answer, prefix + answer]
             self.answer_len += [len(answer)] * 2
         order = sorted(range(len(self.seqs)), key=lambda i: -len(self.seqs[i]))
@@ -78,7 +80,11 @@ class SequenceBatches(Dataset):
 
 
 def mean_answer_nll(
-    model: PreTrainedModel, input_ids: torch.Tensor, length: torch.Tensor, answer_len: torch.Tensor, chunk: int = 4096
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    length: torch.Tensor,
+    answer_len: torch.Tensor,
+    chunk: int = 4096,
 ) -> torch.Tensor:
     """Mean NLL of the last answer_len[r] of the first length[r] tokens of each right-padded row
     (NaN where answer_len is 0).
@@ -89,24 +95,34 @@ def mean_answer_nll(
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     rescaled = [k for k in RESCALED_LOGITS if getattr(base.config, k, None)]
     if rescaled:
-        raise ValueError(f"IFD scoring applies the LM head itself and does not support {rescaled[0]} models")
-    # No attention mask: the padding of each row comes after its last real token (see the module doc).
+        raise ValueError(
+            f"IFD scoring applies the LM head itself and does not support {rescaled[0]} models"
+        )
+    # No attention mask: the padding of each row comes after its last real token (see the module
+    # doc).
     hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-    # Position j predicts token j + 1; it predicts an answer token iff length - answer_len - 1 <= j < length - 1.
+    # Position j predicts token j + 1; it predicts an answer token iff length - answer_len - 1 <= j
+    # < length - 1.
     j = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
-    in_answer = (j[None, :] >= (length - answer_len - 1)[:, None]) & (j[None, :] < (length - 1)[:, None])
+    in_answer = (j[None, :] >= (length - answer_len - 1)[:, None]) & (
+        j[None, :] < (length - 1)[:, None]
+    )
     states = hidden[:, :-1][in_answer]
     targets = input_ids[:, 1:][in_answer]
     rows = in_answer.nonzero()[:, 0]
     lm_head = base.get_output_embeddings()
     nll = torch.cat(
         [
-            F.cross_entropy(lm_head(states[s : s + chunk]).float(), targets[s : s + chunk], reduction="none")
+            F.cross_entropy(
+                lm_head(states[s : s + chunk]).float(), targets[s : s + chunk], reduction="none"
+            )
             for s in range(0, len(targets), chunk)
         ]
         or [hidden.new_zeros(0, dtype=torch.float32)]
     )
-    sums = torch.zeros(len(answer_len), device=nll.device, dtype=torch.float32).index_add_(0, rows, nll)
+    sums = torch.zeros(len(answer_len), device=nll.device, dtype=torch.float32).index_add_(
+        0, rows, nll
+    )
     return sums / answer_len.clamp(min=1) + torch.where(answer_len == 0, math.nan, 0.0)
 
 
@@ -123,8 +139,8 @@ class IFDScorer(L.LightningModule):
         super().__init__()
         self.model = model
         self.use_adapter = use_adapter
-        # Lightning refuses a rank with no batch (fewer batches than ranks) unless told it is intended;
-        # such a rank skips the predict loop, and trainer.predict returns None there.
+        # Lightning refuses a rank with no batch (fewer batches than ranks) unless told it is
+        # intended; such a rank skips the predict loop, and trainer.predict returns None there.
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
@@ -155,15 +171,27 @@ def score_pairs(
     def run(size: int) -> list[dict]:
         batches = SequenceBatches(tokenizer, pairs, replace(cfg, batch_size=size), max_length)
         mine = Subset(batches, share(list(range(len(batches))), trainer.strategy))
-        return trainer.predict(IFDScorer(model, use_adapter), dataloaders=DataLoader(mine, batch_size=None))
+        return trainer.predict(
+            IFDScorer(model, use_adapter), dataloaders=DataLoader(mine, batch_size=None)
+        )
 
-    outputs = halving_batch_on_oom(run, cfg.batch_size, "IFD scoring") or []  # None: this rank had no batch
-    mine = {i: loss for out in outputs for i, loss in zip(out["index"].tolist(), out["loss"].tolist())}
+    outputs = (
+        halving_batch_on_oom(run, cfg.batch_size, "IFD scoring") or []
+    )  # None: this rank had no batch
+    mine = {
+        i: loss for out in outputs for i, loss in zip(out["index"].tolist(), out["loss"].tolist())
+    }
     losses = gather_in_order(mine, 2 * len(pairs), trainer.strategy, "IFD scoring")
     scored = []
     for i, pair in enumerate(pairs):
         cond, alone = losses[2 * i], losses[2 * i + 1]
         # JSON has no NaN: an undefined loss is stored as null.
-        scored.append({**pair, "ifd": ifd_from_losses(cond, alone),
-                       "loss_cond": None if math.isnan(cond) else cond, "loss_alone": None if math.isnan(alone) else alone})
+        scored.append(
+            {
+                **pair,
+                "ifd": ifd_from_losses(cond, alone),
+                "loss_cond": None if math.isnan(cond) else cond,
+                "loss_alone": None if math.isnan(alone) else alone,
+            }
+        )
     return scored

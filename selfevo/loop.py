@@ -2,12 +2,13 @@
 
 For generation i, with M_i = base + adapter A_i (A_0: a fresh adapter, i.e. the base model):
     questions  <- M_i writes a question for every fragment (open book)
-    qa         <- M_0 answers each question (open book; M_i does with generation.answer_model current)
-    replay     <- k pairs of QA_0..QA_{i-1}, chosen by IFD
+    qa         <- M_0 answers each question (open book; M_i does with generation.answer_model
+    current) replay     <- k pairs of QA_0..QA_{i-1}, chosen by IFD
     A_{i+1}    <- continue A_i on qa + replay (closed book)
     qa.ifd     <- IFD of every pair of QA_i (base model by default)
     metrics    <- M_{i+1} answers the eval questions (closed book)
-Before generation `start`, the base model is evaluated once, closed book and open book (the ceiling).
+Before generation `start`, the base model is evaluated once, closed book and open book (the
+ceiling).
 
 Each stage is one `Stages.stage` call (selfevo.rundir): skipped when its files are there and intact,
 written atomically by rank 0 otherwise. On several devices every rank runs this loop, each stage
@@ -36,14 +37,40 @@ from selfevo.generate import make_generator, write_answers, write_questions
 from selfevo.ifd import score_pairs
 from selfevo.log import console, run_log, setup_logging
 from selfevo.models import (
-    accelerator_device, add_lora, load_adapter_weights, load_model, nf4_quantization, resolve_model, save_adapter,
+    accelerator_device,
+    add_lora,
+    load_adapter_weights,
+    load_model,
+    nf4_quantization,
+    resolve_model,
+    save_adapter,
 )
 from selfevo.ranks import Strategy, launch_ranks, on_rank_zero
-from selfevo.report import generation_line, log_knowledge, summary_table, write_report, write_summary
-from selfevo.rundir import ADAPTER_FILES, EVAL_FILES, OPEN_BOOK_FILES, RunError, Stages, read_jsonl, write_jsonl
+from selfevo.report import (
+    generation_line,
+    log_knowledge,
+    summary_table,
+    write_report,
+    write_summary,
+)
+from selfevo.rundir import (
+    ADAPTER_FILES,
+    EVAL_FILES,
+    OPEN_BOOK_FILES,
+    RunError,
+    Stages,
+    read_jsonl,
+    write_jsonl,
+)
 from selfevo.sampling import generation_seed
 from selfevo.select import select_replay
-from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint, build_trainer
+from selfevo.train import (
+    AtomicCheckpointIO,
+    LoRAModule,
+    QADataModule,
+    StepCheckpoint,
+    build_trainer,
+)
 from selfevo.vllm_engine import engine_lora_rank, require_vllm
 
 log = logging.getLogger(__name__)
@@ -59,17 +86,21 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     fragments, duplicates = load_fragments(cfg.data.fragments)
     eval_set = load_eval(cfg.data.eval)
     fragments, from_eval = select_fragments(fragments, eval_set, cfg.data, cfg.seed)
-    resolve_model(cfg.model.name, cfg.model.trust_remote_code)  # a bad model path fails before anything is written
+    resolve_model(
+        cfg.model.name, cfg.model.trust_remote_code
+    )  # a bad model path fails before anything is written
     if cfg.model.quantization == "nf4":
         nf4_quantization()  # likewise a missing GPU or bitsandbytes
     # Ranks 1..N-1 start here (Lightning's launcher runs this command again) or were started with it
-    # (torchrun, SLURM); each checks the input above for itself, so bad input stops every rank alike.
+    # (torchrun, SLURM); each checks the input above for itself, so bad input stops every rank
+    # alike.
     strategy = launch_ranks(cfg.trainer)
     setup_logging(quiet=strategy.global_rank != 0)  # one rank tells the progress
     with ExitStack() as held:
 
         def take_run() -> Path:
-            """Rank 0's: the run folder, its lock (held to the end), its log file, and its checks."""
+            """Rank 0's: the run folder, its lock (held to the end), its log file, and its
+            checks."""
             run_dir = rundir.prepare(cfg, force)
             held.enter_context(rundir.run_lock(run_dir))
             held.enter_context(run_log(run_dir / "run.log"))
@@ -79,8 +110,11 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
 
         run_dir = on_rank_zero(strategy, take_run)
         log.info(
-            "%d fragments (%d duplicates dropped%s), %d eval pairs", len(fragments), duplicates,
-            f"; {from_eval} of them the eval set's" if cfg.data.include_eval else "", len(eval_set),
+            "%d fragments (%d duplicates dropped%s), %d eval pairs",
+            len(fragments),
+            duplicates,
+            f"; {from_eval} of them the eval set's" if cfg.data.include_eval else "",
+            len(eval_set),
         )
         loop = Loop(cfg, run_dir, fragments, eval_set, strategy)
         try:
@@ -97,14 +131,35 @@ class Loop:
     """The models, the generator and the run folder a run's generations share: one base model, one
     LoRA wrapper whose weights are swapped between generations (never merged), one generator."""
 
-    def __init__(self, cfg: EvolveConfig, run_dir: Path, fragments: list[str], eval_set: list[dict], strategy: Strategy):
-        self.cfg, self.run_dir, self.fragments, self.eval_set, self.strategy = cfg, run_dir, fragments, eval_set, strategy
+    def __init__(
+        self,
+        cfg: EvolveConfig,
+        run_dir: Path,
+        fragments: list[str],
+        eval_set: list[dict],
+        strategy: Strategy,
+    ):
+        self.cfg, self.run_dir, self.fragments, self.eval_set, self.strategy = (
+            cfg,
+            run_dir,
+            fragments,
+            eval_set,
+            strategy,
+        )
         log.info("loading %s ...", cfg.model.name)
         base, self.tokenizer = load_model(cfg.model)
         self.model = add_lora(base, cfg.lora, cfg.seed)
-        self.fresh_adapter = {k: v.clone() for k, v in get_peft_model_state_dict(self.model).items()}  # A_0
+        self.fresh_adapter = {
+            k: v.clone() for k, v in get_peft_model_state_dict(self.model).items()
+        }  # A_0
         self.generator = make_generator(
-            cfg.generation.backend, self.model, self.tokenizer, cfg.model, cfg.generation, cfg.lora.r, cfg.seed,
+            cfg.generation.backend,
+            self.model,
+            self.tokenizer,
+            cfg.model,
+            cfg.generation,
+            cfg.lora.r,
+            cfg.seed,
             cfg.evaluation.max_new_tokens,
         )
         self.log_dir = Path(cfg.logs_dir) / cfg.name
@@ -112,13 +167,20 @@ class Loop:
         self.rows: list[dict] = []
 
     def generation(self, i: int) -> None:
-        """One generation of the paper's loop: questions, answers, replay, train, score, evaluate."""
+        """One generation of the paper's loop: questions, answers, replay, train, score,
+        evaluate."""
         console.rule(f"generation {i}")
         gen = Stages(self.run_dir, f"gen_{i}", self.writer, i + 1, self.strategy)
         seed = generation_seed(self.cfg.seed, i)
         current = self.hold_adapter(i)  # M_i
-        questions = gen.stage("questions", ("questions.jsonl",), lambda: self.questions(current, seed))
-        answers = gen.stage("answers", ("answers.jsonl",), lambda: self.answers(questions["questions.jsonl"], current, i, seed))
+        questions = gen.stage(
+            "questions", ("questions.jsonl",), lambda: self.questions(current, seed)
+        )
+        answers = gen.stage(
+            "answers",
+            ("answers.jsonl",),
+            lambda: self.answers(questions["questions.jsonl"], current, i, seed),
+        )
         replay = gen.stage("replay", ("replay.jsonl",), lambda: self.replay(i, seed))
         pairs = answers["answers.jsonl"] + replay["replay.jsonl"]
         gen.stage("train", ADAPTER_FILES, lambda: self.train(pairs, gen.folder, seed))
@@ -133,12 +195,17 @@ class Loop:
         console.rule("base model: closed book, and open book (the ceiling)")
         base = Stages(self.run_dir, "base", self.writer, 0, self.strategy)
         base.stage("evaluate", EVAL_FILES, lambda: self.evaluate(None, step=0))
-        base.stage("evaluate_open_book", OPEN_BOOK_FILES, lambda: self.evaluate(None, step=0, open_book=True))
+        base.stage(
+            "evaluate_open_book",
+            OPEN_BOOK_FILES,
+            lambda: self.evaluate(None, step=0, open_book=True),
+        )
 
     # --- the stages ------------------------------------------------------------------------------
 
     def hold_adapter(self, i: int) -> Optional[Path]:
-        """Put A_i into the model (training continues it); returns its folder (None: the fresh A_0)."""
+        """Put A_i into the model (training continues it); returns its folder (None: the fresh
+        A_0)."""
         # Lightning hands the model back on the CPU after each stage; generation runs outside it.
         self.model.to(accelerator_device(self.cfg.trainer.accelerator))
         if i == 0:
@@ -150,18 +217,32 @@ class Loop:
 
     def questions(self, current: Optional[Path], seed: int) -> tuple[dict, dict]:
         self.generator.use_adapter(current)
-        records, dropped = write_questions(self.generator, self.fragments, self.cfg.generation, seed, self.strategy)
+        records, dropped = write_questions(
+            self.generator, self.fragments, self.cfg.generation, seed, self.strategy
+        )
         return {"questions.jsonl": records}, {"kept": len(records), "dropped": dropped}
 
-    def answers(self, questions: list[dict], current: Optional[Path], i: int, seed: int) -> tuple[dict, dict]:
+    def answers(
+        self, questions: list[dict], current: Optional[Path], i: int, seed: int
+    ) -> tuple[dict, dict]:
         # generation.answer_model base: the base model answers (the adapter off, on either backend)
-        self.generator.use_adapter(current if self.cfg.generation.answer_model == "current" else None)
-        records, drops = write_answers(self.generator, questions, self.cfg.generation, seed, self.strategy)
-        return {"answers.jsonl": [{**r, "generation": i} for r in records]}, {"kept": len(records), **drops}
+        self.generator.use_adapter(
+            current if self.cfg.generation.answer_model == "current" else None
+        )
+        records, drops = write_answers(
+            self.generator, questions, self.cfg.generation, seed, self.strategy
+        )
+        return {"answers.jsonl": [{**r, "generation": i} for r in records]}, {
+            "kept": len(records),
+            **drops,
+        }
 
     def replay(self, i: int, seed: int) -> tuple[dict, dict]:
         history = on_rank_zero(
-            self.strategy, lambda: [p for j in range(i) for p in read_jsonl(self.run_dir / f"gen_{j}" / "qa.jsonl")]
+            self.strategy,
+            lambda: [
+                p for j in range(i) for p in read_jsonl(self.run_dir / f"gen_{j}" / "qa.jsonl")
+            ],
         )
         chosen = select_replay(history, self.cfg.replay.mode, self.cfg.replay.k, seed)
         return {"replay.jsonl": chosen}, {"history": len(history), "chosen": len(chosen)}
@@ -171,8 +252,10 @@ class Loop:
             rundir.inside(self.run_dir, folder / "checkpoints")
             if not pairs:
                 raise RunError(
-                    f"{folder}: this generation kept no QA pairs and has nothing to replay; see the dropped counts "
-                    f"in {folder}/stages.json, then delete {folder} and run again with other generation settings"
+                    f"{folder}: this generation kept no QA pairs and has nothing to replay; see "
+                    "the dropped counts "
+                    f"in {folder}/stages.json, then delete {folder} and run again with other "
+                    "generation settings"
                 )
 
         on_rank_zero(self.strategy, check)
@@ -181,33 +264,52 @@ class Loop:
 
     def score(self, qa: list[dict], i: int) -> tuple[dict, dict]:
         scored = score_pairs(
-            self.model, self.tokenizer, qa, self.cfg.ifd, self.cfg.model.max_length, build_trainer(self.cfg.trainer),
+            self.model,
+            self.tokenizer,
+            qa,
+            self.cfg.ifd,
+            self.cfg.model.max_length,
+            build_trainer(self.cfg.trainer),
             use_adapter=self.cfg.ifd.scorer == "trained",
         )
         if scored and self.writer is not None:
             self.writer.add_histogram("ifd", torch.tensor([p["ifd"] for p in scored]), i + 1)
-            samples = "\n\n".join(f"**Q:** {p['question']}\n\n**A:** {p['answer']}" for p in scored[:3])
+            samples = "\n\n".join(
+                f"**Q:** {p['question']}\n\n**A:** {p['answer']}" for p in scored[:3]
+            )
             self.writer.add_text("samples", samples, i + 1)
         return {"qa.jsonl": scored}, {"pairs": len(scored)}
 
-    def evaluate(self, adapter: Optional[Path], step: int, open_book: bool = False) -> tuple[dict, dict]:
+    def evaluate(
+        self, adapter: Optional[Path], step: int, open_book: bool = False
+    ) -> tuple[dict, dict]:
         self.generator.use_adapter(adapter)
         metrics, predictions = evaluate_model(
-            self.generator, self.eval_set, self.cfg.evaluation, build_trainer(self.cfg.trainer), self.cfg.seed,
-            language=self.cfg.generation.language, open_book=open_book,
+            self.generator,
+            self.eval_set,
+            self.cfg.evaluation,
+            build_trainer(self.cfg.trainer),
+            self.cfg.seed,
+            language=self.cfg.generation.language,
+            open_book=open_book,
         )
         if self.writer is not None:
             for key, value in metrics.items():
-                self.writer.add_scalar(f"{'eval_open_book' if open_book else 'eval'}/{key}", value, step)
+                self.writer.add_scalar(
+                    f"{'eval_open_book' if open_book else 'eval'}/{key}", value, step
+                )
         files = OPEN_BOOK_FILES if open_book else EVAL_FILES
-        # No timings in metrics.json: the metrics are those of the predictions alone, summed in eval-set
-        # order on every rank, so the same predictions give the same file on any number of ranks.
+        # No timings in metrics.json: the metrics are those of the predictions alone, summed in
+        # eval-set order on every rank, so the same predictions give the same file on any number of
+        # ranks.
         return {files[0]: predictions, files[1]: metrics}, {"pairs": len(predictions)}
 
     # --- what the user sees -----------------------------------------------------------------------
 
     def summarize(self, model: str, step: int) -> None:
-        self.rows = on_rank_zero(self.strategy, lambda: write_summary(self.run_dir))  # summary.json, summary.md
+        self.rows = on_rank_zero(
+            self.strategy, lambda: write_summary(self.run_dir)
+        )  # summary.json, summary.md
         log.info(generation_line(self.rows, model))
         if self.writer is not None:
             log_knowledge(self.writer, self.rows, model, step)
@@ -221,15 +323,26 @@ class Loop:
     def report(self) -> None:
         png = on_rank_zero(self.strategy, lambda: write_report(self.run_dir, self.rows))
         console.rule("summary")
-        console.print(summary_table(self.rows, f"{self.run_dir.name}: what each generation knows, closed book"))
+        console.print(
+            summary_table(
+                self.rows, f"{self.run_dir.name}: what each generation knows, closed book"
+            )
+        )
         log.info("%s has the intervals; report: %s", self.run_dir / "summary.md", png)
         log.info("TensorBoard: tensorboard --logdir %s", self.log_dir)
 
 
 def train_adapter(
-    cfg: EvolveConfig, model, pairs: list[dict], folder: Path, log_dir: Path, seed: int, strategy: Strategy
+    cfg: EvolveConfig,
+    model,
+    pairs: list[dict],
+    folder: Path,
+    log_dir: Path,
+    seed: int,
+    strategy: Strategy,
 ) -> None:
-    """Continue the in-memory adapter on `pairs` (written to folder/train.jsonl) and save it to folder/adapter.
+    """Continue the in-memory adapter on `pairs` (written to folder/train.jsonl) and save it to
+    folder/adapter.
 
     Every train.checkpoint_every optimizer steps the adapter's weights and the optimizer, scheduler
     and loop state go to checkpoints/last.ckpt (see train.StepCheckpoint); a killed training
@@ -242,13 +355,22 @@ def train_adapter(
     checkpoints = folder / "checkpoints"
     train_file = folder / "train.jsonl"
     on_rank_zero(
-        strategy, lambda: write_jsonl(train_file, [{"question": p["question"], "answer": p["answer"]} for p in pairs])
+        strategy,
+        lambda: write_jsonl(
+            train_file, [{"question": p["question"], "answer": p["answer"]} for p in pairs]
+        ),
     )
     data = QADataModule(
-        str(train_file), cfg.model.name, cfg.train.micro_batch_size, cfg.model.max_length, seed,
+        str(train_file),
+        cfg.model.name,
+        cfg.train.micro_batch_size,
+        cfg.model.max_length,
+        seed,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    logger = TensorBoardLogger(save_dir=str(log_dir), name="", version=f"train_gen_{folder.name.split('_')[-1]}")
+    logger = TensorBoardLogger(
+        save_dir=str(log_dir), name="", version=f"train_gen_{folder.name.split('_')[-1]}"
+    )
     last = checkpoints / "last.ckpt"
     trainer = build_trainer(
         cfg.trainer,
@@ -257,7 +379,10 @@ def train_adapter(
         gradient_clip_val=1.0,
         logger=logger,
         log_every_n_steps=1,
-        callbacks=[LearningRateMonitor(logging_interval="step"), StepCheckpoint(last, cfg.train.checkpoint_every)],
+        callbacks=[
+            LearningRateMonitor(logging_interval="step"),
+            StepCheckpoint(last, cfg.train.checkpoint_every),
+        ],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(folder),
     )
@@ -267,14 +392,23 @@ def train_adapter(
         log.info("  resuming training from %s", last)
     try:
         module = LoRAModule(
-            cfg.model.name, cfg.model.dtype, cfg.model.quantization, cfg.lora, cfg.train, seed=cfg.seed,
+            cfg.model.name,
+            cfg.model.dtype,
+            cfg.model.quantization,
+            cfg.lora,
+            cfg.train,
+            seed=cfg.seed,
             _peft_model=model,
         )
-        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
+        trainer.fit(
+            module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True
+        )
     except torch.OutOfMemoryError:
         raise RunError(
-            f"out of GPU memory in training: lower train.micro_batch_size (now {cfg.train.micro_batch_size}) "
-            f"and raise train.grad_accum to keep the effective batch (a multiple of trainer.devices x "
+            "out of GPU memory in training: lower train.micro_batch_size (now "
+            f"{cfg.train.micro_batch_size}) "
+            "and raise train.grad_accum to keep the effective batch (a multiple of "
+            "trainer.devices x "
             f"trainer.num_nodes, now {strategy.world_size}), or lower model.max_length "
             f"(now {cfg.model.max_length}); then run the same command to resume"
         ) from None

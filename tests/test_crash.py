@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 
 from selfevo.faults import POINTS
-from tests.conftest import ROOT, assert_every_visible_file_complete, evolve_args, run_files
+from tests.helpers import ROOT, assert_every_visible_file_complete, evolve_args, run_files
+
+pytestmark = pytest.mark.ranks  # runs killed in subprocesses: left out of make test-fast
 
 KILLS = 24
-# Passes of each point in one whole run of the test config (counted); N is drawn from the first half,
-# so that a chain mostly goes on (a drawn N beyond what is left of the run ends the chain).
+# Passes of each point in one whole run of the test config (counted); N is drawn from the first
+# half, so that a chain mostly goes on (a drawn N beyond what is left of the run ends the chain).
 PASSES = {"stage": 13, "write": 44, "generate": 12, "train": 16, "score": 4, "evaluate": 6}
 
 
@@ -31,8 +33,14 @@ class ForkedCLI:
     def __init__(self):
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "forked_cli.py")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},  # as in this process (conftest): same numbers
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+            },  # as in this process (conftest): same numbers
         )
 
     def run(self, args: list[str], cwd: Path, log: Path, **env: str) -> dict:
@@ -54,7 +62,8 @@ def cli():
 
 
 def records(files: dict[str, bytes]) -> Counter:
-    """Every record of every JSONL file, counted, so that lost and duplicated records can be told apart."""
+    """Every record of every JSONL file, counted, so that lost and duplicated records can be told
+    apart."""
     out = Counter()
     for name, data in files.items():
         if name.endswith(".jsonl"):
@@ -94,12 +103,22 @@ def test_killed_anywhere_the_run_resumes_to_the_same_files(cli, finished_run, ti
         assert sorted(got) == sorted(reference)
         assert got == reference, [name for name in reference if got.get(name) != reference[name]]
         assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob("checkpoints"))
-        assert sorted(p.name for p in chain.iterdir()) == ["log.txt", "logs", "runs"]  # no write outside
+        assert sorted(p.name for p in chain.iterdir()) == [
+            "log.txt",
+            "logs",
+            "runs",
+        ]  # no write outside
     by_point = Counter(point for point, _ in kills)
-    print(f"\n{len(kills)} kills in {chains} chains {dict(by_point)}; records lost {lost}, duplicated {duplicated}")
+    print(
+        f"\n{len(kills)} kills in {chains} chains {dict(by_point)}; records lost {lost}, "
+        f"duplicated {duplicated}"
+    )
     assert set(by_point) == set(POINTS)
     assert lost == 0 and duplicated == 0
-    assert any("resuming training from" in (tmp_path / f"chain{c}" / "log.txt").read_text() for c in range(chains))
+    assert any(
+        "resuming training from" in (tmp_path / f"chain{c}" / "log.txt").read_text()
+        for c in range(chains)
+    )
 
 
 def test_training_resumes_from_its_last_checkpoint(cli, finished_run, tiny_model, tmp_path):
@@ -107,12 +126,15 @@ def test_training_resumes_from_its_last_checkpoint(cli, finished_run, tiny_model
 
     root, inputs = finished_run
     args = evolve_args(tiny_model, inputs, tmp_path)
-    # Generation 0 trains 3 micro-batches per epoch for 2 epochs, with a checkpoint every 2 optimizer
-    # steps: after step 2 (mid-epoch 1) and step 4 (the first batch of epoch 2). Killed after the 5th
-    # batch, it must resume from step 4, inside epoch 2.
+    # Generation 0 trains 3 micro-batches per epoch for 2 epochs, with a checkpoint every 2
+    # optimizer
+    # steps: after step 2 (mid-epoch 1) and step 4 (the first batch of epoch 2). Killed after the
+    # 5th batch, it must resume from step 4, inside epoch 2.
     assert cli.run(args, tmp_path, tmp_path / "log.txt", SELFEVO_KILL_AT="train:5") == {"signal": 9}
     last = tmp_path / "runs" / "t" / "gen_0" / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(last, weights_only=True)  # plain tensors and containers: nothing unpickled
+    checkpoint = torch.load(
+        last, weights_only=True
+    )  # plain tensors and containers: nothing unpickled
     assert checkpoint["global_step"] == 4 and checkpoint["epoch"] == 1
     weights = checkpoint["state_dict"]
     assert weights and all("lora_" in k for k in weights)  # the frozen base is not in it
@@ -125,5 +147,7 @@ def test_training_resumes_from_its_last_checkpoint(cli, finished_run, tiny_model
 
 def test_two_runs_give_byte_identical_files(cli, finished_run, tiny_model, tmp_path):
     root, inputs = finished_run
-    assert cli.run(evolve_args(tiny_model, inputs, tmp_path), tmp_path, tmp_path / "log.txt") == {"exit": 0}
+    assert cli.run(evolve_args(tiny_model, inputs, tmp_path), tmp_path, tmp_path / "log.txt") == {
+        "exit": 0
+    }
     assert run_files(tmp_path / "runs" / "t") == run_files(root / "runs" / "t")

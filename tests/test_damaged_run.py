@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from selfevo.cli import app
-from tests.conftest import evolve_args, run_files
+from tests.helpers import evolve_args, run_files
 
 
 @pytest.fixture()
@@ -22,7 +22,11 @@ def copy_of_run(finished_run, tmp_path):
 
 def results(run_dir: Path) -> dict[str, bytes]:
     """Every file of the run but the lock (a failed attempt may create it; it holds nothing)."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in run_dir.rglob("*")
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def refused(tiny_model, inputs, run_dir: Path, *needles: str) -> str:
@@ -38,7 +42,9 @@ def refused(tiny_model, inputs, run_dir: Path, *needles: str) -> str:
 
 
 def resumed(tiny_model, inputs, run_dir: Path, reference: Path, *extra: str) -> None:
-    result = CliRunner().invoke(app, evolve_args(tiny_model, inputs, run_dir.parents[1], "t", *extra))
+    result = CliRunner().invoke(
+        app, evolve_args(tiny_model, inputs, run_dir.parents[1], "t", *extra)
+    )
     assert result.exit_code == 0, result.output
     assert run_files(run_dir) == run_files(reference)
 
@@ -48,8 +54,17 @@ def test_truncated_jsonl(copy_of_run, finished_run, tiny_model, cut):
     run_dir, inputs = copy_of_run
     answers = run_dir / "gen_0" / "answers.jsonl"
     text = answers.read_text()
-    answers.write_text(text[: len(text) // 2] if cut == "mid-record" else "".join(text.splitlines(True)[:-1]))
-    refused(tiny_model, inputs, run_dir, str(answers), "changed or damaged", f"delete {answers} and run the same command")
+    answers.write_text(
+        text[: len(text) // 2] if cut == "mid-record" else "".join(text.splitlines(True)[:-1])
+    )
+    refused(
+        tiny_model,
+        inputs,
+        run_dir,
+        str(answers),
+        "changed or damaged",
+        f"delete {answers} and run the same command",
+    )
     answers.unlink()
     resumed(tiny_model, inputs, run_dir, finished_run[0] / "runs" / "t")
 
@@ -67,7 +82,13 @@ def test_missing_adapter_file(copy_of_run, finished_run, tiny_model):
     run_dir, inputs = copy_of_run
     weights = run_dir / "gen_0" / "adapter" / "adapter_model.safetensors"
     weights.unlink()
-    refused(tiny_model, inputs, run_dir, f"{weights}: missing", f"delete {run_dir / 'gen_0' / 'adapter'} and run")
+    refused(
+        tiny_model,
+        inputs,
+        run_dir,
+        f"{weights}: missing",
+        f"delete {run_dir / 'gen_0' / 'adapter'} and run",
+    )
     shutil.rmtree(weights.parent)
     resumed(tiny_model, inputs, run_dir, finished_run[0] / "runs" / "t")
 
@@ -79,7 +100,9 @@ def test_edited_config_snapshot(copy_of_run, finished_run, tiny_model):
     data["config"]["replay"]["k"] = 5
     snapshot.write_text(json.dumps(data))
     refused(tiny_model, inputs, run_dir, f"{snapshot}: changed since the run began", "--force")
-    resumed(tiny_model, inputs, run_dir, finished_run[0] / "runs" / "t", "--force")  # sets the old run aside
+    resumed(
+        tiny_model, inputs, run_dir, finished_run[0] / "runs" / "t", "--force"
+    )  # sets the old run aside
 
 
 def test_run_of_another_format_is_named_as_such(copy_of_run, finished_run, tiny_model):
@@ -88,7 +111,13 @@ def test_run_of_another_format_is_named_as_such(copy_of_run, finished_run, tiny_
     data = json.loads(snapshot.read_text())
     data["format"] = 2  # as a later selfevo would write it
     snapshot.write_text(json.dumps(data))
-    refused(tiny_model, inputs, run_dir, f"{snapshot}: made by another version of selfevo (run folder format 2", "--force")
+    refused(
+        tiny_model,
+        inputs,
+        run_dir,
+        f"{snapshot}: made by another version of selfevo (run folder format 2",
+        "--force",
+    )
 
 
 def test_run_begun_with_other_prompts_is_refused(copy_of_run, finished_run, tiny_model):
@@ -97,7 +126,13 @@ def test_run_begun_with_other_prompts_is_refused(copy_of_run, finished_run, tiny
     data = json.loads(snapshot.read_text())
     data["prompts"] = "0" * 64  # as if a later selfevo had changed its prompts
     snapshot.write_text(json.dumps(data))
-    refused(tiny_model, inputs, run_dir, f"{run_dir} was begun with other question and answer prompts", "--force")
+    refused(
+        tiny_model,
+        inputs,
+        run_dir,
+        f"{run_dir} was begun with other question and answer prompts",
+        "--force",
+    )
 
 
 def test_damaged_stage_record(copy_of_run, finished_run, tiny_model):

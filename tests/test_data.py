@@ -1,9 +1,8 @@
-
 import pytest
 
 from selfevo.data import DataError, load_eval, load_fragments, load_qa
 from selfevo.rundir import read_jsonl, write_jsonl
-from tests.conftest import SHARED, write_records
+from tests.helpers import SHARED, write_records
 
 
 def test_fragments_from_json_list_and_jsonl_agree(tmp_path):
@@ -13,7 +12,9 @@ def test_fragments_from_json_list_and_jsonl_agree(tmp_path):
     assert as_list == as_lines == (["alpha", "beta"], 1)
 
 
-@pytest.mark.skipif(not (SHARED / "data" / "AIOps_data.json").exists(), reason="../shared/data not present")
+@pytest.mark.skipif(
+    not (SHARED / "data" / "AIOps_data.json").exists(), reason="../shared/data not present"
+)
 def test_aiops_fragments_deduplicate_to_2879():
     fragments, dropped = load_fragments(SHARED / "data" / "AIOps_data.json")
     assert (len(fragments), dropped) == (2879, 1121)

@@ -7,13 +7,21 @@ from selfevo.data import DataError, select_fragments
 from tests.test_bad_input import run_bad
 
 FRAGMENTS = [f"fragment {i}" for i in range(10)]
-EVAL = [{"fragment": "fragment 7", "question": "q?", "reference": "a"},
-        {"fragment": " fragment 2\n", "question": "q2?", "reference": "b"},  # stripped, as fragments are
-        {"fragment": "fragment 7", "question": "q3?", "reference": "c"}]
+EVAL = [
+    {"fragment": "fragment 7", "question": "q?", "reference": "a"},
+    {
+        "fragment": " fragment 2\n",
+        "question": "q2?",
+        "reference": "b",
+    },  # stripped, as fragments are
+    {"fragment": "fragment 7", "question": "q3?", "reference": "c"},
+]
 
 
 def choose(limit=None, include_eval=False, fill="first", seed=0, eval_set=EVAL):
-    data = DataConfig(fragments="f.json", eval="e.json", limit=limit, include_eval=include_eval, fill=fill)
+    data = DataConfig(
+        fragments="f.json", eval="e.json", limit=limit, include_eval=include_eval, fill=fill
+    )
     return select_fragments(FRAGMENTS, eval_set, data, seed)
 
 
@@ -25,10 +33,19 @@ def test_defaults_keep_the_first_n_in_file_order():
 
 def test_eval_fragments_are_kept_and_the_first_others_fill_the_limit():
     chosen, from_eval = choose(limit=5, include_eval=True)
-    assert chosen == ["fragment 0", "fragment 1", "fragment 2", "fragment 3", "fragment 7"]  # file order
+    assert chosen == [
+        "fragment 0",
+        "fragment 1",
+        "fragment 2",
+        "fragment 3",
+        "fragment 7",
+    ]  # file order
     assert from_eval == 2  # two distinct eval fragments
     assert choose(limit=2, include_eval=True) == (["fragment 2", "fragment 7"], 2)
-    assert choose(include_eval=True) == (FRAGMENTS, 2)  # no limit: all, the eval fragments among them
+    assert choose(include_eval=True) == (
+        FRAGMENTS,
+        2,
+    )  # no limit: all, the eval fragments among them
 
 
 def test_random_fill_is_seeded_deterministic_and_keeps_file_order():
@@ -43,14 +60,23 @@ def test_random_fill_is_seeded_deterministic_and_keeps_file_order():
 
 
 def test_bad_choices_name_the_file_and_record():
-    with pytest.raises(DataError, match=r"^e\.json: record 1: its fragment .* not among the fragments of f\.json"):
-        choose(limit=5, include_eval=True, eval_set=EVAL[:1] + [{**EVAL[1], "fragment": "elsewhere"}])
-    with pytest.raises(DataError, match=r"^e\.json: holds 2 distinct fragments, .* more than data\.limit \(1\)"):
+    with pytest.raises(
+        DataError, match=r"^e\.json: record 1: its fragment .* not among the fragments of f\.json"
+    ):
+        choose(
+            limit=5, include_eval=True, eval_set=EVAL[:1] + [{**EVAL[1], "fragment": "elsewhere"}]
+        )
+    with pytest.raises(
+        DataError, match=r"^e\.json: holds 2 distinct fragments, .* more than data\.limit \(1\)"
+    ):
         choose(limit=1, include_eval=True)
 
 
 # Through `selfevo evolve`: exit code 2, one line, nothing written (run_bad checks all three).
-F = b'[{"instruction": "qmeshd listens on port 7741."}, {"instruction": "qmeshd logs to /var/log/q."}]'
+F = (
+    b'[{"instruction": "qmeshd listens on port 7741."}, '
+    b'{"instruction": "qmeshd logs to /var/log/q."}]'
+)
 E = b'[{"instruction": "qmeshd listens on port 7741.", "input": "Which port?", "output": "7741."}]'
 
 
@@ -61,15 +87,44 @@ def model_env(tiny_model, monkeypatch):
 
 def test_eval_fragment_missing_from_the_fragment_file(tmp_path):
     elsewhere = b'[{"instruction": "a fragment of another file", "input": "q?", "output": "a."}]'
-    run_bad(tmp_path, "--data.include_eval", "true", "--data.limit", "2", fragments=F, eval_bytes=elsewhere,
-            needles=[str(tmp_path / "inputs" / "eval.json"), "record 0: its fragment ('instruction') is not among"])
+    run_bad(
+        tmp_path,
+        "--data.include_eval",
+        "true",
+        "--data.limit",
+        "2",
+        fragments=F,
+        eval_bytes=elsewhere,
+        needles=[
+            str(tmp_path / "inputs" / "eval.json"),
+            "record 0: its fragment ('instruction') is not among",
+        ],
+    )
 
 
 def test_limit_below_the_eval_fragments(tmp_path):
-    two = E[:-1] + b', {"instruction": "qmeshd logs to /var/log/q.", "input": "Where?", "output": "There."}]'
-    run_bad(tmp_path, "--data.include_eval", "true", "--data.limit", "1", fragments=F, eval_bytes=two,
-            needles=["holds 2 distinct fragments", "data.limit (1)"])
+    two = (
+        E[:-1]
+        + b', {"instruction": "qmeshd logs to /var/log/q.", "input": "Where?", "output": "There."}]'
+    )
+    run_bad(
+        tmp_path,
+        "--data.include_eval",
+        "true",
+        "--data.limit",
+        "1",
+        fragments=F,
+        eval_bytes=two,
+        needles=["holds 2 distinct fragments", "data.limit (1)"],
+    )
 
 
 def test_misspelt_fill(tmp_path):
-    run_bad(tmp_path, "--data.fill", "shuffled", fragments=F, eval_bytes=E, needles=['Parser key "data.fill"'])
+    run_bad(
+        tmp_path,
+        "--data.fill",
+        "shuffled",
+        fragments=F,
+        eval_bytes=E,
+        needles=['Parser key "data.fill"'],
+    )

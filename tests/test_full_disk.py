@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from selfevo.cli import app
-from tests.conftest import assert_every_visible_file_complete, evolve_args, run_files
+from tests.helpers import assert_every_visible_file_complete, evolve_args, run_files
 
 
 def assert_clean_disk_full_error(result, runs: Path) -> None:
@@ -50,9 +50,14 @@ def test_full_disk_by_injection(finished_run, tiny_model, tmp_path, monkeypatch)
 def small_disk(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)], capture_output=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)], capture_output=True
+    )
     if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.decode().strip()}); test_full_disk_by_injection covers it")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({mount.stderr.decode().strip()}); "
+            "test_full_disk_by_injection covers it"
+        )
     yield disk
     subprocess.run(["umount", str(disk)], check=True)
 

@@ -6,7 +6,10 @@ from selfevo.prompts import chat_prompt
 
 def test_batched_greedy_equals_one_at_a_time_in_input_order(tiny_model):
     model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
-    prompts = [chat_prompt(tokenizer, t) for t in ["short", "a much longer prompt about qmeshd ports", "mid length one"]]
+    prompts = [
+        chat_prompt(tokenizer, t)
+        for t in ["short", "a much longer prompt about qmeshd ports", "mid length one"]
+    ]
     greedy = Sampling(max_new_tokens=8)
     generator = HFGenerator(model, tokenizer, max_length=256)
     batched = generator.generate(prompts, greedy, batch_size=3, seed=0)
@@ -18,7 +21,11 @@ def test_sampling_reproduces_with_the_same_seed(tiny_model):
     model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
     prompts = [chat_prompt(tokenizer, t) for t in ["one", "two", "three"]]
     sampled = Sampling(max_new_tokens=8, do_sample=True, temperature=0.9, top_p=0.95)
-    run = lambda seed: HFGenerator(model, tokenizer, 256).generate(prompts, sampled, batch_size=2, seed=seed)
+    generator = HFGenerator(model, tokenizer, 256)
+
+    def run(seed):
+        return generator.generate(prompts, sampled, batch_size=2, seed=seed)
+
     assert run(3) == run(3)
 
 
@@ -37,11 +44,27 @@ def test_questions_then_answers_keep_fragment_and_count_drops(tiny_model):
 
 
 def test_one_reply_given_to_several_questions_is_dropped_from_all_of_them():
-    questions = [{"id": i, "fragment": f"fragment {i}", "question": f"question {i}?"} for i in range(7)]
+    questions = [
+        {"id": i, "fragment": f"fragment {i}", "question": f"question {i}?"} for i in range(7)
+    ]
     stock = "This is handled by the system administrator."
     port = "qmeshd listens on port 7741."
-    replies = [stock, port, stock, "Answer: " + port, stock, "", "Answer accurately and concisely, using the facts in the passage."]
+    replies = [
+        stock,
+        port,
+        stock,
+        "Answer: " + port,
+        stock,
+        "",
+        "Answer accurately and concisely, using the facts in the passage.",
+    ]
     pairs, drops = pair_answers(questions, replies, "en")
     # the reply given three times goes; the one given twice (two questions on one topic) stays
     assert [(p["id"], p["answer"]) for p in pairs] == [(1, port), (3, port)]
-    assert drops == {"dropped": 5, "looping": 1, "restating": 1, "repeated": 3, "commonest_given": 3}
+    assert drops == {
+        "dropped": 5,
+        "looping": 1,
+        "restating": 1,
+        "repeated": 3,
+        "commonest_given": 3,
+    }

@@ -1,4 +1,5 @@
-"""Ranks converting the same GGUF at once: the one that loses the rename takes the winner's folder."""
+"""Ranks converting the same GGUF at once: the one that loses the rename takes the winner's
+folder."""
 
 from selfevo import models
 
@@ -28,8 +29,12 @@ def test_conversion_that_loses_the_rename_returns_the_winners_folder(tmp_path, m
         (winner / "model.safetensors").write_text("")
         target.append(winner)
 
-    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: _Saves(other_rank_wins))
+    monkeypatch.setattr(
+        models.AutoTokenizer, "from_pretrained", lambda *a, **k: _Saves(other_rank_wins)
+    )
     monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: _Saves())
     folder = models._converted_gguf(gguf, False)
     assert folder == target[0] and (folder / "config.json").read_text() == '{"winner": true}'
-    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # the loser's temporary folder is gone
+    assert [p.name for p in folder.parent.iterdir()] == [
+        folder.name
+    ]  # the loser's temporary folder is gone

@@ -7,20 +7,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfevo.config import IFDConfig, ModelConfig, TrainerConfig
+from selfevo.config import IFDConfig, LoraConfig, ModelConfig, TrainerConfig
 from selfevo.ifd import ifd_from_losses, pair_token_ids, score_pairs
 from selfevo.models import add_lora, load_model
-from selfevo.config import LoraConfig
 from selfevo.train import build_trainer
-from tests.conftest import SHARED
+from tests.helpers import SHARED
 
 PAIRS = [
-    {"question": "Which port does qmeshd use for peers?", "answer": "TCP port 7741, set by listen_port."},
+    {
+        "question": "Which port does qmeshd use for peers?",
+        "answer": "TCP port 7741, set by listen_port.",
+    },
     {"question": "What is Quillmesh?", "answer": "A peer-to-peer sync protocol by Halvard Labs."},
     {"question": "How long may a handshake take?", "answer": "8 seconds."},
     {"question": "故障时先看什么？", "answer": "先看日志。"},
-    {"question": "What does Q-409 mean, and what should an operator do when the daemon reports it twice?",
-     "answer": "A conflict between two edits; qmeshd keeps both copies and renames one."},
+    {
+        "question": (
+            "What does Q-409 mean, and what should an operator do when the daemon reports it twice?"
+        ),
+        "answer": "A conflict between two edits; qmeshd keeps both copies and renames one.",
+    },
 ]
 
 
@@ -37,9 +43,13 @@ def test_batched_scores_equal_unbatched_per_pair(tiny_model):
     model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
     model.eval()
     cfg = IFDConfig(batch_size=2)  # several batches, mixed lengths, left padding
-    scored = score_pairs(model, tokenizer, PAIRS, cfg, 1024, build_trainer(TrainerConfig(), logger=False))
+    scored = score_pairs(
+        model, tokenizer, PAIRS, cfg, 1024, build_trainer(TrainerConfig(), logger=False)
+    )
     for pair, out in zip(PAIRS, scored):
-        prompt, prefix, answer = pair_token_ids(tokenizer, pair["question"], pair["answer"], cfg, 1024)
+        prompt, prefix, answer = pair_token_ids(
+            tokenizer, pair["question"], pair["answer"], cfg, 1024
+        )
         cond = unbatched_mean_nll(model, prompt, answer)
         alone = unbatched_mean_nll(model, prefix, answer)
         assert out["question"] == pair["question"]
@@ -50,25 +60,41 @@ def test_batched_scores_equal_unbatched_per_pair(tiny_model):
 
 def test_base_scorer_ignores_the_adapter(tiny_model):
     base, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
-    plain = score_pairs(base, tokenizer, PAIRS[:2], IFDConfig(), 1024, build_trainer(TrainerConfig()))
+    plain = score_pairs(
+        base, tokenizer, PAIRS[:2], IFDConfig(), 1024, build_trainer(TrainerConfig())
+    )
     model = add_lora(base, LoraConfig(), seed=0)
     with torch.no_grad():  # make the adapter change the model's outputs
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.fill_(0.05)
-    as_base = score_pairs(model, tokenizer, PAIRS[:2], IFDConfig(), 1024, build_trainer(TrainerConfig()))
+    as_base = score_pairs(
+        model, tokenizer, PAIRS[:2], IFDConfig(), 1024, build_trainer(TrainerConfig())
+    )
     with_adapter = score_pairs(
-        model, tokenizer, PAIRS[:2], IFDConfig(), 1024, build_trainer(TrainerConfig()), use_adapter=True
+        model,
+        tokenizer,
+        PAIRS[:2],
+        IFDConfig(),
+        1024,
+        build_trainer(TrainerConfig()),
+        use_adapter=True,
     )
     assert [p["ifd"] for p in as_base] == pytest.approx([p["ifd"] for p in plain], rel=1e-5)
-    assert [p["loss_cond"] for p in with_adapter] != pytest.approx([p["loss_cond"] for p in plain], rel=1e-3)
+    assert [p["loss_cond"] for p in with_adapter] != pytest.approx(
+        [p["loss_cond"] for p in plain], rel=1e-3
+    )
 
 
 def test_answer_cut_off_by_max_length_counts_as_one(tiny_model):
     model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
     cfg = IFDConfig()
-    prompt_len = len(pair_token_ids(tokenizer, PAIRS[0]["question"], PAIRS[0]["answer"], cfg, 1024)[0])
-    (out,) = score_pairs(model, tokenizer, PAIRS[:1], cfg, prompt_len, build_trainer(TrainerConfig()))
+    prompt_len = len(
+        pair_token_ids(tokenizer, PAIRS[0]["question"], PAIRS[0]["answer"], cfg, 1024)[0]
+    )
+    (out,) = score_pairs(
+        model, tokenizer, PAIRS[:1], cfg, prompt_len, build_trainer(TrainerConfig())
+    )
     assert out["ifd"] == 1.0 and out["loss_cond"] is None
     assert ifd_from_losses(math.nan, 2.0) == 1.0 and ifd_from_losses(1.0, 0.0) == 1.0
 
@@ -90,10 +116,16 @@ def test_agrees_with_seed_reference_on_aiops_with_smollm2():
 
     model, tokenizer = load_model(ModelConfig(dtype="float32"))
     model.eval()
-    records = json.loads((SHARED / "data" / "AIOps_eval_data.json").read_text(encoding="utf-8"))[:12]
+    records = json.loads((SHARED / "data" / "AIOps_eval_data.json").read_text(encoding="utf-8"))[
+        :12
+    ]
     pairs = [{"question": r["input"], "answer": r["output"]} for r in records]
-    ours = [p["ifd"] for p in score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=8), 1024,
-                                          build_trainer(TrainerConfig()))]
+    ours = [
+        p["ifd"]
+        for p in score_pairs(
+            model, tokenizer, pairs, IFDConfig(batch_size=8), 1024, build_trainer(TrainerConfig())
+        )
+    ]
     theirs = [seed.ifd(tokenizer, model, p["question"], p["answer"], 1024, "cpu")[0] for p in pairs]
     rel = [abs(a - b) / b for a, b in zip(ours, theirs)]
     assert spearmanr(ours, theirs).statistic >= 0.99
@@ -102,4 +134,6 @@ def test_agrees_with_seed_reference_on_aiops_with_smollm2():
 
 def test_no_pairs_score_to_nothing(tiny_model):
     model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
-    assert score_pairs(model, tokenizer, [], IFDConfig(), 1024, build_trainer(TrainerConfig())) == []
+    assert (
+        score_pairs(model, tokenizer, [], IFDConfig(), 1024, build_trainer(TrainerConfig())) == []
+    )

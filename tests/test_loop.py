@@ -7,8 +7,7 @@ from typer.testing import CliRunner
 
 import selfevo.loop
 from selfevo.cli import app
-from tests.conftest import RUN_FILES, evolve_args, run_files, toy_domain_inputs
-
+from tests.helpers import RUN_FILES, evolve_args, run_files, toy_domain_inputs
 
 
 def run(args):
@@ -26,13 +25,20 @@ def test_two_generations_write_every_artifact(finished_run):
             assert (gen / name).is_file(), f"{gen}/{name}"
         assert not (gen / "checkpoints").exists()  # deleted once the adapter is saved
         qa = [json.loads(line) for line in (gen / "qa.jsonl").read_text().splitlines()]
-        assert qa and all({"ifd", "loss_cond", "loss_alone", "question", "answer", "fragment"} <= set(p) for p in qa)
+        assert qa and all(
+            {"ifd", "loss_cond", "loss_alone", "question", "answer", "fragment"} <= set(p)
+            for p in qa
+        )
         metrics = json.loads((gen / "metrics.json").read_text())
         assert {"bleu-4", "rouge-1", "rouge-2", "rouge-l"} <= set(metrics)
     # gen_1 replays the 3 highest-IFD pairs of gen_0
-    replay = [json.loads(line) for line in (run_dir / "gen_1" / "replay.jsonl").read_text().splitlines()]
-    gen0 = sorted((json.loads(line) for line in (run_dir / "gen_0" / "qa.jsonl").read_text().splitlines()),
-                  key=lambda p: -p["ifd"])
+    replay = [
+        json.loads(line) for line in (run_dir / "gen_1" / "replay.jsonl").read_text().splitlines()
+    ]
+    gen0 = sorted(
+        (json.loads(line) for line in (run_dir / "gen_0" / "qa.jsonl").read_text().splitlines()),
+        key=lambda p: -p["ifd"],
+    )
     assert [p["ifd"] for p in replay] == [p["ifd"] for p in gen0[:3]]
     assert (run_dir / "base" / "metrics.json").is_file()
     assert (run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
@@ -41,9 +47,17 @@ def test_two_generations_write_every_artifact(finished_run):
     # the base model closed and open book (the ceiling), and each generation's share of the gap
     open_book = json.loads((run_dir / "base" / "open_book" / "metrics.json").read_text())
     assert {"bleu-4", "rouge-l", "fact-recall", "fact-recall-scored"} <= set(open_book)
-    assert summary[0]["open_book"]["bleu-4"] == open_book["bleu-4"] and "question_echo" in summary[0]
+    assert (
+        summary[0]["open_book"]["bleu-4"] == open_book["bleu-4"] and "question_echo" in summary[0]
+    )
     for row in summary[1:]:
-        assert {"recovered", "length_matched_base", "vs_base", "vs_length_matched_base", "answer_length"} <= set(row)
+        assert {
+            "recovered",
+            "length_matched_base",
+            "vs_base",
+            "vs_length_matched_base",
+            "answer_length",
+        } <= set(row)
     assert "Knowledge recovered" in (run_dir / "summary.md").read_text()
     events = {p.parent.name for p in (root / "logs" / "t").rglob("events.out.tfevents.*")}
     assert {"evolve", "train_gen_0", "train_gen_1"} <= events
@@ -53,11 +67,21 @@ def test_tensorboard_holds_eval_scalars_histograms_text_and_timings(finished_run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     root, _ = finished_run
-    acc = EventAccumulator(str(root / "logs" / "t" / "evolve"), size_guidance={"tensors": 0, "histograms": 0})
+    acc = EventAccumulator(
+        str(root / "logs" / "t" / "evolve"), size_guidance={"tensors": 0, "histograms": 0}
+    )
     acc.Reload()
     tags = acc.Tags()
-    assert {"eval/bleu-4", "eval/rouge-l", "eval/fact-recall", "eval_open_book/rouge-l", "seconds/train",
-            "seconds/questions", "controls/answer_length", "controls/echoing_question"} <= set(tags["scalars"])
+    assert {
+        "eval/bleu-4",
+        "eval/rouge-l",
+        "eval/fact-recall",
+        "eval_open_book/rouge-l",
+        "seconds/train",
+        "seconds/questions",
+        "controls/answer_length",
+        "controls/echoing_question",
+    } <= set(tags["scalars"])
     assert [e.step for e in acc.Scalars("eval/bleu-4")] == [0, 1, 2]
     assert "ifd" in tags["histograms"]
     assert any(t.startswith("samples") for t in tags["tensors"])
@@ -67,7 +91,9 @@ def test_tensorboard_holds_eval_scalars_histograms_text_and_timings(finished_run
     assert any(t.startswith("lr-") for t in train.Tags()["scalars"])
 
 
-def test_resume_after_crash_redoes_nothing_and_matches(finished_run, tiny_model, tmp_path, monkeypatch):
+def test_resume_after_crash_redoes_nothing_and_matches(
+    finished_run, tiny_model, tmp_path, monkeypatch
+):
     root, inputs = finished_run
     reference = run_files(root / "runs" / "t")
     calls = {"n": 0}
@@ -83,14 +109,20 @@ def test_resume_after_crash_redoes_nothing_and_matches(finished_run, tiny_model,
     first = run(evolve_args(tiny_model, inputs, tmp_path))
     assert first.exit_code == 130
     run_dir = tmp_path / "runs" / "t"
-    assert not (run_dir / "gen_1" / "adapter").exists() and (run_dir / "gen_1" / "answers.jsonl").exists()
+    assert (
+        not (run_dir / "gen_1" / "adapter").exists()
+        and (run_dir / "gen_1" / "answers.jsonl").exists()
+    )
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
 
     monkeypatch.setattr(selfevo.loop, "train_adapter", real_train)
     second = run(evolve_args(tiny_model, inputs, tmp_path))
     assert second.exit_code == 0, second.output
     unchanged = [p for p, t in before.items() if p.exists() and p.stat().st_mtime_ns == t]
-    assert run_dir / "gen_0" / "qa.jsonl" in unchanged and run_dir / "gen_1" / "answers.jsonl" in unchanged
+    assert (
+        run_dir / "gen_0" / "qa.jsonl" in unchanged
+        and run_dir / "gen_1" / "answers.jsonl" in unchanged
+    )
     assert run_files(run_dir) == reference
 
 
@@ -100,10 +132,15 @@ def test_different_config_is_refused_unless_forced(finished_run, tiny_model):
     assert refused.exit_code == 2
     assert "replay.k: 3 -> 5" in refused.output and "--force" in refused.output
     # more generations of the same config are not a different config
-    assert "different config" not in run(evolve_args(tiny_model, inputs, root, "t", "--start", "2", "--end", "2")).output
+    assert (
+        "different config"
+        not in run(evolve_args(tiny_model, inputs, root, "t", "--start", "2", "--end", "2")).output
+    )
 
 
-def test_answer_model_base_has_the_base_model_answer_the_current_models_questions(tiny_model, tmp_path):
+def test_answer_model_base_has_the_base_model_answer_the_current_models_questions(
+    tiny_model, tmp_path
+):
     from selfevo.config import GenerationConfig, LoraConfig, ModelConfig
     from selfevo.generate import HFGenerator, write_answers
     from selfevo.models import add_lora, load_model
@@ -111,14 +148,22 @@ def test_answer_model_base_has_the_base_model_answer_the_current_models_question
     inputs = toy_domain_inputs(tmp_path)
     fast = ("--train.learning_rate", "5e-2")  # an adapter that changes what the tiny model writes
     for name, answer_model in (("c", "current"), ("b", "base")):
-        result = run(evolve_args(tiny_model, inputs, tmp_path, name, *fast, "--generation.answer_model", answer_model))
+        result = run(
+            evolve_args(
+                tiny_model, inputs, tmp_path, name, *fast, "--generation.answer_model", answer_model
+            )
+        )
         assert result.exit_code == 0, result.output
     current, base_run = tmp_path / "runs" / "c", tmp_path / "runs" / "b"
 
     def records(run_dir, i, stage):
-        return [json.loads(line) for line in (run_dir / f"gen_{i}" / f"{stage}.jsonl").read_text().splitlines()]
+        return [
+            json.loads(line)
+            for line in (run_dir / f"gen_{i}" / f"{stage}.jsonl").read_text().splitlines()
+        ]
 
-    # Generation 0's model is the base model either way; generation 1's questions are M_1's either way.
+    # Generation 0's model is the base model either way; generation 1's questions are M_1's either
+    # way.
     assert records(base_run, 0, "answers") == records(current, 0, "answers")
     questions = records(base_run, 1, "questions")
     assert questions == records(current, 1, "questions")
@@ -130,22 +175,34 @@ def test_answer_model_base_has_the_base_model_answer_the_current_models_question
 
     def answers_by(adapter_of) -> list[str]:
         generator.use_adapter(None if adapter_of is None else adapter_of / "gen_0" / "adapter")
-        written, _ = write_answers(generator, questions, sampling, seed=1)  # the loop's seed for gen_1
+        written, _ = write_answers(
+            generator, questions, sampling, seed=1
+        )  # the loop's seed for gen_1
         return [a["answer"] for a in written]
 
     by_base, by_m1 = answers_by(None), answers_by(current)
     assert by_base != by_m1
     assert [a["answer"] for a in records(base_run, 1, "answers")] == by_base
     assert [a["answer"] for a in records(current, 1, "answers")] == by_m1
-    # A run begun with one answer model is not resumed with the other; the message says how to go on.
+    # A run begun with one answer model is not resumed with the other; the message says how to go
+    # on.
     refused = run(evolve_args(tiny_model, inputs, tmp_path, "c", *fast))  # the default, base
     assert refused.exit_code == 2
-    assert "begun with current" in refused.output and "--generation.answer_model current" in refused.output
-    refused = run(evolve_args(tiny_model, inputs, tmp_path, "b", *fast, "--generation.answer_model", "current"))
+    assert (
+        "begun with current" in refused.output
+        and "--generation.answer_model current" in refused.output
+    )
+    refused = run(
+        evolve_args(
+            tiny_model, inputs, tmp_path, "b", *fast, "--generation.answer_model", "current"
+        )
+    )
     assert refused.exit_code == 2 and "begun with base" in refused.output
 
 
-def test_a_run_folder_of_another_format_is_refused_with_one_line(finished_run, tiny_model, tmp_path):
+def test_a_run_folder_of_another_format_is_refused_with_one_line(
+    finished_run, tiny_model, tmp_path
+):
     root, inputs = finished_run
     old = tmp_path / "runs" / "t"
     shutil.copytree(root / "runs" / "t", old)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from selfevo.evaluate import ROUGE_KEYS, SeedBLEU4, SeedROUGE, bleu4, rouge
-from tests.conftest import SHARED
+from tests.helpers import SHARED
 
 CONFORMANCE = SHARED / "data" / "metric_conformance.json"
 pytestmark = pytest.mark.skipif(not CONFORMANCE.exists(), reason="../shared/data not present")

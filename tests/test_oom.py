@@ -39,19 +39,29 @@ def test_generation_halves_and_says_so(tiny, monkeypatch, caplog):
     greedy = Sampling(max_new_tokens=6)
     generator = HFGenerator(model, tokenizer, max_length=128)
     expected = generator.generate(prompts, greedy, batch_size=2, seed=0)
-    monkeypatch.setattr(selfevo.generate, "generate_batch",
-                        failing_above(selfevo.generate.generate_batch, 2, lambda m, t, p, *a: len(p)))
+    monkeypatch.setattr(
+        selfevo.generate,
+        "generate_batch",
+        failing_above(selfevo.generate.generate_batch, 2, lambda m, t, p, *a: len(p)),
+    )
     assert generator.generate(prompts, greedy, batch_size=8, seed=0) == expected
-    assert "retrying with batch size 4" in caplog.text and "retrying with batch size 2" in caplog.text
+    assert (
+        "retrying with batch size 4" in caplog.text and "retrying with batch size 2" in caplog.text
+    )
 
 
 def test_scoring_halves_with_equal_scores(tiny, monkeypatch):
     model, tokenizer = tiny
-    pairs = [{"question": f"Which port is number {i}?", "answer": f"Port {7700 + i}."} for i in range(6)]
+    pairs = [
+        {"question": f"Which port is number {i}?", "answer": f"Port {7700 + i}."} for i in range(6)
+    ]
     trainer = build_trainer(TrainerConfig(), enable_progress_bar=False)
     expected = score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=1), 128, trainer)
-    monkeypatch.setattr(selfevo.ifd, "mean_answer_nll",
-                        failing_above(selfevo.ifd.mean_answer_nll, 2, lambda m, ids, *a: ids.shape[0]))
+    monkeypatch.setattr(
+        selfevo.ifd,
+        "mean_answer_nll",
+        failing_above(selfevo.ifd.mean_answer_nll, 2, lambda m, ids, *a: ids.shape[0]),
+    )
     got = score_pairs(model, tokenizer, pairs, IFDConfig(batch_size=8), 128, trainer)
     assert [p["ifd"] for p in got] == pytest.approx([p["ifd"] for p in expected], rel=1e-5)
 
@@ -64,8 +74,11 @@ def test_evaluation_halves_with_equal_predictions(tiny, toy_inputs, monkeypatch)
     cfg = EvalConfig(batch_size=1, max_new_tokens=6)
     generator = HFGenerator(model, tokenizer, max_length=256)
     expected = evaluate_model(generator, eval_set, cfg, build_trainer(TrainerConfig()))
-    monkeypatch.setattr(selfevo.generate, "generate_batch",
-                        failing_above(selfevo.generate.generate_batch, 1, lambda m, t, p, *a: len(p)))
+    monkeypatch.setattr(
+        selfevo.generate,
+        "generate_batch",
+        failing_above(selfevo.generate.generate_batch, 1, lambda m, t, p, *a: len(p)),
+    )
     cfg.batch_size = 4
     assert evaluate_model(generator, eval_set, cfg, build_trainer(TrainerConfig())) == expected
 
@@ -80,8 +93,8 @@ def test_batch_of_one_that_does_not_fit_is_an_error():
 
 def test_training_out_of_memory_names_the_settings_to_lower(tiny_model, tmp_path, monkeypatch):
     from selfevo.cli import parse_evolve_args
-    from selfevo.loop import RunError, train_adapter
     from selfevo.config import LoraConfig
+    from selfevo.loop import RunError, train_adapter
     from selfevo.models import add_lora
     from selfevo.ranks import launch_ranks
 
@@ -95,6 +108,13 @@ def test_training_out_of_memory_names_the_settings_to_lower(tiny_model, tmp_path
     base, _ = load_model(ModelConfig(name=tiny_model, dtype="float32"))
     pairs = [{"question": "Which port?", "answer": "7741."}]
     with pytest.raises(RunError, match=r"train.micro_batch_size \(now 8\)"):
-        train_adapter(cfg, add_lora(base, LoraConfig(), 0), pairs, tmp_path / "gen_0", tmp_path / "logs", 0,
-                      launch_ranks(cfg.trainer))
+        train_adapter(
+            cfg,
+            add_lora(base, LoraConfig(), 0),
+            pairs,
+            tmp_path / "gen_0",
+            tmp_path / "logs",
+            0,
+            launch_ranks(cfg.trainer),
+        )
     assert not (tmp_path / "gen_0" / "adapter").exists()

@@ -32,26 +32,53 @@ def test_control_characters_are_removed():
 
 
 def test_answers_that_repeat_their_lines_under_new_numbers_are_dropped():
-    looped = "\n".join(f"{i}. **{'查询License版本号' if i % 2 else '填写申请单'}**：用户在此时选择“无”。" for i in range(1, 9))
+    looped = "\n".join(
+        f"{i}. **{'查询License版本号' if i % 2 else '填写申请单'}**：用户在此时选择“无”。"
+        for i in range(1, 9)
+    )
     assert answer_fault(looped, "zh") == "looping"
-    code = "```python\n# 1. 选择用户和抄送人\n# 2. 选择相关组和人员\n# 3. 选择相关组和人员\n# 4. 选择相关组和人员\n# 5. 选择相关组和人员"
+    code = (
+        "```python\n# 1. 选择用户和抄送人\n# 2. 选择相关组和人员\n# 3. 选择相关组和人员\n"
+        "# 4. 选择相关组和人员\n# 5. 选择相关组和人员"
+    )
     assert answer_fault(code, "zh") == "looping"
-    steps = "1. 使用admin账号登陆TECS，选择系统管理→项目。\n2. 单击添加项目按钮，打开添加项目页面。\n3. 根据资源规划填写参数。\n4. 单击创建按钮，完成创建。"
+    steps = (
+        "1. 使用admin账号登陆TECS，选择系统管理→项目。\n2. 单击添加项目按钮，打开添加项目页面。\n"
+        "3. 根据资源规划填写参数。\n4. 单击创建按钮，完成创建。"
+    )
     assert answer_fault(steps, "zh") is None  # numbered steps that differ stay
-    table = "参数A：必填。\n参数B：必填。\n参数C：可选。\n参数D：可选。"  # short rows of one shape stay too
+    # short rows of one shape stay too
+    table = "参数A：必填。\n参数B：必填。\n参数C：可选。\n参数D：可选。"
     assert answer_fault(table, "zh") is None
 
 
 def test_answers_that_restate_the_answer_prompt_are_dropped():
     # the sentence the second attempt's models gave for every question (docs/results.md), and others
-    assert answer_fault("写出文档中与问题相关的操作步骤、条件和结果，不要添加文档中没有的内容。", "zh") == "restating"
-    assert answer_fault("把文档中与问题相关的操作步骤、条件和结果都写出来，不要添加文档中没有的内容。", "zh") == "restating"
-    assert answer_fault(clean_answer("回答：文档中与问题相关的操作步骤、条件和结果是：配置。"), "zh") == "restating"
-    assert answer_fault("Answer accurately and concisely, using the facts in the passage.", "en") == "restating"
+    assert (
+        answer_fault("写出文档中与问题相关的操作步骤、条件和结果，不要添加文档中没有的内容。", "zh")
+        == "restating"
+    )
+    assert (
+        answer_fault(
+            "把文档中与问题相关的操作步骤、条件和结果都写出来，不要添加文档中没有的内容。", "zh"
+        )
+        == "restating"
+    )
+    assert (
+        answer_fault(clean_answer("回答：文档中与问题相关的操作步骤、条件和结果是：配置。"), "zh")
+        == "restating"
+    )
+    assert (
+        answer_fault("Answer accurately and concisely, using the facts in the passage.", "en")
+        == "restating"
+    )
     # a few words of content of its own (8 characters or more) keep an answer
     assert answer_fault("文档中与问题相关的操作步骤、条件和结果是：配置NFS偶联数。", "zh") is None
     assert answer_fault("Using the facts in the passage: port 7741.", "en") is None
     steps = "操作步骤：登录CSC系统，选择License申请并上传申请模板。适用条件：合同号已在系统中登记。"
     assert answer_fault(steps, "zh") is None
-    opening = "文档中与问题相关的操作步骤如下：1. 使用admin账号登陆TECS，选择系统管理→项目。2. 单击添加项目按钮，填写参数后单击创建按钮。"
+    opening = (
+        "文档中与问题相关的操作步骤如下：1. 使用admin账号登陆TECS，选择系统管理→项目。"
+        "2. 单击添加项目按钮，填写参数后单击创建按钮。"
+    )
     assert answer_fault(opening, "zh") is None  # the prompt's words as an opening, then content

@@ -10,14 +10,22 @@ from typer.testing import CliRunner
 from selfevo.cli import app
 from selfevo.evaluate import eval_prompt
 from selfevo.report import (
-    collect, cut_to_length, echoes_question, generation_line, paired_interval, write_report, write_summary,
+    collect,
+    cut_to_length,
+    echoes_question,
+    generation_line,
+    paired_interval,
+    write_report,
+    write_summary,
 )
 
 N = 30
 RECORDS = [
-    {"fragment": f"The qmeshd daemon of node {i} listens on port {7000 + i}.",
-     "question": f"Which port does the daemon of node {i} listen on?",
-     "reference": f"It listens on port {7000 + i}."}
+    {
+        "fragment": f"The qmeshd daemon of node {i} listens on port {7000 + i}.",
+        "question": f"Which port does the daemon of node {i} listen on?",
+        "reference": f"It listens on port {7000 + i}.",
+    }
     for i in range(N)
 ]
 
@@ -25,7 +33,11 @@ RECORDS = [
 def write_run(root, base, open_book, generations, language="en"):
     """A run folder as selfevo writes it: config.json, base/ (and base/open_book/), gen_<i>/."""
     root.mkdir(parents=True, exist_ok=True)
-    config = {"generation": {"language": language}, "evaluation": {"metrics": "seed"}, "data": {"eval": "none"}}
+    config = {
+        "generation": {"language": language},
+        "evaluation": {"metrics": "seed"},
+        "data": {"eval": "none"},
+    }
     (root / "config.json").write_text(json.dumps({"config": config}))
 
     def answers(folder, texts):
@@ -51,7 +63,11 @@ def test_knowledge_recovered_is_the_share_of_the_open_book_gap(tmp_path):
     rows = collect(write_run(tmp_path / "run", WRONG, RIGHT, [half, RIGHT]))
     assert [r["model"] for r in rows] == ["base", "gen_0", "gen_1"]
     base, gen_0, gen_1 = rows
-    assert base["fact-recall"] == 0 and base["open_book"]["fact-recall"] == 100 and base["fact-recall-scored"] == N
+    assert (
+        base["fact-recall"] == 0
+        and base["open_book"]["fact-recall"] == 100
+        and base["fact-recall-scored"] == N
+    )
     assert gen_0["fact-recall"] == 50 and gen_0["recovered"]["fact-recall"] == pytest.approx(0.5)
     assert gen_1["recovered"]["fact-recall"] == pytest.approx(1.0)
     assert gen_1["recovered"]["rouge-l"] == pytest.approx(1.0)
@@ -67,15 +83,21 @@ def test_recovered_is_null_where_the_open_book_gap_is_not_resolved(tmp_path):
     rows = collect(write_run(tmp_path / "run", WRONG, WRONG, [RIGHT]))
     assert rows[0]["open_book_gap"]["fact-recall"] == [0.0, 0.0, 0.0]
     assert rows[1]["recovered"]["fact-recall"] is None
-    assert "recovered" in rows[1] and rows[1]["fact-recall"] == 100  # the gain itself is still shown
+    assert (
+        "recovered" in rows[1] and rows[1]["fact-recall"] == 100
+    )  # the gain itself is still shown
 
 
 def test_a_gain_of_length_alone_is_not_shown_to_be_knowledge(tmp_path):
     # The base model already states the port, at length; the generation says the same in the
-    # reference's five words. ROUGE-L rises beyond its interval, yet the base model's own answers cut
-    # to five words score as well: the gain is one of length, not of knowledge.
-    base = [f"It listens on port {7000 + i}. That is configured in the settings file of the node, and an "
-            "operator may change it later." for i in range(N)]
+    # reference's five words. ROUGE-L rises beyond its interval, yet the base model's own answers
+    # cut to five words score as well: the gain is one of length, not of knowledge.
+    base = [
+        f"It listens on port {7000 + i}. That is configured in the settings file of the node, and "
+        "an "
+        "operator may change it later."
+        for i in range(N)
+    ]
     rows = collect(write_run(tmp_path / "run", base, RIGHT, [RIGHT]))
     gen = rows[1]
     assert gen["answer_length"] == 5
@@ -93,18 +115,28 @@ def test_question_echo_baseline_and_restating_share(tmp_path):
 
 
 def test_summary_report_and_command_on_run_files_without_questions(tmp_path):
-    """Run files that travelled kept only the answers (predictions_slim.jsonl): the eval file fills in
-    the questions and references, by position."""
+    """Run files that travelled kept only the answers (predictions_slim.jsonl): the eval file fills
+    in the questions and references, by position."""
     run = write_run(tmp_path / "run", WRONG, RIGHT, [RIGHT])
     for folder in (run / "base", run / "base" / "open_book", run / "gen_0"):
-        slim = [{"prediction": json.loads(line)["prediction"]} for line in (folder / "predictions.jsonl").open()]
+        slim = [
+            {"prediction": json.loads(line)["prediction"]}
+            for line in (folder / "predictions.jsonl").open()
+        ]
         (folder / "predictions.jsonl").unlink()
         (folder / "predictions_slim.jsonl").write_text("".join(json.dumps(r) + "\n" for r in slim))
     eval_file = tmp_path / "eval.json"
-    eval_file.write_text(json.dumps([
-        {"instruction": r["fragment"], "input": r["question"], "output": r["reference"]} for r in RECORDS
-    ]))
-    result = CliRunner().invoke(app, ["report", str(run), "--eval", str(eval_file)], env={"COLUMNS": "160"})
+    eval_file.write_text(
+        json.dumps(
+            [
+                {"instruction": r["fragment"], "input": r["question"], "output": r["reference"]}
+                for r in RECORDS
+            ]
+        )
+    )
+    result = CliRunner().invoke(
+        app, ["report", str(run), "--eval", str(eval_file)], env={"COLUMNS": "160"}
+    )
     assert result.exit_code == 0, result.output
     assert "base, open" in result.output and "100%" in result.output
     rows = json.loads((run / "summary.json").read_text())
@@ -133,10 +165,16 @@ def test_open_book_prompt_holds_the_fragment_and_the_closed_book_one_does_not(ti
 
 def test_echoes_question():
     assert echoes_question("如何填写申请单？", "填写申请单。")
-    assert echoes_question("如何在权限分配中为选定的资源分配操作集？", "在权限分配中为选定的资源分配操作集。")
-    assert not echoes_question("如何填写申请单？", "在系统中选择合同号，再选择产品线和版本，填写申请原因后提交。")
+    assert echoes_question(
+        "如何在权限分配中为选定的资源分配操作集？", "在权限分配中为选定的资源分配操作集。"
+    )
+    assert not echoes_question(
+        "如何填写申请单？", "在系统中选择合同号，再选择产品线和版本，填写申请原因后提交。"
+    )
     assert echoes_question("What is a?", "a") and not echoes_question("What is a?", "b")
-    assert not echoes_question("如何填写申请单？", "") and not echoes_question("如何填写申请单？", "。")
+    assert not echoes_question("如何填写申请单？", "") and not echoes_question(
+        "如何填写申请单？", "。"
+    )
 
 
 def test_paired_interval():
@@ -147,7 +185,9 @@ def test_paired_interval():
     base = [rng.uniform(0, 30) for _ in range(100)]
     tight = paired_interval([x + 1 + (0.5 if i % 2 else -0.5) for i, x in enumerate(base)], base)
     loose = paired_interval([x + 1 + (20 if i % 2 else -20) for i, x in enumerate(base)], base)
-    assert tight[1] > 0 and loose[1] < 0 < loose[2]  # the same mean gain, resolved only when it is steady
+    assert (
+        tight[1] > 0 and loose[1] < 0 < loose[2]
+    )  # the same mean gain, resolved only when it is steady
     assert tight[0] == pytest.approx(1.0) and loose[0] == pytest.approx(1.0)
     assert paired_interval(base, base[::-1]) == paired_interval(base, base[::-1])  # seeded
     with pytest.raises(ValueError):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from selfevo.cli import app
 from selfevo.config import ModelConfig
 from selfevo.models import load_model
-from tests.conftest import evolve_args, run_files
+from tests.helpers import evolve_args, run_files
 
 
 def test_remote_code_runs_only_when_asked(tiny_model, tmp_path, monkeypatch):
@@ -29,15 +29,22 @@ def test_remote_code_runs_only_when_asked(tiny_model, tmp_path, monkeypatch):
         "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n"
     )
     config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomForCausalLM"}
+    config["auto_map"] = {
+        "AutoConfig": "custom.CustomConfig",
+        "AutoModelForCausalLM": "custom.CustomForCausalLM",
+    }
     (folder / "config.json").write_text(json.dumps(config))
 
     model, _ = load_model(ModelConfig(name=str(folder), dtype="float32"))  # the default
     assert type(model).__name__ == "LlamaForCausalLM" and not marker.exists()
 
-    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(
+        transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules")
+    )
     model, _ = load_model(ModelConfig(name=str(folder), dtype="float32", trust_remote_code=True))
-    assert type(model).__name__ == "CustomForCausalLM" and marker.exists()  # the switch is what gates it
+    assert (
+        type(model).__name__ == "CustomForCausalLM" and marker.exists()
+    )  # the switch is what gates it
 
 
 def test_adapter_with_pickled_weights_is_refused(tmp_path):
@@ -48,7 +55,8 @@ def test_adapter_with_pickled_weights_is_refused(tmp_path):
     (tmp_path / "run" / "config.json").write_text(json.dumps({"config": {"model": {"name": "x"}}}))
     result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--generation", "0"])
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"selfevo: error: {adapter}: no adapter_model.safetensors (selfevo never unpickles .bin files)"
+    expected = f"{adapter}: no adapter_model.safetensors (selfevo never unpickles .bin files)"
+    assert result.stderr.strip() == f"selfevo: error: {expected}"
 
 
 class Payload:
@@ -66,7 +74,9 @@ def test_checkpoint_is_loaded_without_unpickling(finished_run, tiny_model, tmp_p
     for folder in ("runs", "logs"):
         shutil.copytree(root / folder, tmp_path / folder)
     run_dir = tmp_path / "runs" / "t"
-    shutil.rmtree(run_dir / "gen_1" / "adapter")  # generation 1 trains again, resuming from its checkpoint
+    shutil.rmtree(
+        run_dir / "gen_1" / "adapter"
+    )  # generation 1 trains again, resuming from its checkpoint
     checkpoint = run_dir / "gen_1" / "checkpoints" / "last.ckpt"
     checkpoint.parent.mkdir()
     marker = tmp_path / "unpickled"
@@ -75,7 +85,8 @@ def test_checkpoint_is_loaded_without_unpickling(finished_run, tiny_model, tmp_p
     result = CliRunner().invoke(app, evolve_args(tiny_model, inputs, tmp_path))
     assert result.exit_code == 2 and not marker.exists()
     assert result.stderr.strip().splitlines()[-1] == (
-        f"selfevo: error: {checkpoint}: damaged checkpoint (UnpicklingError); delete it and run the same command "
+        f"selfevo: error: {checkpoint}: damaged checkpoint (UnpicklingError); delete it and run "
+        "the same command "
         "to redo this generation's training from its start"
     )
     checkpoint.unlink()

