@@ -24,9 +24,9 @@ import torch
 from scipy.stats import spearmanr
 
 from selfevo.config import IFDConfig, ModelConfig, TrainerConfig
+from selfevo.hardware import build_trainer
 from selfevo.ifd import score_pairs
 from selfevo.models import load_model
-from selfevo.train import build_trainer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

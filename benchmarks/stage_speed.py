@@ -41,10 +41,11 @@ import torch
 
 from selfevo.config import IFDConfig, LoraConfig, ModelConfig, TrainConfig, TrainerConfig
 from selfevo.generate import HFGenerator, Sampling
+from selfevo.hardware import build_trainer
 from selfevo.ifd import score_pairs
 from selfevo.models import add_lora, load_model
 from selfevo.prompts import question_prompt
-from selfevo.train import IGNORE_INDEX, LoRAModule, QADataModule, build_trainer
+from selfevo.train import IGNORE_INDEX, LoRAModule, QADataModule
 
 SHARED = Path(os.environ.get("SELFEVO_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 

@@ -22,11 +22,11 @@ from selfevo.cli import parse_evolve_args
 from selfevo.data import load_eval, load_fragments
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import HFGenerator, write_answers, write_questions
+from selfevo.hardware import build_trainer
 from selfevo.loop import train_adapter
 from selfevo.models import add_lora, load_model
 from selfevo.ranks import launch_ranks
 from selfevo.sampling import generation_seed
-from selfevo.train import build_trainer
 
 
 def main() -> None:

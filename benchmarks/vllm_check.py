@@ -153,8 +153,8 @@ def lightning_eval_check() -> None:
     from selfevo.config import EvalConfig, GenerationConfig, ModelConfig, TrainerConfig
     from selfevo.data import load_eval
     from selfevo.evaluate import evaluate_model
+    from selfevo.hardware import build_trainer
     from selfevo.models import load_model
-    from selfevo.train import build_trainer
     from selfevo.vllm_engine import VLLMEngine
 
     folder, eval_path = Path(sys.argv[1]), Path(sys.argv[2])

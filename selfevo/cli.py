@@ -137,6 +137,9 @@ def check_yaml_keys(path: Path) -> None:
         seen = set()
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
+            if isinstance(key, (list, dict)):  # `? [a]`: a key YAML allows and no config has
+                line = key_node.start_mark.line + 1
+                fail(f"{path}: line {line}: a key must be a name, not a list or a mapping")
             if key in seen:
                 fail(f"{path}: line {key_node.start_mark.line + 1}: duplicate key {key!r}")
             seen.add(key)
@@ -295,7 +298,8 @@ def _load(model_cfg, adapter: Optional[str], accelerator: str = "auto"):
     """The model (with the adapter, if any) on the accelerator, and its tokenizer."""
     from peft import PeftModel
 
-    from selfevo.models import accelerator_device, check_adapter_folder, load_model
+    from selfevo.hardware import accelerator_device
+    from selfevo.models import check_adapter_folder, load_model
 
     m, tokenizer = load_model(model_cfg)
     if adapter:
@@ -369,9 +373,9 @@ def score(ctx: typer.Context) -> None:
     With the base model, or with --adapter the trained one; on several devices with
     --trainer.devices N --trainer.strategy ddp."""
     from selfevo.data import load_qa
+    from selfevo.hardware import build_trainer
     from selfevo.ifd import score_pairs
     from selfevo.rundir import check_can_create, write_jsonl
-    from selfevo.train import build_trainer
 
     a = parse_stage(
         ctx,
@@ -440,8 +444,8 @@ def evaluate_cmd(ctx: typer.Context) -> None:
     from selfevo.config import TrainerConfig
     from selfevo.data import load_eval
     from selfevo.evaluate import evaluate_model
+    from selfevo.hardware import build_trainer
     from selfevo.rundir import check_can_create, write_json, write_jsonl
-    from selfevo.train import build_trainer
 
     a = parse_stage(
         ctx,

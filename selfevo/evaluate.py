@@ -29,7 +29,7 @@ from selfevo.config import EvalConfig
 from selfevo.facts import FactRecall, fact_recall
 from selfevo.faults import kill_point
 from selfevo.generate import Generator
-from selfevo.models import halving_batch_on_oom
+from selfevo.hardware import halving_batch_on_oom
 from selfevo.prompts import Language, answer_prompt, closed_book_prompt
 from selfevo.ranks import gather_in_order, share
 from selfevo.sampling import Sampling, batch_seed

@@ -19,13 +19,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import GenerationConfig, ModelConfig
 from selfevo.faults import kill_point
+from selfevo.hardware import halving_batch_on_oom
 from selfevo.log import progress
-from selfevo.models import (
-    adapter_switched,
-    halving_batch_on_oom,
-    load_adapter_weights,
-    resolve_model,
-)
+from selfevo.models import adapter_switched, load_adapter_weights, resolve_model
 from selfevo.prompts import (
     Language,
     answer_fault,

@@ -22,7 +22,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import IFDConfig
 from selfevo.faults import kill_point
-from selfevo.models import adapter_switched, halving_batch_on_oom
+from selfevo.hardware import halving_batch_on_oom
+from selfevo.models import adapter_switched
 from selfevo.ranks import gather_in_order, share
 
 # Config keys of models whose forward rescales the LM head's output (Gemma 2, Cohere, Granite).

@@ -34,10 +34,10 @@ from selfevo.config import EvolveConfig, validate
 from selfevo.data import load_eval, load_fragments, select_fragments
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import make_generator, write_answers, write_questions
+from selfevo.hardware import accelerator_device, build_trainer
 from selfevo.ifd import score_pairs
 from selfevo.log import console, run_log, setup_logging
 from selfevo.models import (
-    accelerator_device,
     add_lora,
     load_adapter_weights,
     load_model,
@@ -64,13 +64,7 @@ from selfevo.rundir import (
 )
 from selfevo.sampling import generation_seed
 from selfevo.select import select_replay
-from selfevo.train import (
-    AtomicCheckpointIO,
-    LoRAModule,
-    QADataModule,
-    StepCheckpoint,
-    build_trainer,
-)
+from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint
 from selfevo.vllm_engine import engine_lora_rank, require_vllm
 
 log = logging.getLogger(__name__)

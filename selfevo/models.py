@@ -13,7 +13,6 @@ import tempfile
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, TypeVar
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -27,6 +26,7 @@ from transformers import (
 )
 
 from selfevo.config import LoraConfig, ModelConfig
+from selfevo.hardware import resolve_dtype
 from selfevo.rundir import TEMP_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -136,45 +136,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    if dtype == "auto":
-        return (
-            torch.bfloat16
-            if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            else torch.float32
-        )
-    return getattr(torch, dtype)
-
-
-def accelerator_device(accelerator: str = "auto") -> torch.device:
-    """Where work outside a Lightning Trainer (generation) runs: the GPU when there is one and it
-    is allowed."""
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-T = TypeVar("T")
-
-
-def halving_batch_on_oom(run: Callable[[int], T], batch_size: int, what: str) -> T:
-    """run(batch_size), retried with half the batch after each CUDA out-of-memory error.
-
-    Callers order their work longest first, so an out-of-memory error comes at the start, before
-    much is lost to the retry.
-    """
-    while True:
-        try:
-            return run(batch_size)
-        except torch.OutOfMemoryError:
-            if batch_size == 1:
-                raise
-            batch_size //= 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            log.warning("out of GPU memory in %s: retrying with batch size %d", what, batch_size)
 
 
 def nf4_quantization() -> dict:

@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from selfevo.config import LoraConfig, ModelConfig, TrainConfig, TrainerConfig
+from selfevo.config import LoraConfig, ModelConfig, TrainConfig
 from selfevo.data import load_qa
 from selfevo.faults import kill_point
 from selfevo.models import (
@@ -400,31 +400,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 "command "
                 "to redo this generation's training from its start"
             ) from None
-
-
-def build_trainer(cfg: TrainerConfig, **kwargs) -> L.Trainer:
-    """A Lightning Trainer from the config's hardware settings plus stage-specific arguments."""
-    precision = cfg.precision
-    if precision is None:
-        precision = (
-            "bf16-mixed"
-            if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            else "32-true"
-        )
-    kwargs.setdefault("enable_model_summary", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    kwargs.setdefault("logger", False)
-    # Each stage deals its batch plan out to the ranks itself (PlannedBatches, SequenceBatches,
-    # evaluation batches), so that a batch is the same on any number of ranks.
-    kwargs.setdefault("use_distributed_sampler", False)
-    return L.Trainer(
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        strategy=cfg.strategy,
-        num_nodes=cfg.num_nodes,
-        precision=precision,
-        **kwargs,
-    )
 
 
 class LoRACLI(LightningCLI):

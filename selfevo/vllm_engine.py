@@ -27,7 +27,8 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedTokenizerBase
 
 from selfevo.config import ConfigError, GenerationConfig, ModelConfig
-from selfevo.models import check_adapter_folder, resolve_dtype
+from selfevo.hardware import resolve_dtype
+from selfevo.models import check_adapter_folder
 from selfevo.ranks import Strategy
 from selfevo.sampling import Sampling, prompt_limit, warn_if_cut
 

@@ -148,10 +148,6 @@ def check(path: Path, overrides: list[tuple[str, str]]) -> str:
         assert e.exit_code == 2 and one_line(err.getvalue()), err.getvalue()
         assert err.getvalue().startswith("selfevo: error: "), err.getvalue()
         return "refused by the parser"
-    except TypeError as e:
-        if "unhashable" in str(e):  # a known bug, not fixed yet: see UNFIXED below
-            return "known bug: a YAML key that is a mapping or a list"
-        raise
     try:
         validate(cfg)
     except ConfigError as e:
@@ -212,18 +208,9 @@ FOUND = {
     "a mapping as a key": (b"{evaluation:, {batch_size: 0}}\n", []),
     "a list as a key": (b"? [a]\n: 1\n", []),
 }
-# Not fixed yet: check_yaml_keys puts each key in a set, and a mapping or a list is unhashable (a
-# TypeError traceback). Until it is, the property test counts such examples ("known bug") rather
-# than failing, and these cases are strict xfails, which fail once it is fixed: then remove both.
-UNFIXED = {"a mapping as a key", "a list as a key"}
-XFAIL = pytest.mark.xfail(
-    strict=True, reason="a config bug that fuzzing found, in cli.py (issue 19)"
-)
 
 
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=XFAIL) if c in UNFIXED else c for c in FOUND]
-)
+@pytest.mark.parametrize("case", FOUND)
 def test_a_config_that_fuzzing_found_is_refused_in_one_line(tmp_path, case):
     data, overrides = FOUND[case]
     path = tmp_path / "config.yaml"

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from selfevo.config import IFDConfig, LoraConfig, ModelConfig, TrainerConfig
+from selfevo.hardware import build_trainer
 from selfevo.ifd import ifd_from_losses, pair_token_ids, score_pairs
 from selfevo.models import add_lora, load_model
-from selfevo.train import build_trainer
 from tests.helpers import SHARED
 
 PAIRS = [

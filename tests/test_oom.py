@@ -13,10 +13,10 @@ import selfevo.ifd
 from selfevo.config import EvalConfig, IFDConfig, ModelConfig, TrainerConfig
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import HFGenerator, Sampling
+from selfevo.hardware import build_trainer, halving_batch_on_oom
 from selfevo.ifd import score_pairs
-from selfevo.models import halving_batch_on_oom, load_model
+from selfevo.models import load_model
 from selfevo.prompts import chat_prompt
-from selfevo.train import build_trainer
 
 
 def failing_above(fn, limit, rows_of):

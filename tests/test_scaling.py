@@ -22,10 +22,11 @@ from selfevo.config import EvalConfig, IFDConfig, ModelConfig, TrainerConfig
 from selfevo.data import load_eval
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import HFGenerator
+from selfevo.hardware import build_trainer
 from selfevo.ifd import score_pairs
 from selfevo.models import load_model
 from selfevo.rundir import RunError
-from selfevo.train import PlannedBatches, build_trainer
+from selfevo.train import PlannedBatches
 from tests.helpers import ROOT, evolve_args, run_files, toy_domain_inputs, write_records
 
 pytestmark = (
@@ -94,7 +95,7 @@ from selfevo.generate import HFGenerator
 from selfevo.ifd import score_pairs
 from selfevo.models import load_model
 from selfevo.ranks import launch_ranks
-from selfevo.train import build_trainer
+from selfevo.hardware import build_trainer
 
 torch.set_num_threads(1)
 model_name, qa_file, eval_file, out = sys.argv[1:]

@@ -6,15 +6,9 @@ from typer.testing import CliRunner
 
 from selfevo.cli import app
 from selfevo.config import LoraConfig, ModelConfig, TrainConfig, TrainerConfig
+from selfevo.hardware import build_trainer
 from selfevo.models import add_lora, load_model, load_tokenizer, save_adapter
-from selfevo.train import (
-    IGNORE_INDEX,
-    LoRAModule,
-    QADataModule,
-    build_trainer,
-    collate_right_padded,
-    encode_qa,
-)
+from selfevo.train import IGNORE_INDEX, LoRAModule, QADataModule, collate_right_padded, encode_qa
 from tests.helpers import ROOT, write_records
 
 QA = [

@@ -261,7 +261,7 @@ def test_evaluation_through_the_engine_equals_hf_evaluation(vllm_run, tiny_vllm_
     from selfevo.config import EvalConfig, TrainerConfig
     from selfevo.data import load_eval
     from selfevo.evaluate import evaluate_model
-    from selfevo.train import build_trainer
+    from selfevo.hardware import build_trainer
 
     run_dir, _, _ = vllm_run
     base, tokenizer = load_model(ModelConfig(name=tiny_vllm_model, dtype="float32", max_length=256))
