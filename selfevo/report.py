@@ -407,64 +407,31 @@ def summary_table(rows: list[dict], title: str) -> Table:
         f"vs cut base: {short} gain over the base model cut to the same length [95%]."
     )
     table = Table(title=title, caption=caption)
-    for col in (
-        "model",
-        "BLEU-4",
-        short,
-        "facts",
-        f"rec. {short}",
-        "rec. facts",
-        "len",
-        "echo",
-        "vs cut base",
-    ):
+    columns = ("model", "BLEU-4", short, "facts", f"rec. {short}", "rec. facts", "len", "echo")
+    for col in (*columns, "vs cut base"):
         table.add_column(col, justify="left" if col == "model" else "right")
+
+    def add(name: str, values: dict, recovered: tuple, controls: bool = True, verdict: str = ""):
+        length, echo = (
+            (_f(values["answer_length"], 0), _pct(values["restating"])) if controls else ("",) * 2
+        )
+        scores = (_f(values["bleu-4"]), _f(values[first]), _f(values[facts]))
+        table.add_row(name, *scores, *recovered, length, echo, verdict)
+
     for r in rows:
         if r["model"] == "base":
-            table.add_row(
-                "base, closed",
-                _f(r["bleu-4"]),
-                _f(r[first]),
-                _f(r[facts]),
-                "",
-                "",
-                _f(r["answer_length"], 0),
-                _pct(r["restating"]),
-                "",
-            )
+            add("base, closed", r, ("", ""))
             if "open_book" in r:
-                o = r["open_book"]
-                table.add_row(
-                    "base, open",
-                    _f(o["bleu-4"]),
-                    _f(o[first]),
-                    _f(o[facts]),
-                    "100%",
-                    "100%",
-                    _f(o["answer_length"], 0),
-                    _pct(o["restating"]),
-                    "",
-                )
-            e = r["question_echo"]
-            table.add_row(
-                "question echo", _f(e["bleu-4"]), _f(e[first]), _f(e[facts]), "", "", "", "", ""
-            )
+                add("base, open", r["open_book"], ("100%", "100%"))
+            add("question echo", r["question_echo"], ("", ""), controls=False)
             continue
         recovered = r.get("recovered", {})
         verdict = ""
         if first in r.get("vs_length_matched_base", {}):
             verdict = _interval(r["vs_length_matched_base"][first])
             verdict += "" if r["knowledge_shown"][first] else " not shown"
-        table.add_row(
-            r["model"],
-            _f(r["bleu-4"]),
-            _f(r[first]),
-            _f(r[facts]),
-            _pct(recovered.get(first)),
-            _pct(recovered.get(facts)),
-            _f(r["answer_length"], 0),
-            _pct(r["restating"]),
-            verdict,
+        add(
+            r["model"], r, (_pct(recovered.get(first)), _pct(recovered.get(facts))), verdict=verdict
         )
     return table
 
