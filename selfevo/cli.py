@@ -172,6 +172,11 @@ def parse_config_args(parser, args: list[str], sections: dict):
             check_yaml_keys(Path(value))
     try:
         ns = parser.parse_args(args)
+    except ValueError as e:  # jsonargparse takes a section's text for a path: os.access() on a NUL
+        where = next(
+            (value for flag, value in zip(args, args[1:]) if flag == "--config"), "arguments"
+        )
+        fail(f"{where}: not a valid config ({e})")
     except ArgumentError as e:
         message = " ".join(line.strip() for line in str(e).splitlines())
         for name in sections:  # `--model NAME`, say: the option takes a file of the section's keys

@@ -207,6 +207,7 @@ FOUND = {
     "escape beyond C's int": (b'name: "\\UA0010000"\n', []),
     "a mapping as a key": (b"{evaluation:, {batch_size: 0}}\n", []),
     "a list as a key": (b"? [a]\n: 1\n", []),
+    "a section as a text with a NUL": (b'{data: "\\0"}\n', []),
 }
 
 
