@@ -35,7 +35,7 @@ def _parse(text: str) -> Any:
 
 
 def _lone_surrogate(value: Any) -> str | None:
-    """The first lone surrogate in a JSON value, keys included, as U+XXXX; None if there is none.
+    """The first lone surrogate in a JSON value, keys included, as "U+D800"; None if there is none.
 
     A JSON escape such as \\ud800 decodes to one, which is no Unicode text: UTF-8 cannot encode it,
     so the tokenizer and every run file would fail on it, after work was done."""
