@@ -70,8 +70,12 @@ class SeedBLEU4(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, predictions: list[str], references: list[str]) -> None:
-        for p, r in zip(predictions, references, strict=True):
-            self.total += bleu4(p, r)
+        self.add_scores([bleu4(p, r) for p, r in zip(predictions, references, strict=True)])
+
+    def add_scores(self, scores: list[float]) -> None:
+        """Pairs already scored by `bleu4` (score_answers keeps them per pair too)."""
+        for score in scores:
+            self.total += score
             self.count += 1
 
     def compute(self) -> torch.Tensor:
@@ -89,10 +93,13 @@ class SeedROUGE(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, predictions: list[str], references: list[str]) -> None:
-        for p, r in zip(predictions, references, strict=True):
-            scores = rouge(p, r)
+        self.add_scores([rouge(p, r) for p, r in zip(predictions, references, strict=True)])
+
+    def add_scores(self, scores: list[dict[str, float]]) -> None:
+        """Pairs already scored by `rouge` (score_answers keeps them per pair too)."""
+        for pair in scores:
             self.total += torch.tensor(
-                [scores[k] for k in ROUGE_KEYS], dtype=torch.float64, device=self.total.device
+                [pair[k] for k in ROUGE_KEYS], dtype=torch.float64, device=self.total.device
             )
             self.count += 1
 
@@ -159,20 +166,22 @@ def score_answers(
     """
     references = [r["reference"] for r in records]
     questions = [r["question"] for r in records]
-    bleu, seed_rouge = SeedBLEU4(sync_on_compute=False), SeedROUGE(sync_on_compute=False)
-    facts = FactRecall(language, sync_on_compute=False)
-    bleu.update(answers, references)
-    seed_rouge.update(answers, references)
-    facts.update(answers, references, questions)
-    means = {"bleu-4": bleu.compute(), **seed_rouge.compute(), "fact-recall": facts.compute()}
+    # Each pair is scored once (character BLEU and jieba ROUGE are the costly part); the metrics
+    # sum the same per-pair scores.
     pairs = [
         {
             "bleu-4": bleu4(a, r),
             **rouge(a, r),
             "fact-recall": _percent(fact_recall(a, r, q, language)),
         }
-        for a, r, q in zip(answers, references, questions)
+        for a, r, q in zip(answers, references, questions, strict=True)
     ]
+    bleu, seed_rouge = SeedBLEU4(sync_on_compute=False), SeedROUGE(sync_on_compute=False)
+    facts = FactRecall(language, sync_on_compute=False)
+    bleu.add_scores([p["bleu-4"] for p in pairs])
+    seed_rouge.add_scores(pairs)
+    facts.update(answers, references, questions)
+    means = {"bleu-4": bleu.compute(), **seed_rouge.compute(), "fact-recall": facts.compute()}
     if metrics == "seed+word":
         sacrebleu = SacreBLEUScore(tokenize="13a", sync_on_compute=False)
         word_rouge = ROUGEScore(use_stemmer=True, rouge_keys="rougeL", sync_on_compute=False)
