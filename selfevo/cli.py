@@ -334,7 +334,7 @@ def _generator(model_cfg, generation, adapter: Optional[str], seed: int, eval_ma
 @app.command(context_settings=PASSTHROUGH, add_help_option=False)
 @guarded
 def generate(ctx: typer.Context) -> None:
-    """Write a question for each fragment and answer it (open book).
+    """Write questions about each fragment and answer them (open book).
 
     As a generation of the loop does: the questions by the model with --adapter, the answers as
     generation.answer_model says (base: the base model, the adapter off)."""
@@ -358,14 +358,15 @@ def generate(ctx: typer.Context) -> None:
     generator, adapter = _generator(a.model, a.generation, a.adapter, a.seed, 0)
     try:
         generator.use_adapter(adapter)
-        questions, q_dropped = write_questions(generator, texts, a.generation, a.seed)
+        questions, q_counts = write_questions(generator, texts, a.generation, a.seed)
         generator.use_adapter(adapter if a.generation.answer_model == "current" else None)
         qa, a_drops = write_answers(generator, questions, a.generation, a.seed)
     finally:
         generator.close()
     write_jsonl(out, qa)
     typer.echo(
-        f"{len(qa)} QA pairs -> {out} ({duplicates} duplicate fragments, {q_dropped} questions "
+        f"{len(qa)} QA pairs -> {out} ({duplicates} duplicate fragments, "
+        f"{q_counts['planned'] - q_counts['kept']} questions "
         f"and {a_drops['dropped']} answers dropped)"
     )
 

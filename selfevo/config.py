@@ -66,6 +66,21 @@ class GenerationConfig:
     answer_max_new_tokens: int = 256
     temperature: float = 0.5
     top_p: float = 0.95
+    question_focus: Literal["fragment", "sentence"] = "sentence"
+    """What a question is asked about: fragment = the whole fragment, in the paper's prompt;
+    sentence = one sentence of it (facts.fact_sentences), in a prompt by example, so that the
+    questions of a fragment cover its facts instead of asking about its main fact again."""
+    questions_per_fragment: int = 4
+    """Questions per fragment per generation. With question_focus sentence, each about a different
+    sentence: first those the last check found unknown (targeting.retarget), then those asked least
+    so far; with fragment, the prompt sampled this many times."""
+    question_filters: bool = True
+    """Drop questions that name nothing specific to their fragment, that recur across fragments,
+    or that an earlier generation (or the dev split) asked already; counted by reason in
+    stages.json."""
+    standalone_answers: bool = True
+    """Drop answers that speak of their source ("the passage", "根据文档"): trained closed book,
+    they teach the model to cite a text it never sees."""
     answer_model: Literal["base", "current"] = "base"
     """Who answers the questions, open book: base = the base model, its adapter off; current = the
     model of this generation, which also wrote the questions (the paper's loop). The questions are
@@ -84,6 +99,22 @@ class ReplayConfig:
     even = every (n // k)-th of the sorted history, random = k at random, all = everything."""
     k: int = 2000
     """Pairs replayed per generation (0: no replay, except with mode all)."""
+
+
+@dataclass
+class TargetingConfig:
+    """Each generation's closed-book check, and the questions it sends back to the next one."""
+
+    dev_share: float = 0.1
+    """Share of generation 0's QA pairs held back as the dev split: never trained on, answered
+    closed book after every generation; its fact recall picks the best generation (0: no dev
+    split)."""
+    check_pairs: int = 200
+    """Pairs of each generation's training set answered closed book after its training: the
+    retention check (0: none)."""
+    retarget: bool = True
+    """Ask the next generation again, twice and in new phrasings, about the sentences whose checked
+    pairs (dev or trained) the model answered without all of the reference's facts."""
 
 
 @dataclass
@@ -166,6 +197,7 @@ class EvolveConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    targeting: TargetingConfig = field(default_factory=TargetingConfig)
     ifd: IFDConfig = field(default_factory=IFDConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -216,6 +248,10 @@ def validate(cfg: EvolveConfig) -> None:
         )
     if cfg.start < 0 or cfg.end <= cfg.start:
         raise ConfigError(f"start/end: need 0 <= start < end, got start={cfg.start} end={cfg.end}")
+    if not 0 <= cfg.targeting.dev_share < 1:
+        raise ConfigError(f"targeting.dev_share: must be in [0, 1), got {cfg.targeting.dev_share}")
+    if cfg.targeting.check_pairs < 0:
+        raise ConfigError(f"targeting.check_pairs: must be >= 0, got {cfg.targeting.check_pairs}")
     if cfg.replay.k < 0:
         raise ConfigError(f"replay.k: must be >= 0, got {cfg.replay.k}")
     if cfg.train.checkpoint_every < 0:
@@ -234,6 +270,7 @@ def validate(cfg: EvolveConfig) -> None:
         {
             "generation.question_max_new_tokens": cfg.generation.question_max_new_tokens,
             "generation.answer_max_new_tokens": cfg.generation.answer_max_new_tokens,
+            "generation.questions_per_fragment": cfg.generation.questions_per_fragment,
             "generation.temperature": cfg.generation.temperature,
             "generation.vllm_kv_cache_gib": cfg.generation.vllm_kv_cache_gib,
             "generation.vllm_tensor_parallel_size": cfg.generation.vllm_tensor_parallel_size,

@@ -1,5 +1,5 @@
-"""Stage 1-2: the current model writes a question for every fragment, then a model answers it open
-book.
+"""Stage 1-2: the current model writes questions about every fragment, then a model answers them
+open book.
 
 What writes is a `Generator`, chosen once per run by `make_generator`: `HFGenerator` (Hugging Face
 `generate`: batched, length-sorted, left-padded, the adapter active and never merged) or
@@ -10,6 +10,7 @@ selfevo.sampling, so a run reproduces; the prompts and the clean-up here serve b
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Protocol
@@ -18,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import GenerationConfig, ModelConfig
+from selfevo.facts import fact_sentences
 from selfevo.faults import kill_point
 from selfevo.hardware import halving_batch_on_oom
 from selfevo.log import progress
@@ -28,10 +30,12 @@ from selfevo.prompts import (
     answer_prompt,
     clean_answer,
     clean_question,
+    fact_question_prompt,
     question_prompt,
 )
 from selfevo.ranks import Strategy, gather_in_order, share
 from selfevo.sampling import Sampling, answers_seed, batch_seed, prompt_limit, warn_if_cut
+from selfevo.select import filter_questions
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +143,8 @@ class HFGenerator:
         description: str = "generating",
         strategy: Strategy | None = None,
     ) -> list[str]:
+        if not prompts:  # every question of a stage dropped: nothing to answer (on every rank)
+            return []
         lengths = [
             len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         ]
@@ -194,15 +200,69 @@ def make_generator(
     return VLLMEngine(folder, tokenizer, model_cfg, generation, lora_r, seed, eval_max_new_tokens)
 
 
+Unit = tuple[int, int]  # (fragment id, sentence number): what a question is asked about
+
+
+def plan_questions(
+    fragments: list[str],
+    cfg: GenerationConfig,
+    asked: Counter[Unit],
+    missed: set[Unit],
+    seed: int,
+) -> list[dict]:
+    """What this generation asks, one record per question to write: {"id": fragment id, "fragment"}
+    and, with question_focus sentence, {"unit": sentence number, "focus": sentence}.
+
+    A fragment gets questions_per_fragment questions, each about another of its sentences: first
+    the sentences the last check found unknown (`missed`; each of those asked twice, so that the
+    fact comes back in new phrasings), then those asked least often so far (`asked`), ties broken
+    by a shuffle seeded by `seed`. With question_focus fragment, the whole fragment each time.
+    """
+    rng = random.Random(seed)
+    plan: list[dict] = []
+    for fid, fragment in enumerate(fragments):
+        if cfg.question_focus == "fragment":
+            plan += [{"id": fid, "fragment": fragment}] * cfg.questions_per_fragment
+            continue
+        sentences = fact_sentences(fragment, cfg.language)
+        order = sorted(
+            range(len(sentences)),
+            key=lambda k, draws=[rng.random() for _ in sentences]: (
+                (fid, k) not in missed,
+                asked[(fid, k)],
+                draws[k],
+            ),
+        )
+        for k in sorted(order[: cfg.questions_per_fragment]):
+            record = {"id": fid, "fragment": fragment, "unit": k, "focus": sentences[k]}
+            plan += [record] * (2 if (fid, k) in missed else 1)
+    return plan
+
+
 def write_questions(
     generator: Generator,
     fragments: list[str],
     cfg: GenerationConfig,
     seed: int,
     strategy: Strategy | None = None,
-) -> tuple[list[dict], int]:
-    """One question per fragment; returns the kept records and the number dropped."""
-    prompts = [question_prompt(generator.tokenizer, f, cfg.language) for f in fragments]
+    *,
+    asked: Counter[Unit] | None = None,
+    missed: set[Unit] | None = None,
+    asked_before: set[str] | None = None,
+) -> tuple[list[dict], dict]:
+    """The questions of a generation, as `plan_questions` plans them from what earlier generations
+    asked (`asked`, and word for word `asked_before`) and missed; returns the kept records
+    ({"id", "fragment", "question"}, with "unit" and "focus" per sentence) and the counts: planned,
+    targeted (about a missed sentence), unreadable (no question in the reply) and, with
+    cfg.question_filters, what `filter_questions` dropped."""
+    missed = missed or set()
+    plan = plan_questions(fragments, cfg, asked or Counter(), missed, seed)
+    prompts = [
+        fact_question_prompt(r["focus"], cfg.language)
+        if "focus" in r
+        else question_prompt(generator.tokenizer, r["fragment"], cfg.language)
+        for r in plan
+    ]
     sampling = Sampling(cfg.question_max_new_tokens, True, cfg.temperature, cfg.top_p)
     raw = generator.generate(
         prompts,
@@ -213,11 +273,21 @@ def write_questions(
         strategy=strategy,
     )
     records = []
-    for i, (fragment, text) in enumerate(zip(fragments, raw)):
-        question = clean_question(text)
+    for r, text in zip(plan, raw):
+        # After the examples' pattern the model goes on with a "Sentence:" of its own: the question
+        # is its first line.
+        question = clean_question(text.strip().split("\n", 1)[0] if "focus" in r else text)
         if question is not None:
-            records.append({"id": i, "fragment": fragment, "question": question})
-    return records, len(fragments) - len(records)
+            records.append({**r, "question": question})
+    counts = {
+        "planned": len(plan),
+        "targeted": sum((r["id"], r.get("unit")) in missed for r in plan),
+        "unreadable": len(plan) - len(records),
+    }
+    if cfg.question_filters:
+        records, drops = filter_questions(records, fragments, asked_before or set(), cfg.language)
+        counts.update(drops)
+    return records, {"kept": len(records), **counts}
 
 
 def write_answers(
@@ -243,17 +313,17 @@ def write_answers(
         description="writing answers",
         strategy=strategy,
     )
-    return pair_answers(questions, raw, cfg.language)
+    return pair_answers(questions, raw, cfg.language, cfg.standalone_answers)
 
 
 def pair_answers(
-    questions: list[dict], replies: list[str], language: Language
+    questions: list[dict], replies: list[str], language: Language, standalone: bool = False
 ) -> tuple[list[dict], dict]:
     """The QA pairs worth keeping, each question with its cleaned reply; and how many were dropped
-    and why ("looping", "restating", "repeated"), with how often the commonest reply was given,
-    dropped or not."""
+    and why ("looping", "restating", "refers_to_source" where answers must stand alone,
+    "repeated"), with how often the commonest reply was given, dropped or not."""
     answers = [clean_answer(text) for text in replies]
-    faults = [answer_fault(a, language) for a in answers]
+    faults = [answer_fault(a, language, standalone) for a in answers]
     # One reply given word for word to several different questions answers none of them: it is what
     # a collapsing model writes (a stock sentence, 7 answers of generation 1 and 288 of generation
     # 2 in docs/results.md's second attempt), and training on it spreads it.
@@ -267,6 +337,7 @@ def pair_answers(
         "dropped": len(questions) - len(records),
         "looping": faults.count("looping"),
         "restating": faults.count("restating"),
+        "refers_to_source": faults.count("refers_to_source"),
         "repeated": faults.count(None) - len(records),
         "commonest_given": max(given.values(), default=0),
     }

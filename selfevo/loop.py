@@ -1,14 +1,19 @@
 """The self-evolution loop (arXiv 2408.12247), generation by generation.
 
 For generation i, with M_i = base + adapter A_i (A_0: a fresh adapter, i.e. the base model):
-    questions  <- M_i writes a question for every fragment (open book)
+    questions  <- M_i writes questions about every fragment, one per sentence, those it got wrong
+                  at the last check first (open book); unspecific and repeated ones are dropped
     qa         <- M_0 answers each question (open book; M_i does with generation.answer_model
-    current) replay     <- k pairs of QA_0..QA_{i-1}, chosen by IFD
+                  current); generation 0 holds a share back as the dev split
+    replay     <- k pairs of QA_0..QA_{i-1}, chosen by IFD
     A_{i+1}    <- continue A_i on qa + replay (closed book)
     qa.ifd     <- IFD of every pair of QA_i (base model by default)
+    check      <- M_{i+1} answers the dev split and some of qa closed book: what it knows, what it
+                  missed (asked again in generation i+1), and the best generation
     metrics    <- M_{i+1} answers the eval questions (closed book)
 Before generation `start`, the base model is evaluated once, closed book and open book (the
-ceiling).
+ceiling). The paper's loop is this one with one question per fragment, asked about the whole
+fragment, and no filters, dev split or check (configs/aiops.yaml).
 
 Each stage is one `Stages.stage` call (selfevo.rundir): skipped when its files are there and intact,
 written atomically by rank 0 otherwise. On several devices every rank runs this loop, each stage
@@ -17,8 +22,11 @@ working on its share of the batches (docs/scaling.md).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 import shutil
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
@@ -47,6 +55,7 @@ from selfevo.models import (
 )
 from selfevo.ranks import Strategy, launch_ranks, on_rank_zero
 from selfevo.report import (
+    best_generation,
     generation_line,
     log_knowledge,
     summary_table,
@@ -63,11 +72,14 @@ from selfevo.rundir import (
     write_jsonl,
 )
 from selfevo.sampling import generation_seed
-from selfevo.select import select_replay
+from selfevo.select import normalised_question, select_replay, split_dev
 from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint
 from selfevo.vllm_engine import engine_lora_rank, require_vllm
 
 log = logging.getLogger(__name__)
+
+
+CHECK_FIELDS = ("id", "unit", "split", "question", "reference", "prediction", "fact-recall")
 
 
 def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
@@ -168,19 +180,27 @@ class Loop:
         seed = generation_seed(self.cfg.seed, i)
         current = self.hold_adapter(i)  # M_i
         questions = gen.stage(
-            "questions", ("questions.jsonl",), lambda: self.questions(current, seed)
+            "questions", ("questions.jsonl",), lambda: self.questions(current, i, seed)
         )
         answers = gen.stage(
             "answers",
             ("answers.jsonl",),
             lambda: self.answers(questions["questions.jsonl"], current, i, seed),
         )
+        qa = answers["answers.jsonl"]
+        if i == 0 and self.cfg.targeting.dev_share > 0:
+            dev = gen.stage("dev", ("dev.jsonl",), lambda: self.hold_back_dev(qa, seed))
+            held = {(p["id"], p["question"]) for p in dev["dev.jsonl"]}
+            qa = [p for p in qa if (p["id"], p["question"]) not in held]
         replay = gen.stage("replay", ("replay.jsonl",), lambda: self.replay(i, seed))
-        pairs = answers["answers.jsonl"] + replay["replay.jsonl"]
+        pairs = qa + replay["replay.jsonl"]
         gen.stage("train", ADAPTER_FILES, lambda: self.train(pairs, gen.folder, seed))
         gen.remove("checkpoints")  # a kill can come between the adapter's save and their removal
         load_adapter_weights(self.model, gen.folder / "adapter")  # M_{i+1}
-        gen.stage("score", ("qa.jsonl",), lambda: self.score(answers["answers.jsonl"], i))
+        gen.stage("score", ("qa.jsonl",), lambda: self.score(qa, i))
+        if self.dev or self.cfg.targeting.check_pairs:
+            adapter = gen.folder / "adapter"
+            gen.stage("check", ("check.jsonl",), lambda: self.check(qa, adapter, seed))
         gen.stage("evaluate", EVAL_FILES, lambda: self.evaluate(gen.folder / "adapter", step=i + 1))
         self.summarize(f"gen_{i}", i + 1)
 
@@ -209,12 +229,44 @@ class Loop:
         load_adapter_weights(self.model, adapter)
         return adapter
 
-    def questions(self, current: Optional[Path], seed: int) -> tuple[dict, dict]:
-        self.generator.use_adapter(current)
-        records, dropped = write_questions(
-            self.generator, self.fragments, self.cfg.generation, seed, self.strategy
+    def earlier(self, i: int, name: str) -> list[dict]:
+        """The records of file `name` of generations 0..i-1 (those there are), read by rank 0."""
+        return on_rank_zero(
+            self.strategy,
+            lambda: [
+                r
+                for j in range(i)
+                if (self.run_dir / f"gen_{j}" / name).is_file()
+                for r in read_jsonl(self.run_dir / f"gen_{j}" / name)
+            ],
         )
-        return {"questions.jsonl": records}, {"kept": len(records), "dropped": dropped}
+
+    @property
+    def dev(self) -> list[dict]:
+        """The dev split (held back in generation 0), or [] where there is none (yet)."""
+        return self.earlier(1, "dev.jsonl")
+
+    def questions(self, current: Optional[Path], i: int, seed: int) -> tuple[dict, dict]:
+        history = self.earlier(i, "questions.jsonl")
+        missed = set()
+        if self.cfg.targeting.retarget and i > 0:
+            missed = {
+                (c["id"], c["unit"])
+                for c in self.earlier(i, "check.jsonl")
+                if c["generation"] == i - 1 and "unit" in c and c["fact-recall"] not in (None, 100)
+            }
+        self.generator.use_adapter(current)
+        records, counts = write_questions(
+            self.generator,
+            self.fragments,
+            self.cfg.generation,
+            seed,
+            self.strategy,
+            asked=Counter((q["id"], q["unit"]) for q in history if "unit" in q),
+            missed=missed,
+            asked_before={normalised_question(q["question"]) for q in history},
+        )
+        return {"questions.jsonl": records}, counts
 
     def answers(
         self, questions: list[dict], current: Optional[Path], i: int, seed: int
@@ -230,6 +282,52 @@ class Loop:
             "kept": len(records),
             **drops,
         }
+
+    def hold_back_dev(self, qa: list[dict], seed: int) -> tuple[dict, dict]:
+        train, dev = split_dev(qa, self.cfg.targeting.dev_share, seed)
+        return {"dev.jsonl": dev}, {"dev": len(dev), "train": len(train)}
+
+    def check(self, qa: list[dict], adapter: Path, seed: int) -> tuple[dict, dict]:
+        """M_{i+1} answers closed book the dev split and targeting.check_pairs of the pairs it was
+        trained on, each scored against the open-book answer it stands for: fact recall on the dev
+        split says what it knows (and picks the best generation); on the trained pairs, what it
+        retained; the sentences of both whose facts it missed are asked again next generation."""
+        draw = random.Random(seed).sample(
+            range(len(qa)), min(self.cfg.targeting.check_pairs, len(qa))
+        )
+        trained = [qa[j] for j in sorted(draw)]
+        checked = [{**p, "split": "dev"} for p in self.dev] + [
+            {**p, "split": "trained"} for p in trained
+        ]
+        records = [{**p, "reference": p["answer"]} for p in checked]
+        self.generator.use_adapter(adapter)
+        _, predictions = evaluate_model(
+            self.generator,
+            records,
+            dataclasses.replace(self.cfg.evaluation, limit=None),
+            build_trainer(self.cfg.trainer),
+            self.cfg.seed,
+            language=self.cfg.generation.language,
+        )
+        generation = int(adapter.parent.name.split("_")[-1])
+        out = [
+            {"generation": generation} | {k: p[k] for k in CHECK_FIELDS if k in p}
+            for p in predictions
+        ]
+        counts = {}
+        for split in ("dev", "trained"):
+            scores = [p["fact-recall"] for p in out if p["split"] == split]
+            with_facts = [s for s in scores if s is not None]
+            counts[f"{split}_pairs"] = len(scores)
+            counts[f"{split}_fact_recall"] = (
+                round(sum(with_facts) / len(with_facts), 2) if with_facts else None
+            )
+            counts[f"{split}_scored"] = len(with_facts)
+            if self.writer is not None and with_facts:
+                self.writer.add_scalar(
+                    f"check/{split}_fact_recall", counts[f"{split}_fact_recall"], generation + 1
+                )
+        return {"check.jsonl": out}, counts
 
     def replay(self, i: int, seed: int) -> tuple[dict, dict]:
         history = on_rank_zero(
@@ -323,6 +421,9 @@ class Loop:
             )
         )
         log.info("%s has the intervals; report: %s", self.run_dir / "summary.md", png)
+        best = best_generation(self.rows)
+        if best is not None:
+            log.info("best generation, by fact recall on the dev split: %s", best)
         log.info("TensorBoard: tensorboard --logdir %s", self.log_dir)
 
 

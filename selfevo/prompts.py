@@ -30,6 +30,33 @@ QUESTION_PROMPT = {
     ),
 }
 
+# One question per sentence of the fragment (generation.question_focus: sentence), by example: asked
+# in words to write a specific question, SmolLM2-135M wrote "What is the product or topic that this
+# passage discusses?" for most sentences; shown two examples, it asks about the sentence ("What is
+# the purpose of UDP port 7743?"). A plain completion, not a chat turn: the examples are the
+# instruction, and in a chat turn the small model answered them instead of going on.
+FACT_QUESTION_PROMPT = {
+    "en": (
+        "Write a question that the sentence answers. Name what it is about.\n\n"
+        "Sentence: The Orvin router keeps its logs in /var/log/orvin for 30 days.\n"
+        "Question: For how many days does the Orvin router keep its logs?\n\n"
+        "Sentence: Tessel database backups run every night at 02:00 UTC, unless backup_enabled "
+        "is false.\n"
+        "Question: When do Tessel database backups run?\n\n"
+        "Sentence: {focus}\n"
+        "Question:"
+    ),
+    "zh": (
+        "为句子写一个它能回答的问题，问题中写出所涉及的产品或功能的名称。\n\n"
+        "句子：Orvin路由器把日志保存在/var/log/orvin目录中，保留30天。\n"
+        "问题：Orvin路由器的日志保留多少天？\n\n"
+        "句子：Tessel数据库每天凌晨2点自动备份，除非backup_enabled设为false。\n"
+        "问题：Tessel数据库什么时候自动备份？\n\n"
+        "句子：{focus}\n"
+        "问题："
+    ),
+}
+
 ANSWER_PROMPT = {
     "en": (
         "Use this passage to answer the question.\n\n"
@@ -47,12 +74,13 @@ ANSWER_PROMPT = {
 }
 
 
-def prompts_digest(language: Language) -> str:
-    """SHA-256 of the question and answer prompts of a language. They are code, not config, but a
-    run whose generations were written from different prompts is not one run: its snapshot records
+def prompts_digest(language: Language, question_focus: str = "fragment") -> str:
+    """SHA-256 of the question and answer prompts a run uses. They are code, not config, but a run
+    whose generations were written from different prompts is not one run: its snapshot records
     this."""
+    question = FACT_QUESTION_PROMPT if question_focus == "sentence" else QUESTION_PROMPT
     return hashlib.sha256(
-        (QUESTION_PROMPT[language] + "\0" + ANSWER_PROMPT[language]).encode()
+        (question[language] + "\0" + ANSWER_PROMPT[language]).encode()
     ).hexdigest()
 
 
@@ -67,6 +95,11 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
 
 def question_prompt(tokenizer: PreTrainedTokenizerBase, fragment: str, language: Language) -> str:
     return chat_prompt(tokenizer, QUESTION_PROMPT[language].format(fragment=fragment))
+
+
+def fact_question_prompt(sentence: str, language: Language) -> str:
+    """The prompt for a question about one sentence of a fragment (a plain completion)."""
+    return FACT_QUESTION_PROMPT[language].format(focus=sentence)
 
 
 def answer_prompt(
@@ -151,15 +184,42 @@ def restates_instructions(answer: str, language: Language) -> bool:
     return any(covered) and covered.count(False) < 8
 
 
+# A closed-book answer must stand alone: one that cites "the passage" teaches the model to talk
+# about a text it will never see again.
+_SOURCE_REFERENCE = {
+    "en": re.compile(
+        r"\b(?:the|this|that|above|given|provided)\s+(?:passage|text|document|documentation|"
+        r"article|excerpt|paragraph|context|sentence)s?\b",
+        re.IGNORECASE,
+    ),
+    "zh": re.compile(
+        r"文中|文档中|根据文档|该文档|本文|上文|原文|这段文字|这段文档|根据上述|根据以上|文章中"
+    ),
+}
+
+
+def refers_to_source(answer: str, language: Language) -> bool:
+    """Whether an answer speaks of the text it was written from ("the passage", "根据文档")."""
+    return _SOURCE_REFERENCE[language].search(answer) is not None
+
+
 def clean_answer(text: str) -> str:
     """An answer without control characters, a leading label ("答：", "Answer:") or outer
     whitespace."""
     return _LEADING_LABEL.sub("", _CONTROL.sub("", text).strip()).strip()
 
 
-def answer_fault(answer: str, language: Language) -> Optional[Literal["looping", "restating"]]:
+AnswerFault = Literal["looping", "restating", "refers_to_source"]
+
+
+def answer_fault(
+    answer: str, language: Language, standalone: bool = False
+) -> Optional[AnswerFault]:
     """Why a cleaned answer is not worth keeping, or None: "looping" (near-empty or repeating
-    itself), "restating" (the answer prompt's instructions given back)."""
+    itself), "restating" (the answer prompt's instructions given back) and, where answers must
+    stand alone (standalone), "refers_to_source"."""
     if is_degenerate(answer):
         return "looping"
-    return "restating" if restates_instructions(answer, language) else None
+    if restates_instructions(answer, language):
+        return "restating"
+    return "refers_to_source" if standalone and refers_to_source(answer, language) else None

@@ -235,10 +235,21 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
         else:
             row["qa_pairs"] = stages.get("answers", {}).get("kept")
             row["replayed"] = stages.get("replay", {}).get("chosen")
+            check = stages.get("check", {})
+            row["dev_fact_recall"] = check.get("dev_fact_recall")
+            row["trained_fact_recall"] = check.get("trained_fact_recall")
             if base is not None and len(base.answers) == len(answers.answers):
                 row.update(_against_base(answers, base, open_book, gap, records, language, metrics))
         rows.append(row)
+    dev = [r for r in rows if r.get("dev_fact_recall") is not None]
+    if dev:  # the first of the highest, so that a tie keeps the cheaper generation
+        max(dev, key=lambda r: r["dev_fact_recall"])["best"] = True
     return rows
+
+
+def best_generation(rows: list[dict]) -> Optional[str]:
+    """The generation with the highest fact recall on the dev split, or None without a dev split."""
+    return next((r["model"] for r in rows if r.get("best")), None)
 
 
 def _against_base(
@@ -314,16 +325,24 @@ def _scored_note(rows: list[dict]) -> str:
 def markdown_tables(rows: list[dict]) -> str:
     """summary.md: the scores; what each generation recovered of the open-book gap; the controls."""
     columns = _metric_columns(rows)
+    checked = any(r.get("dev_fact_recall") is not None for r in rows)
     head = ["model", *(LABELS[m] for m in columns), "QA pairs", "replayed", "seconds"]
+    if checked:
+        head[-1:-1] = ["dev facts", "retained facts"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
 
     def line(name: str, values: dict, row: Optional[dict] = None) -> None:
         row = row or {}
-        cells = [name, *(_f(values.get(m)) for m in columns)]
+        cells = [
+            name + (" (best)" if row.get("best") else ""),
+            *(_f(values.get(m)) for m in columns),
+        ]
         cells += [
             str(row.get("qa_pairs") or ""),
             "" if row.get("replayed") is None else str(row["replayed"]),
         ]
+        if checked:
+            cells += [_f(row.get("dev_fact_recall")), _f(row.get("trained_fact_recall"))]
         lines.append("| " + " | ".join(cells + [_seconds_total(row)]) + " |")
 
     for r in rows:
@@ -333,6 +352,12 @@ def markdown_tables(rows: list[dict]) -> str:
                 line("base, open book (the ceiling)", r["open_book"])
             line("the question as the answer", r["question_echo"])
     out = "\n".join(lines) + f"\n\nFact recall in percent{_scored_note(rows)}.\n"
+    if checked:
+        out += (
+            "dev facts: fact recall, closed book, on the dev split (generated QA held back from "
+            "training; the references are the open-book answers); retained facts: the same on "
+            "pairs the generation was trained on. (best): the highest dev facts.\n"
+        )
     gens = [r for r in rows if r["model"] != "base"]
     if not gens:
         return out
@@ -453,6 +478,10 @@ def generation_line(rows: list[dict], model: str) -> str:
         parts.append(
             f"vs the base at its answer length {_interval(row['vs_length_matched_base'][first])}: "
             f"{shown}"
+        )
+    if row.get("dev_fact_recall") is not None:
+        parts.append(
+            f"dev facts {_f(row['dev_fact_recall'])}, retained {_f(row['trained_fact_recall'])}"
         )
     return f"  {model}: " + "; ".join(parts)
 

@@ -253,7 +253,7 @@ def prepare(cfg: EvolveConfig, force: bool) -> Path:
                 "its own"
             )
     snapshot = run_dir / "config.json"
-    prompts = prompts_digest(cfg.generation.language)
+    prompts = prompts_digest(cfg.generation.language, cfg.generation.question_focus)
     problem = _snapshot_problem(snapshot, cfg, prompts) if snapshot.exists() else None
     if problem:
         if not force:

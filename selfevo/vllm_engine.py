@@ -241,7 +241,7 @@ class VLLMEngine:
     ) -> list[str]:
         """A whole stage's prompts in one call: the engine batches and schedules by itself (one
         rank: the vllm backend spreads over GPUs by tensor parallelism, not by ranks)."""
-        return self.generate_batch(prompts, sampling, seed)
+        return self.generate_batch(prompts, sampling, seed) if prompts else []
 
     def close(self) -> None:
         """Shut the engine down now and free its memory (the KV cache, the weights)."""

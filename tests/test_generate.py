@@ -32,14 +32,26 @@ def test_sampling_reproduces_with_the_same_seed(tiny_model):
 def test_questions_then_answers_keep_fragment_and_count_drops(tiny_model):
     model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
     fragments = ["qmeshd listens on TCP port 7741.", "Q-409 means an edit conflict."]
-    cfg = GenerationConfig(batch_size=2, question_max_new_tokens=12, answer_max_new_tokens=12)
     generator = HFGenerator(model, tokenizer, max_length=256)
-    questions, q_dropped = write_questions(generator, fragments, cfg, seed=0)
-    assert len(questions) + q_dropped == 2
-    assert all(q["fragment"] == fragments[q["id"]] and q["question"] for q in questions)
+    for focus in ("fragment", "sentence"):
+        cfg = GenerationConfig(
+            batch_size=2,
+            question_max_new_tokens=12,
+            answer_max_new_tokens=12,
+            question_focus=focus,
+            questions_per_fragment=2,
+        )
+        questions, counts = write_questions(generator, fragments, cfg, seed=0)
+        assert counts["planned"] == (4 if focus == "fragment" else 2)  # one sentence each
+        dropped = counts["unreadable"] + counts["unspecific"] + counts["recurring"]
+        assert (
+            counts["kept"] == len(questions) == counts["planned"] - dropped - counts["asked_before"]
+        )
+        assert all(q["fragment"] == fragments[q["id"]] and q["question"] for q in questions)
     qa, drops = write_answers(generator, questions, cfg, seed=0)
     assert len(qa) + drops["dropped"] == len(questions)
-    assert drops["dropped"] == drops["looping"] + drops["restating"] + drops["repeated"]
+    faults = ("looping", "restating", "refers_to_source", "repeated")
+    assert drops["dropped"] == sum(drops[f] for f in faults)
     assert all(p["answer"] and p["question"] for p in qa)
 
 
@@ -65,6 +77,27 @@ def test_one_reply_given_to_several_questions_is_dropped_from_all_of_them():
         "dropped": 5,
         "looping": 1,
         "restating": 1,
+        "refers_to_source": 0,
         "repeated": 3,
         "commonest_given": 3,
     }
+
+
+def test_answers_that_speak_of_their_source_are_dropped_where_answers_must_stand_alone():
+    questions = [{"id": i, "fragment": "f", "question": f"q{i}?"} for i in range(3)]
+    replies = [
+        "According to the passage, qmeshd listens on port 7741.",
+        "qmeshd listens on TCP port 7741 by default.",
+        "The text says that the port is 7742.",
+    ]
+    kept, drops = pair_answers(questions, replies, "en", standalone=True)
+    assert [p["id"] for p in kept] == [1]
+    assert drops["refers_to_source"] == 2
+    kept, _ = pair_answers(
+        questions, replies, "en", standalone=False
+    )  # the paper's loop keeps them
+    assert len(kept) == 3
+    zh = pair_answers(
+        questions[:2], ["根据文档，端口是7741。", "端口是7741。"], "zh", standalone=True
+    )
+    assert [p["id"] for p in zh[0]] == [1]

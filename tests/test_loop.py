@@ -63,6 +63,52 @@ def test_two_generations_write_every_artifact(finished_run):
     assert {"evolve", "train_gen_0", "train_gen_1"} <= events
 
 
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_dev_split_is_held_back_and_every_generation_is_checked_on_it(finished_run):
+    root, _ = finished_run
+    run_dir = root / "runs" / "t"
+    dev = read(run_dir / "gen_0" / "dev.jsonl")
+    answers = read(run_dir / "gen_0" / "answers.jsonl")
+    assert dev and all(p in answers for p in dev)
+    held = {p["question"] for p in dev}
+    for i in (0, 1):
+        gen = run_dir / f"gen_{i}"
+        assert not held & {p["question"] for p in read(gen / "train.jsonl")}  # never trained on
+        assert not held & {p["question"] for p in read(gen / "qa.jsonl")}  # nor replayed
+        check = read(gen / "check.jsonl")
+        assert [p["question"] for p in check if p["split"] == "dev"] == [p["question"] for p in dev]
+        trained = {p["question"] for p in read(gen / "train.jsonl")}
+        assert all(p["question"] in trained for p in check if p["split"] == "trained")
+        stages = json.loads((gen / "stages.json").read_text())
+        assert stages["check"]["dev_pairs"] == len(dev)
+    assert not (run_dir / "gen_1" / "dev.jsonl").exists()  # one dev split per run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    scored = [r for r in summary[1:] if r["dev_fact_recall"] is not None]
+    assert [r["model"] for r in summary if r.get("best")] == (
+        [max(scored, key=lambda r: r["dev_fact_recall"])["model"]] if scored else []
+    )
+
+
+def test_the_next_generation_asks_twice_about_each_sentence_the_check_found_missed(
+    finished_run,
+):
+    root, _ = finished_run
+    run_dir = root / "runs" / "t"
+    stages = [json.loads((run_dir / f"gen_{i}" / "stages.json").read_text()) for i in (0, 1)]
+    for s in stages:  # every question planned is kept or counted (no filters in the tiny runs)
+        assert s["questions"]["planned"] == s["questions"]["kept"] + s["questions"]["unreadable"]
+    missed: dict[int, set] = {}
+    for c in read(run_dir / "gen_0" / "check.jsonl"):
+        if c["fact-recall"] not in (None, 100):
+            missed.setdefault(c["id"], set()).add(c["unit"])
+    # each missed sentence is asked twice, up to the 4 sentences a fragment is asked about
+    assert stages[1]["questions"]["targeted"] == 2 * sum(min(len(u), 4) for u in missed.values())
+    assert missed  # the random model misses facts, so targeting has work to do
+
+
 def test_tensorboard_holds_eval_scalars_histograms_text_and_timings(finished_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
