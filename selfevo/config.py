@@ -147,6 +147,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     lr_schedule: Literal["cosine", "constant"] = "cosine"
+    fragment_weight: float = 0.0
+    """The fragments themselves as plain text beside the QA pairs (language modelling): each this
+    many times per generation; a fractional part is a seeded share of them (0: none)."""
     checkpoint_every: int = 50
     """Optimizer steps between mid-training checkpoints, from which a killed training resumes (0:
     none)."""
@@ -254,6 +257,8 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"targeting.check_pairs: must be >= 0, got {cfg.targeting.check_pairs}")
     if cfg.replay.k < 0:
         raise ConfigError(f"replay.k: must be >= 0, got {cfg.replay.k}")
+    if cfg.train.fragment_weight < 0:
+        raise ConfigError(f"train.fragment_weight: must be >= 0, got {cfg.train.fragment_weight}")
     if cfg.train.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every: must be >= 0, got {cfg.train.checkpoint_every}")
     positive = {

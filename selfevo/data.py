@@ -208,12 +208,16 @@ def select_fragments(
     return fragments, len(keep)
 
 
-def load_qa(path: str | os.PathLike) -> list[dict]:
+def load_qa(path: str | os.PathLike, texts: bool = False) -> list[dict]:
     """QA pairs as selfevo writes them ({"question", "answer", ...}); the seed's {"input",
-    "output"} too."""
+    "output"} too. With `texts`, a record of a "text" alone (a training set's plain text, such as a
+    fragment) is read as {"text"}."""
     path = Path(path)
     out = []
     for i, r in enumerate(read_records(path)):
+        if texts and "text" in r and not {"question", "input", "answer", "output"} & set(r):
+            out.append({"text": _text_field(path, i, r, "text")})
+            continue
         q_key = "question" if "question" in r else "input"
         a_key = "answer" if "answer" in r else "output"
         out.append(

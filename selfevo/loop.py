@@ -72,7 +72,7 @@ from selfevo.rundir import (
     write_jsonl,
 )
 from selfevo.sampling import generation_seed
-from selfevo.select import normalised_question, select_replay, split_dev
+from selfevo.select import fragment_texts, normalised_question, select_replay, split_dev
 from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint
 from selfevo.vllm_engine import engine_lora_rank, require_vllm
 
@@ -194,6 +194,7 @@ class Loop:
             qa = [p for p in qa if (p["id"], p["question"]) not in held]
         replay = gen.stage("replay", ("replay.jsonl",), lambda: self.replay(i, seed))
         pairs = qa + replay["replay.jsonl"]
+        pairs += fragment_texts(self.fragments, self.cfg.train.fragment_weight, seed)
         gen.stage("train", ADAPTER_FILES, lambda: self.train(pairs, gen.folder, seed))
         gen.remove("checkpoints")  # a kill can come between the adapter's save and their removal
         load_adapter_weights(self.model, gen.folder / "adapter")  # M_{i+1}
@@ -352,7 +353,8 @@ class Loop:
 
         on_rank_zero(self.strategy, check)
         train_adapter(self.cfg, self.model, pairs, folder, self.log_dir, seed, self.strategy)
-        return {}, {"pairs": len(pairs)}
+        texts = sum("text" in p for p in pairs)
+        return {}, {"pairs": len(pairs) - texts, "texts": texts}
 
     def score(self, qa: list[dict], i: int) -> tuple[dict, dict]:
         scored = score_pairs(
@@ -452,7 +454,13 @@ def train_adapter(
     on_rank_zero(
         strategy,
         lambda: write_jsonl(
-            train_file, [{"question": p["question"], "answer": p["answer"]} for p in pairs]
+            train_file,
+            [
+                {"text": p["text"]}
+                if "text" in p
+                else {"question": p["question"], "answer": p["answer"]}
+                for p in pairs
+            ],
         ),
     )
     data = QADataModule(

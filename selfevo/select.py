@@ -127,3 +127,11 @@ def select_replay(history: list[dict], mode: Mode, k: int, seed: int) -> list[di
     # even: every (n // k)-th pair of the sorted history, at most k of them
     step = max(1, len(ascending) // k)
     return ascending[::step][:k]
+
+
+def fragment_texts(fragments: list[str], weight: float, seed: int) -> list[dict]:
+    """The fragments as plain-text training records: each int(weight) times, and a seeded share
+    (weight's fractional part) of them once more, in fragment order."""
+    whole, part = int(weight), weight - int(weight)
+    extra = set(random.Random(seed).sample(range(len(fragments)), round(len(fragments) * part)))
+    return [{"text": f} for i, f in enumerate(fragments) for _ in range(whole + (i in extra))]

@@ -48,6 +48,14 @@ def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
+def encode_text(tokenizer, text: str, max_length: int) -> dict:
+    """Token ids of a plain text + end of text, with labels on every token: language modelling."""
+    ids = (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[
+        :max_length
+    ]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
 def collate_right_padded(examples: list[dict], pad_id: int) -> dict:
     """Right-padded ids and labels, and no attention mask: in a causal model no real token attends
     to the padding after it, and the padding carries no labels. Without a mask, SDPA can take its
@@ -167,7 +175,7 @@ class PlannedBatches:
 
 class QADataModule(L.LightningDataModule):
     """QA pairs from a JSON/JSONL file ({"question", "answer"} or the seed's {"input",
-    "output"})."""
+    "output"}), and plain texts ({"text"}) learnt whole, as language modelling."""
 
     def __init__(
         self,
@@ -203,9 +211,12 @@ class QADataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         tokenizer = load_tokenizer(self.model, self.trust_remote_code)
         self.pad_id = tokenizer.pad_token_id
-        pairs = load_qa(self.train_file)
+        records = load_qa(self.train_file, texts=True)
         self.examples = [
-            encode_qa(tokenizer, p["question"], p["answer"], self.max_length) for p in pairs
+            encode_text(tokenizer, r["text"], self.max_length)
+            if "text" in r
+            else encode_qa(tokenizer, r["question"], r["answer"], self.max_length)
+            for r in records
         ]
         # On several ranks, a step is trainer.accumulate_grad_batches micro-batches on each rank
         # (Lightning's meaning), dealt out from one device's plan (see PlannedBatches).

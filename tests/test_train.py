@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 
 import torch
 from peft import PeftModel
@@ -8,6 +9,7 @@ from selfevo.cli import app
 from selfevo.config import LoraConfig, ModelConfig, TrainConfig, TrainerConfig
 from selfevo.hardware import build_trainer
 from selfevo.models import add_lora, load_model, load_tokenizer, save_adapter
+from selfevo.select import fragment_texts
 from selfevo.train import IGNORE_INDEX, LoRAModule, QADataModule, collate_right_padded, encode_qa
 from tests.helpers import ROOT, write_records
 
@@ -149,3 +151,28 @@ def test_length_grouped_batches_cover_every_pair_once_with_less_padding(tiny_mod
         and sorted(map(sorted, second)) != []
         and sorted(i for b in second for i in b) == list(range(40))
     )
+
+
+def test_a_plain_text_record_is_learnt_whole_beside_the_qa_pairs(tiny_model, tmp_path):
+    records = [
+        {"question": "Which port?", "answer": "7741."},
+        {"text": "qmeshd listens on TCP port 7741."},
+    ]
+    data = QADataModule(str(write_records(tmp_path / "t.jsonl", records, jsonl=True)), tiny_model)
+    data.setup("fit")
+    tokenizer = load_tokenizer(tiny_model)
+    qa, text = data.examples
+    assert qa == encode_qa(tokenizer, "Which port?", "7741.", 1024)
+    ids = tokenizer("qmeshd listens on TCP port 7741.", add_special_tokens=False)["input_ids"]
+    assert text["input_ids"] == text["labels"] == ids + [tokenizer.eos_token_id]
+
+
+def test_fragment_weight_gives_each_fragment_that_many_times_and_a_seeded_share_once_more():
+    fragments = [f"fragment {i}" for i in range(10)]
+    assert fragment_texts(fragments, 0.0, seed=0) == []
+    twice = fragment_texts(fragments, 2.0, seed=0)
+    assert [r["text"] for r in twice] == [f for f in fragments for _ in range(2)]
+    part = fragment_texts(fragments, 1.3, seed=4)
+    counts = Counter(r["text"] for r in part)
+    assert sorted(counts.values()) == [1] * 7 + [2] * 3
+    assert part == fragment_texts(fragments, 1.3, seed=4)
