@@ -93,6 +93,8 @@ def evolve_recording(root: Path, model: str, *extra: str) -> tuple[Path, list, l
         "1",
         "--train.learning_rate",
         "1e-2",
+        "--generation.question_filters",  # a random model's questions name nothing
+        "false",
         *extra,
     ]
     with pytest.MonkeyPatch.context() as mp:
@@ -100,6 +102,10 @@ def evolve_recording(root: Path, model: str, *extra: str) -> tuple[Path, list, l
         result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return root / "runs" / "v", engines, calls
+
+
+def batch_sizes(n: int, size: int = 16) -> list[int]:
+    return [min(size, n - s) for s in range(0, n, size)]
 
 
 @pytest.fixture(scope="module")
@@ -113,37 +119,29 @@ def test_evolve_on_vllm_uses_one_engine_and_each_generations_adapter(vllm_run):
     assert len(engines) == 1  # made once, reused by generation 1
     gen_0, gen_1 = (str(run_dir / f"gen_{i}" / "adapter") for i in (0, 1))
     # Each generation's questions are M_i's (gen 0: the base model, its adapter being fresh), its
-    # answers the base model's (generation.answer_model base, the default), and it is evaluated with
-    # M_{i+1}; the base model is evaluated first, closed book and open book. 4 eval questions, 6
-    # fragments.
-    assert [(c["adapter"], c["prompts"], c["max_new_tokens"]) for c in calls] == [
-        (None, 4, 12),
-        (None, 4, 12),
-        (None, 6, 12),
-        (None, calls[3]["prompts"], 16),
-        (gen_0, 4, 12),
-        (gen_0, 6, 12),
-        (None, calls[6]["prompts"], 16),
-        (gen_1, 4, 12),
-    ]
-    calls = [calls[k] for k in (2, 3, 5, 6)]  # the generation calls
+    # answers the base model's (generation.answer_model base, the default); M_{i+1} answers the
+    # check's pairs and then the eval questions; the base model is evaluated first, closed book and
+    # open book. 4 eval questions.
+    stages = [json.loads((run_dir / f"gen_{i}" / "stages.json").read_text()) for i in (0, 1)]
+    expected = [(None, 4, 12), (None, 4, 12)]
+    for i, adapter in enumerate((gen_0, gen_1)):
+        check = stages[i]["check"]
+        expected += [
+            (gen_0 if i else None, stages[i]["questions"]["planned"], 12),
+            (None, stages[i]["answers"]["kept"] + stages[i]["answers"]["dropped"], 16),
+            # the check goes through the evaluation: in batches of evaluation.batch_size (16)
+            *((adapter, n, 12) for n in batch_sizes(check["dev_pairs"] + check["trained_pairs"])),
+            (adapter, 4, 12),
+        ]
+    assert [(c["adapter"], c["prompts"], c["max_new_tokens"]) for c in calls] == expected
     for i in (0, 1):
         gen = run_dir / f"gen_{i}"
         questions = [
             json.loads(line) for line in (gen / "questions.jsonl").read_text().splitlines()
         ]
         answers = [json.loads(line) for line in (gen / "answers.jsonl").read_text().splitlines()]
-        stages = json.loads((gen / "stages.json").read_text())
-        assert (
-            calls[2 * i]["prompts"]
-            == 6
-            == stages["questions"]["kept"] + stages["questions"]["dropped"]
-        )
-        assert (
-            calls[2 * i + 1]["prompts"]
-            == len(questions)
-            == stages["answers"]["kept"] + stages["answers"]["dropped"]
-        )
+        assert len(questions) == stages[i]["answers"]["kept"] + stages[i]["answers"]["dropped"]
+        assert stages[i]["check"]["dev_pairs"] == stages[0]["dev"]["dev"] > 0
         assert answers and all(
             a["generation"] == i and a["question"] and a["answer"] for a in answers
         )
@@ -163,7 +161,9 @@ def test_with_answer_model_current_each_generations_model_answers_its_questions(
     )
     gen_0 = str(run_dir / "gen_0" / "adapter")
     # generation 1's questions and answers by M_1 (gen_0's adapter), as the paper's loop has it
-    assert [(c["adapter"], c["max_new_tokens"]) for c in calls[5:7]] == [(gen_0, 12), (gen_0, 16)]
+    answers = [k for k, c in enumerate(calls) if c["max_new_tokens"] == 16]  # one call a generation
+    assert [calls[k]["adapter"] for k in answers] == [None, gen_0]
+    assert calls[answers[1] - 1]["adapter"] == gen_0  # its questions
 
 
 def test_evaluate_command_on_vllm_answers_open_book_as_the_loop_did(
