@@ -127,7 +127,8 @@ def evolve_parser():
 
 
 def check_yaml_keys(path: Path) -> None:
-    """Refuse a YAML config that gives a key twice (YAML loaders silently keep the last)."""
+    """Refuse a YAML config that gives a key twice (YAML loaders silently keep the last), or that is
+    not text YAML can read, or that gives the key `config`."""
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
@@ -153,13 +154,16 @@ def check_yaml_keys(path: Path) -> None:
     except UnicodeDecodeError as e:
         fail(f"{path}: not UTF-8 (byte {e.start})")
     try:
-        yaml.load(text, StrictLoader)
+        document = yaml.load(text, StrictLoader)
     except RecursionError:
         fail(f"{path}: nested too deeply")
     except (ValueError, OverflowError) as e:  # PyYAML's scanner on an escape beyond Unicode
         fail(f"{path}: not valid YAML text ({e})")
     except yaml.YAMLError:
-        pass  # the config parser reports these with its own messages
+        return  # the config parser reports these with its own messages
+    # jsonargparse reads a file's own `config` key as the --config option and fails on it
+    if isinstance(document, dict) and "config" in document:
+        fail(f"{path}: key 'config': a config file cannot name other configs; give each --config")
 
 
 def parse_config_args(parser, args: list[str], sections: dict):

@@ -208,6 +208,7 @@ FOUND = {
     "a mapping as a key": (b"{evaluation:, {batch_size: 0}}\n", []),
     "a list as a key": (b"? [a]\n: 1\n", []),
     "a section as a text with a NUL": (b'{data: "\\0"}\n', []),
+    "the key config in a config file": (b"{config: false}\n", []),
 }
 
 
