@@ -68,7 +68,7 @@ class GenerationConfig:
     top_p: float = 0.95
     question_focus: Literal["fragment", "sentence"] = "sentence"
     """What a question is asked about: fragment = the whole fragment, in the paper's prompt;
-    sentence = one sentence of it (facts.fact_sentences), in a prompt by example, so that the
+    sentence = one sentence of it (prompts.fact_sentences), in a prompt by example, so that the
     questions of a fragment cover its facts instead of asking about its main fact again."""
     questions_per_fragment: int = 4
     """Questions per fragment per generation. With question_focus sentence, each about a different

@@ -231,37 +231,3 @@ class FactRecall(Metric):
         """The number of pairs scored, over all ranks where compute() syncs them."""
         with self.sync_context(should_sync=self.sync_on_compute):
             return int(self.count)
-
-
-# Where a fragment's sentences end: after . ! ? before the next one's start (not inside "v2.3" or
-# "e.g. x"), after 。！？；, and at every line break (AIOps fragments are often one step per line).
-_SENTENCE_END = {
-    "en": re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])|\s*\n\s*"),
-    "zh": re.compile(r"(?<=[。！？；])\s*|\s*\n\s*"),
-}
-# A piece shorter than this joins the next: a heading, "*是→3" or "Default: 5." says too little to
-# be asked about on its own. Chinese says in 15 characters what English says in about 40.
-MIN_SENTENCE_CHARS = {"en": 40, "zh": 15}
-
-
-def fact_sentences(fragment: str, language: Language) -> list[str]:
-    """The fragment cut into sentences (and lines), the units the questions are asked about: a
-    fragment states one fact or a few per sentence, so one question per sentence covers them all,
-    where one question per fragment asks about its main fact again and again."""
-    pieces = [p.strip() for p in _SENTENCE_END[language].split(fragment.strip())]
-    glue = " " if language == "en" else "\n"  # a Chinese piece is often a line of its own
-    sentences: list[str] = []
-    pending = ""
-    for piece in filter(None, pieces):
-        joined = f"{pending}{glue}{piece}" if pending else piece
-        if len(joined) < MIN_SENTENCE_CHARS[language]:
-            pending = joined
-            continue
-        sentences.append(joined)
-        pending = ""
-    if pending:  # a short tail joins the last sentence, or is the only one
-        if sentences:
-            sentences[-1] += glue + pending
-        else:
-            sentences.append(pending)
-    return sentences

@@ -19,7 +19,6 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import GenerationConfig, ModelConfig
-from selfevo.facts import fact_sentences
 from selfevo.faults import kill_point
 from selfevo.hardware import halving_batch_on_oom
 from selfevo.log import progress
@@ -31,11 +30,12 @@ from selfevo.prompts import (
     clean_answer,
     clean_question,
     fact_question_prompt,
+    fact_sentences,
+    filter_questions,
     question_prompt,
 )
 from selfevo.ranks import Strategy, gather_in_order, share
 from selfevo.sampling import Sampling, answers_seed, batch_seed, prompt_limit, warn_if_cut
-from selfevo.select import filter_questions
 
 log = logging.getLogger(__name__)
 

@@ -53,6 +53,7 @@ from selfevo.models import (
     resolve_model,
     save_adapter,
 )
+from selfevo.prompts import normalised_question
 from selfevo.ranks import Strategy, launch_ranks, on_rank_zero
 from selfevo.report import (
     best_generation,
@@ -72,7 +73,7 @@ from selfevo.rundir import (
     write_jsonl,
 )
 from selfevo.sampling import generation_seed
-from selfevo.select import fragment_texts, normalised_question, select_replay, split_dev
+from selfevo.select import fragment_texts, select_replay, split_dev
 from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint
 from selfevo.vllm_engine import engine_lora_rank, require_vllm
 

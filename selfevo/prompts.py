@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
+from collections import Counter
 from typing import Literal, Optional
 
 from transformers import PreTrainedTokenizerBase
@@ -113,6 +115,40 @@ def answer_prompt(
 def closed_book_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
     """Training and evaluation prompt: the question alone."""
     return chat_prompt(tokenizer, question)
+
+
+# Where a fragment's sentences end: after . ! ? before the next one's start (not inside "v2.3" or
+# "e.g. x"), after 。！？；, and at every line break (AIOps fragments are often one step per line).
+_SENTENCE_END = {
+    "en": re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])|\s*\n\s*"),
+    "zh": re.compile(r"(?<=[。！？；])\s*|\s*\n\s*"),
+}
+# A piece shorter than this joins the next: a heading, "*是→3" or "Default: 5." says too little to
+# be asked about on its own. Chinese says in 15 characters what English says in about 40.
+MIN_SENTENCE_CHARS = {"en": 40, "zh": 15}
+
+
+def fact_sentences(fragment: str, language: Language) -> list[str]:
+    """The fragment cut into sentences (and lines), the units the questions are asked about: a
+    fragment states one fact or a few per sentence, so one question per sentence covers them all,
+    where one question per fragment asks about its main fact again and again."""
+    pieces = [p.strip() for p in _SENTENCE_END[language].split(fragment.strip())]
+    glue = " " if language == "en" else "\n"  # a Chinese piece is often a line of its own
+    sentences: list[str] = []
+    pending = ""
+    for piece in filter(None, pieces):
+        joined = f"{pending}{glue}{piece}" if pending else piece
+        if len(joined) < MIN_SENTENCE_CHARS[language]:
+            pending = joined
+            continue
+        sentences.append(joined)
+        pending = ""
+    if pending:  # a short tail joins the last sentence, or is the only one
+        if sentences:
+            sentences[-1] += glue + pending
+        else:
+            sentences.append(pending)
+    return sentences
 
 
 # --- clean-up ------------------------------------------------------------------------------
@@ -223,3 +259,74 @@ def answer_fault(
     if restates_instructions(answer, language):
         return "restating"
     return "refers_to_source" if standalone and refers_to_source(answer, language) else None
+
+
+# --- which questions are worth answering ------------------------------------------------------
+
+# Words that name nothing: a question made of these and the domain's everyday words asks about no
+# fact in particular ("What is the answer to this question?").
+_STOPWORDS = frozenset(
+    """a about above after all also an and any are as at be been before being between both but by
+    can could did do does doing during each few for from had has have having how if in into is it
+    its may might more most must no not of on once only or other our out over own same should so
+    some such than that the their them then there these they this those through to too under until
+    up very was were what when where which while who whom why will with would you your
+    product topic passage text document question answer sentence""".split()
+)
+_WORD = re.compile(r"[a-z0-9_]+(?:[.\-/][a-z0-9_]+)*")
+_HAN = re.compile(r"[\u3400-\u9fff]+")
+
+
+def terms(text: str, language: Language) -> set[str]:
+    """The words of a text that may name something: Latin words (case-folded, not stop words, 3 or
+    more characters, or any with a digit) and, in Chinese, each pair of adjacent Han characters."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    found = {
+        w
+        for w in _WORD.findall(text)
+        if w not in _STOPWORDS and (len(w) >= 3 or any(c.isdigit() for c in w))
+    }
+    if language == "zh":
+        found |= {run[i : i + 2] for run in _HAN.findall(text) for i in range(len(run) - 1)}
+    return found
+
+
+def normalised_question(question: str) -> str:
+    """The form in which two questions are the same: NFKC, case-folded, letters and digits only."""
+    text = unicodedata.normalize("NFKC", question).casefold()
+    return "".join(c for c in text if c.isalnum())
+
+
+def filter_questions(
+    records: list[dict], fragments: list[str], asked_before: set[str], language: Language
+) -> tuple[list[dict], dict]:
+    """The questions worth answering, and how many were dropped and why:
+
+    - "unspecific": it shares with its fragment no term (`terms`) that fewer than half of all
+      fragments hold: it names nothing particular to its fragment;
+    - "recurring": the same question (`normalised_question`) was written for two or more fragments;
+    - "asked_before": an earlier generation or the dev split asked it, or it repeats a question
+      kept for the same fragment this generation.
+    """
+    fragment_terms = [terms(f, language) for f in fragments]
+    frequency = Counter(t for ts in fragment_terms for t in ts)
+    common = len(fragments) / 2 if len(fragments) >= 4 else len(fragments) + 1
+    forms = [normalised_question(r["question"]) for r in records]
+    fragments_of: dict[str, set[int]] = {}
+    for r, form in zip(records, forms):
+        fragments_of.setdefault(form, set()).add(r["id"])
+    seen = set(asked_before)
+    kept: list[dict] = []
+    drops = Counter()
+    for r, form in zip(records, forms):
+        shared = terms(r["question"], language) & fragment_terms[r["id"]]
+        if not any(frequency[t] < common for t in shared):
+            drops["unspecific"] += 1
+        elif len(fragments_of[form]) > 1:
+            drops["recurring"] += 1
+        elif form in seen:
+            drops["asked_before"] += 1
+        else:
+            seen.add(form)
+            kept.append(r)
+    return kept, {k: drops[k] for k in ("unspecific", "recurring", "asked_before")}

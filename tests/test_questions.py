@@ -4,9 +4,9 @@ none that names nothing, recurs across fragments or was asked before."""
 from collections import Counter
 
 from selfevo.config import GenerationConfig
-from selfevo.facts import fact_sentences
 from selfevo.generate import plan_questions
-from selfevo.select import filter_questions, split_dev
+from selfevo.prompts import fact_sentences, filter_questions
+from selfevo.select import split_dev
 
 FRAGMENTS = [
     "Quillmesh nodes talk over TCP port 7741 by default. The control API listens on TCP port "
