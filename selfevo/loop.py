@@ -174,8 +174,8 @@ class Loop:
         self.rows: list[dict] = []
 
     def generation(self, i: int) -> None:
-        """One generation of the paper's loop: questions, answers, replay, train, score,
-        evaluate."""
+        """One generation: questions, answers, (generation 0: the dev split), replay, train, score,
+        check (with a dev split or check_pairs), evaluate."""
         console.rule(f"generation {i}")
         gen = Stages(self.run_dir, f"gen_{i}", self.writer, i + 1, self.strategy)
         seed = generation_seed(self.cfg.seed, i)
@@ -251,7 +251,7 @@ class Loop:
     def questions(self, current: Optional[Path], i: int, seed: int) -> tuple[dict, dict]:
         history = self.earlier(i, "questions.jsonl")
         missed = set()
-        if self.cfg.targeting.retarget and i > 0:
+        if self.cfg.targeting.retarget and i > 0:  # what M_i answered without all of its facts
             missed = {
                 (c["id"], c["unit"])
                 for c in self.earlier(i, "check.jsonl")
