@@ -481,6 +481,10 @@ def evaluate_cmd(ctx: typer.Context) -> None:
                 "answer_max_new_tokens",
                 "temperature",
                 "top_p",
+                "question_focus",
+                "questions_per_fragment",
+                "question_filters",
+                "standalone_answers",
                 "answer_model",
             )
         },

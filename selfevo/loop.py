@@ -252,10 +252,13 @@ class Loop:
         history = self.earlier(i, "questions.jsonl")
         missed = set()
         if self.cfg.targeting.retarget and i > 0:  # what M_i answered without all of its facts
+            check = self.run_dir / f"gen_{i - 1}" / "check.jsonl"
             missed = {
                 (c["id"], c["unit"])
-                for c in self.earlier(i, "check.jsonl")
-                if c["generation"] == i - 1 and "unit" in c and c["fact-recall"] not in (None, 100)
+                for c in on_rank_zero(
+                    self.strategy, lambda: read_jsonl(check) if check.is_file() else []
+                )
+                if "unit" in c and c["fact-recall"] not in (None, 100)
             }
         self.generator.use_adapter(current)
         records, counts = write_questions(
