@@ -83,7 +83,7 @@ def main() -> None:
             folder = work / f"lr_{lr:g}_epochs_{epochs}"
             folder.mkdir(parents=True, exist_ok=True)
             t = time.perf_counter()
-            train_adapter(cfg, model, qa, folder, work / "logs", seed, strategy)
+            train_adapter(cfg, model, tokenizer, qa, folder, work / "logs", seed, strategy)
             name = f"lr {lr:g}, {epochs} epochs"
             rows.append((name, evaluate(use_adapter=True), time.perf_counter() - t))
     print(

@@ -485,6 +485,7 @@ def evaluate_cmd(ctx: typer.Context) -> None:
                 "questions_per_fragment",
                 "question_filters",
                 "standalone_answers",
+                "min_grounding",
                 "answer_model",
             )
         },

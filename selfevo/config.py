@@ -21,6 +21,9 @@ SEED_IFD_PROMPT = (
     "### Input:\n{question}\n\n### Response:"
 )
 SEED_IFD_ANSWER_PREFIX = "### Response:"
+# The same prompt with the fragment before the question: the grounding pass differs from IFD's
+# conditioned pass by the fragment alone.
+GROUNDED_PROMPT = SEED_IFD_PROMPT.replace("{question}", "{fragment}\n\n{question}")
 
 
 @dataclass
@@ -81,6 +84,10 @@ class GenerationConfig:
     standalone_answers: bool = True
     """Drop answers that speak of their source ("the passage", "根据文档"): trained closed book,
     they teach the model to cite a text it never sees."""
+    min_grounding: Optional[float] = 0.0
+    """Drop answers whose grounding (ifd.ground_pairs: how much likelier the fragment makes the
+    answer under the base model, nats per token) is below this: the fragment does not support them
+    (None: no grounding pass). The score of every pair is kept in grounded.jsonl and qa.jsonl."""
     answer_model: Literal["base", "current"] = "base"
     """Who answers the questions, open book: base = the base model, its adapter off; current = the
     model of this generation, which also wrote the questions (the paper's loop). The questions are
@@ -127,6 +134,9 @@ class IFDConfig:
     """Conditioned prefix; {question} is replaced by the question."""
     answer_prefix: str = SEED_IFD_ANSWER_PREFIX
     """The fixed prefix of the answer-only pass."""
+    grounded_prompt: str = GROUNDED_PROMPT
+    """The grounding pass's prefix: `prompt` with the fragment; {fragment} and {question} are
+    replaced."""
 
 
 @dataclass
@@ -142,6 +152,14 @@ class LoraConfig:
 class TrainConfig:
     learning_rate: float = 2e-4
     epochs: int = 1
+    """Epochs of each generation's training; with max_epochs, the fewest."""
+    max_epochs: Optional[int] = None
+    """Train on past `epochs` while retention rises, up to this many (None: exactly `epochs`).
+    Retention: after every epoch the model answers `probe_pairs` of its training pairs closed book,
+    scored by fact recall (train.RetentionProbe); training stops after `patience` epochs without a
+    rise. The cosine schedule spans max_epochs."""
+    patience: int = 1
+    probe_pairs: int = 64
     micro_batch_size: int = 4
     grad_accum: int = 4
     warmup_ratio: float = 0.03
@@ -259,6 +277,11 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"replay.k: must be >= 0, got {cfg.replay.k}")
     if cfg.train.fragment_weight < 0:
         raise ConfigError(f"train.fragment_weight: must be >= 0, got {cfg.train.fragment_weight}")
+    if cfg.train.max_epochs is not None and cfg.train.max_epochs < cfg.train.epochs:
+        raise ConfigError(
+            f"train.max_epochs: must be >= train.epochs ({cfg.train.epochs}), got "
+            f"{cfg.train.max_epochs}"
+        )
     if cfg.train.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every: must be >= 0, got {cfg.train.checkpoint_every}")
     positive = {
@@ -268,6 +291,8 @@ def validate(cfg: EvolveConfig) -> None:
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.grad_accum": cfg.train.grad_accum,
         "train.epochs": cfg.train.epochs,
+        "train.patience": cfg.train.patience,
+        "train.probe_pairs": cfg.train.probe_pairs,
         "lora.r": cfg.lora.r,
         "model.max_length": cfg.model.max_length,
     }
@@ -300,6 +325,14 @@ def validate(cfg: EvolveConfig) -> None:
         cfg.ifd.prompt.format(question="")
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"ifd.prompt: only {{question}} may stand in braces ({e!r})") from None
+    try:
+        cfg.ifd.grounded_prompt.format(fragment="", question="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(
+            f"ifd.grounded_prompt: only {{fragment}} and {{question}} may stand in braces ({e!r})"
+        ) from None
+    if not {"{fragment}", "{question}"} <= set(re.findall(r"\{\w+\}", cfg.ifd.grounded_prompt)):
+        raise ConfigError("ifd.grounded_prompt: must contain {fragment} and {question}")
     if not cfg.ifd.answer_prefix.strip():
         raise ConfigError("ifd.answer_prefix: must not be empty")
     ranks = world_size(cfg.trainer)

@@ -1,7 +1,9 @@
-"""Stage 5: Instruction-Following Difficulty (IFD) of every QA pair.
+"""Stage 5: Instruction-Following Difficulty (IFD) of every QA pair, and its grounding.
 
-IFD(q, a) = mean NLL(a | prompt(q)) / mean NLL(a | answer_prefix). The answer is tokenized once
-and the same answer tokens follow both prefixes ("token-exact"). The 2N sequences of N pairs are
+IFD(q, a) = mean NLL(a | prompt(q)) / mean NLL(a | answer_prefix). Grounding (`ground_pairs`,
+before training) = mean NLL(a | prompt(q)) - mean NLL(a | prompt(fragment, q)): what the fragment
+adds. The answer is tokenized once and the same answer tokens follow every prefix ("token-exact").
+The 2N sequences of N pairs are
 sorted by length and batched with their neighbours, so a batch is nearly all real tokens. Rows are
 right-padded and run without an attention mask: in a causal model no real token attends to the
 padding after it, and without a mask PyTorch's SDPA can take its flash path (grouped-query heads
@@ -12,7 +14,6 @@ with the log-softmax in fp32.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import lightning as L
 import torch
@@ -42,26 +43,16 @@ def pair_token_ids(
 
 
 class SequenceBatches(Dataset):
-    """Both sequences of every pair, sorted by length and cut into right-padded batches.
+    """Sequences of (prefix ids, answer ids), sorted by length and cut into right-padded batches of
+    `batch_size` sequences of similar length, longest first, so an out-of-memory error shows at the
+    first batch."""
 
-    Sequence 2i is pair i's prompt + answer, sequence 2i + 1 its answer prefix + answer; each batch
-    holds 2 x batch_size sequences of similar length, longest first, so an out-of-memory error
-    shows at the first batch.
-    """
-
-    def __init__(self, tokenizer, pairs: list[dict], cfg: IFDConfig, max_length: int):
-        self.seqs: list[list[int]] = []
-        self.answer_len: list[int] = []
-        for p in pairs:
-            prompt, prefix, answer = pair_token_ids(
-                tokenizer, p["question"], p["answer"], cfg, max_length
-            )
-            self.seqs += [prompt + answer, prefix + answer]
-            self.answer_len += [len(answer)] * 2
+    def __init__(self, sequences: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int):
+        self.seqs = [prefix + answer for prefix, answer in sequences]
+        self.answer_len = [len(answer) for _, answer in sequences]
         order = sorted(range(len(self.seqs)), key=lambda i: -len(self.seqs[i]))
-        size = 2 * cfg.batch_size
-        self.batches = [order[s : s + size] for s in range(0, len(order), size)]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        self.pad_id = pad_id
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -152,6 +143,44 @@ class IFDScorer(L.LightningModule):
         return {"index": batch["index"].cpu(), "loss": losses.cpu()}
 
 
+def answer_losses(
+    model: PreTrainedModel,
+    sequences: list[tuple[list[int], list[int]]],
+    batch_size: int,
+    pad_id: int,
+    trainer: L.Trainer,
+    use_adapter: bool = False,
+    description: str = "IFD scoring",
+) -> list[float]:
+    """The mean answer NLL of every (prefix ids, answer ids) sequence, in input order (NaN for an
+    empty answer); `batch_size` sequences a batch, halved on running out of memory.
+
+    On several ranks (the trainer's strategy), each rank scores its share of the batches and every
+    rank gets all the losses; a batch is the same on any number of ranks, so are its losses.
+    """
+
+    def run(size: int) -> list[dict]:
+        batches = SequenceBatches(sequences, size, pad_id)
+        mine = Subset(batches, share(list(range(len(batches))), trainer.strategy))
+        return trainer.predict(
+            IFDScorer(model, use_adapter), dataloaders=DataLoader(mine, batch_size=None)
+        )
+
+    outputs = halving_batch_on_oom(run, batch_size, description) or []  # None: no batch here
+    mine = {
+        i: loss for out in outputs for i, loss in zip(out["index"].tolist(), out["loss"].tolist())
+    }
+    return gather_in_order(mine, len(sequences), trainer.strategy, description)
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _loss_or_none(loss: float) -> float | None:
+    return None if math.isnan(loss) else loss  # JSON has no NaN: an undefined loss is null
+
+
 def score_pairs(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -161,38 +190,60 @@ def score_pairs(
     trainer: L.Trainer,
     use_adapter: bool = False,
 ) -> list[dict]:
-    """The pairs with "ifd", "loss_cond" and "loss_alone" added, in input order.
+    """The pairs with "ifd", "loss_cond" and "loss_alone" added, in input order."""
+    if not pairs:
+        return []
+    sequences = []
+    for p in pairs:
+        prompt, prefix, answer = pair_token_ids(
+            tokenizer, p["question"], p["answer"], cfg, max_length
+        )
+        sequences += [(prompt, answer), (prefix, answer)]
+    losses = answer_losses(
+        model, sequences, 2 * cfg.batch_size, _pad_id(tokenizer), trainer, use_adapter
+    )
+    return [
+        {
+            **pair,
+            "ifd": ifd_from_losses(losses[2 * i], losses[2 * i + 1]),
+            "loss_cond": _loss_or_none(losses[2 * i]),
+            "loss_alone": _loss_or_none(losses[2 * i + 1]),
+        }
+        for i, pair in enumerate(pairs)
+    ]
 
-    On several ranks (the trainer's strategy), each rank scores its share of the batches and every
-    rank gets all the scores; a batch is the same on any number of ranks, so are its losses.
+
+def ground_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[dict],
+    cfg: IFDConfig,
+    max_length: int,
+    trainer: L.Trainer,
+) -> list[dict]:
+    """The pairs with "grounding" added: mean NLL(answer | question) - mean NLL(answer | fragment,
+    question) under the base model, in nats per answer token; what the fragment makes the answer
+    likelier. An answer the fragment supports gains from it; one it does not (a guess, or what
+    contradicts it) gains little or loses. None where the answer has no token within max_length.
+
+    Both passes share the answer's tokens, cut to fit after the longer (the fragment's) prompt.
     """
     if not pairs:
         return []
-
-    def run(size: int) -> list[dict]:
-        batches = SequenceBatches(tokenizer, pairs, replace(cfg, batch_size=size), max_length)
-        mine = Subset(batches, share(list(range(len(batches))), trainer.strategy))
-        return trainer.predict(
-            IFDScorer(model, use_adapter), dataloaders=DataLoader(mine, batch_size=None)
-        )
-
-    outputs = (
-        halving_batch_on_oom(run, cfg.batch_size, "IFD scoring") or []
-    )  # None: this rank had no batch
-    mine = {
-        i: loss for out in outputs for i, loss in zip(out["index"].tolist(), out["loss"].tolist())
-    }
-    losses = gather_in_order(mine, 2 * len(pairs), trainer.strategy, "IFD scoring")
-    scored = []
+    sequences = []
+    for p in pairs:
+        alone = tokenizer(cfg.prompt.format(question=p["question"]))["input_ids"]
+        grounded = tokenizer(
+            cfg.grounded_prompt.format(fragment=p["fragment"], question=p["question"])
+        )["input_ids"]
+        answer = tokenizer(p["answer"], add_special_tokens=False)["input_ids"]
+        answer = answer[: max(0, max_length - len(grounded))]
+        sequences += [(alone, answer), (grounded, answer)]
+    losses = answer_losses(
+        model, sequences, 2 * cfg.batch_size, _pad_id(tokenizer), trainer, False, "grounding"
+    )
+    out = []
     for i, pair in enumerate(pairs):
-        cond, alone = losses[2 * i], losses[2 * i + 1]
-        # JSON has no NaN: an undefined loss is stored as null.
-        scored.append(
-            {
-                **pair,
-                "ifd": ifd_from_losses(cond, alone),
-                "loss_cond": None if math.isnan(cond) else cond,
-                "loss_alone": None if math.isnan(alone) else alone,
-            }
-        )
-    return scored
+        gain = losses[2 * i] - losses[2 * i + 1]
+        out.append({**pair, "grounding": _loss_or_none(gain)})
+    return out

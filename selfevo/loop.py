@@ -4,7 +4,8 @@ For generation i, with M_i = base + adapter A_i (A_0: a fresh adapter, i.e. the 
     questions  <- M_i writes questions about every fragment, one per sentence, those it got wrong
                   at the last check first (open book); unspecific and repeated ones are dropped
     qa         <- M_0 answers each question (open book; M_i does with generation.answer_model
-                  current); generation 0 holds a share back as the dev split
+                  current); answers the fragment does not make likelier under M_0 are dropped
+                  (grounding); generation 0 holds a share back as the dev split
     replay     <- k pairs of QA_0..QA_{i-1}, chosen by IFD
     A_{i+1}    <- continue A_i on qa + replay (closed book)
     qa.ifd     <- IFD of every pair of QA_i (base model by default)
@@ -43,7 +44,7 @@ from selfevo.data import load_eval, load_fragments, select_fragments
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import make_generator, write_answers, write_questions
 from selfevo.hardware import accelerator_device, build_trainer
-from selfevo.ifd import score_pairs
+from selfevo.ifd import ground_pairs, score_pairs
 from selfevo.log import console, run_log, setup_logging
 from selfevo.models import (
     add_lora,
@@ -72,9 +73,16 @@ from selfevo.rundir import (
     read_jsonl,
     write_jsonl,
 )
-from selfevo.sampling import generation_seed
+from selfevo.sampling import Sampling, generation_seed
 from selfevo.select import fragment_texts, select_replay, split_dev
-from selfevo.train import AtomicCheckpointIO, LoRAModule, QADataModule, StepCheckpoint
+from selfevo.train import (
+    AtomicCheckpointIO,
+    LoRAModule,
+    QADataModule,
+    RetentionProbe,
+    StepCheckpoint,
+    probe_sample,
+)
 from selfevo.vllm_engine import engine_lora_rank, require_vllm
 
 log = logging.getLogger(__name__)
@@ -189,6 +197,9 @@ class Loop:
             lambda: self.answers(questions["questions.jsonl"], current, i, seed),
         )
         qa = answers["answers.jsonl"]
+        if self.cfg.generation.min_grounding is not None:
+            grounded = gen.stage("ground", ("grounded.jsonl",), lambda: self.ground(qa))
+            qa = grounded["grounded.jsonl"]
         if i == 0 and self.cfg.targeting.dev_share > 0:
             dev = gen.stage("dev", ("dev.jsonl",), lambda: self.hold_back_dev(qa, seed))
             held = {(p["id"], p["question"]) for p in dev["dev.jsonl"]}
@@ -288,6 +299,32 @@ class Loop:
             **drops,
         }
 
+    def ground(self, qa: list[dict]) -> tuple[dict, dict]:
+        """Every pair's grounding under the base model; those below generation.min_grounding are
+        dropped: the fragment does not make their answer likelier."""
+        scored = ground_pairs(
+            self.model,
+            self.tokenizer,
+            qa,
+            self.cfg.ifd,
+            self.cfg.model.max_length,
+            build_trainer(self.cfg.trainer),
+        )
+        # A pair whose fragment and question leave no room for its answer within model.max_length
+        # is kept unmeasured: nothing says its answer is unsupported.
+        floor = self.cfg.generation.min_grounding
+        kept = [p for p in scored if p["grounding"] is None or p["grounding"] >= floor]
+        gains = [p["grounding"] for p in scored if p["grounding"] is not None]
+        if gains and self.writer is not None:
+            self.writer.add_histogram("grounding", torch.tensor(gains), scored[0]["generation"] + 1)
+        return {"grounded.jsonl": kept}, {
+            "pairs": len(scored),
+            "kept": len(kept),
+            "ungrounded": len(scored) - len(kept),
+            "unmeasured": len(scored) - len(gains),
+            "mean_grounding": round(sum(gains) / len(gains), 4) if gains else None,
+        }
+
     def hold_back_dev(self, qa: list[dict], seed: int) -> tuple[dict, dict]:
         train, dev = split_dev(qa, self.cfg.targeting.dev_share, seed)
         return {"dev.jsonl": dev}, {"dev": len(dev), "train": len(train)}
@@ -356,9 +393,11 @@ class Loop:
                 )
 
         on_rank_zero(self.strategy, check)
-        train_adapter(self.cfg, self.model, pairs, folder, self.log_dir, seed, self.strategy)
+        trained = train_adapter(
+            self.cfg, self.model, self.tokenizer, pairs, folder, self.log_dir, seed, self.strategy
+        )
         texts = sum("text" in p for p in pairs)
-        return {}, {"pairs": len(pairs) - texts, "texts": texts}
+        return {}, {"pairs": len(pairs) - texts, "texts": texts, **trained}
 
     def score(self, qa: list[dict], i: int) -> tuple[dict, dict]:
         scored = score_pairs(
@@ -436,14 +475,16 @@ class Loop:
 def train_adapter(
     cfg: EvolveConfig,
     model,
+    tokenizer,
     pairs: list[dict],
     folder: Path,
     log_dir: Path,
     seed: int,
     strategy: Strategy,
-) -> None:
+) -> dict:
     """Continue the in-memory adapter on `pairs` (written to folder/train.jsonl) and save it to
-    folder/adapter.
+    folder/adapter; returns the epochs trained and, with train.max_epochs, the retention after each
+    (train.RetentionProbe).
 
     Every train.checkpoint_every optimizer steps the adapter's weights and the optimizer, scheduler
     and loop state go to checkpoints/last.ckpt (see train.StepCheckpoint); a killed training
@@ -479,9 +520,11 @@ def train_adapter(
         save_dir=str(log_dir), name="", version=f"train_gen_{folder.name.split('_')[-1]}"
     )
     last = checkpoints / "last.ckpt"
+    probe = retention_probe(cfg, tokenizer, pairs, seed)
     trainer = build_trainer(
         cfg.trainer,
-        max_epochs=cfg.train.epochs,
+        min_epochs=cfg.train.epochs,
+        max_epochs=cfg.train.max_epochs if probe else cfg.train.epochs,
         accumulate_grad_batches=cfg.train.grad_accum // strategy.world_size,
         gradient_clip_val=1.0,
         logger=logger,
@@ -489,6 +532,7 @@ def train_adapter(
         callbacks=[
             LearningRateMonitor(logging_interval="step"),
             StepCheckpoint(last, cfg.train.checkpoint_every),
+            *([probe] if probe else []),
         ],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(folder),
@@ -525,3 +569,30 @@ def train_adapter(
         shutil.rmtree(checkpoints, ignore_errors=True)
 
     on_rank_zero(strategy, save)
+    trained = {"epochs": trainer.current_epoch}
+    if probe:
+        trained.update(retention=probe.history, probe_pairs=len(probe.pairs))
+    return trained
+
+
+def retention_probe(
+    cfg: EvolveConfig, tokenizer, pairs: list[dict], seed: int
+) -> Optional[RetentionProbe]:
+    """With train.max_epochs, the check that ends training once retention stops rising; None
+    without it, or when no training pair states a fact to check."""
+    if cfg.train.max_epochs is None:
+        return None
+    language = cfg.generation.language
+    sample = probe_sample(pairs, cfg.train.probe_pairs, language, seed)
+    if not sample:
+        log.warning("  no training pair states a fact: training %d epochs", cfg.train.epochs)
+        return None
+    return RetentionProbe(
+        sample,
+        tokenizer,
+        language,
+        Sampling(cfg.evaluation.max_new_tokens),
+        cfg.evaluation.batch_size,
+        cfg.model.max_length,
+        cfg.train.patience,
+    )

@@ -14,7 +14,7 @@ from typing import Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
@@ -22,6 +22,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 
 from selfevo.config import LoraConfig, ModelConfig, TrainConfig
 from selfevo.data import load_qa
+from selfevo.facts import fact_recall, reference_facts
 from selfevo.faults import kill_point
 from selfevo.models import (
     SMOLLM2_ALIAS,
@@ -31,7 +32,7 @@ from selfevo.models import (
     load_tokenizer,
     save_adapter,
 )
-from selfevo.prompts import closed_book_prompt
+from selfevo.prompts import Language, closed_book_prompt
 from selfevo.rundir import RunError, write_bytes
 
 IGNORE_INDEX = -100
@@ -391,6 +392,86 @@ class StepCheckpoint(Callback):
         if self.every and stepped and not last_of_epoch and trainer.global_step % self.every == 0:
             trainer.save_checkpoint(self.path, weights_only=False)
         kill_point("train")
+
+
+def probe_sample(pairs: list[dict], n: int, language: Language, seed: int) -> list[dict]:
+    """A seeded sample of n QA pairs whose answers state a fact (fact recall can score them)."""
+    with_facts = [
+        p
+        for p in pairs
+        if "question" in p and reference_facts(p["answer"], p["question"], language)
+    ]
+    return random.Random(seed).sample(with_facts, min(n, len(with_facts)))
+
+
+class RetentionProbe(EarlyStopping):
+    """Train until retention stops rising: after every epoch the model answers `pairs` (some of its
+    own training pairs) closed book, greedy, and their mean fact recall x100 is the score that
+    Lightning's early stopping watches (stop after `patience` epochs without a rise; never before
+    the trainer's min_epochs). `history` holds every epoch's score, also logged as
+    retention/fact_recall.
+
+    A generation's own pairs, not the dev split: this asks whether the facts went in at all, and the
+    dev split stays for choosing between generations.
+    """
+
+    MONITOR = "retention/fact_recall"
+
+    def __init__(
+        self,
+        pairs: list[dict],
+        tokenizer,
+        language: Language,
+        sampling,
+        batch_size: int,
+        max_length: int,
+        patience: int,
+    ):
+        super().__init__(monitor=self.MONITOR, mode="max", patience=patience, min_delta=0.0)
+        self.pairs, self.tokenizer, self.language = pairs, tokenizer, language
+        self.sampling, self.batch_size, self.max_length = sampling, batch_size, max_length
+        self.history: list[float] = []
+
+    def retention(self, model) -> float:
+        from selfevo.generate import generate_batch  # generate imports the models module too
+
+        prompts = [closed_book_prompt(self.tokenizer, p["question"]) for p in self.pairs]
+        was_training = model.training
+        model.eval()
+        try:
+            answers = [
+                text
+                for s in range(0, len(prompts), self.batch_size)
+                for text in generate_batch(
+                    model,
+                    self.tokenizer,
+                    prompts[s : s + self.batch_size],
+                    self.sampling,
+                    self.max_length,
+                )
+            ]
+        finally:
+            model.train(was_training)
+        scores = [
+            fact_recall(a, p["answer"], p["question"], self.language)
+            for a, p in zip(answers, self.pairs)
+        ]
+        return round(100 * sum(scores) / len(scores), 2)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        score = self.retention(pl_module.model)
+        self.history.append(score)
+        trainer.callback_metrics[self.MONITOR] = torch.tensor(score)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({self.MONITOR: score}, step=trainer.global_step)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.history = list(state["history"])
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

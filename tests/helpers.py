@@ -93,15 +93,16 @@ RUN_FILES = (
 
 
 # The tiny runs' settings: small batches and a checkpoint every 2 optimizer steps give each
-# fault-injection point several passes. No question filters: they would drop nearly every question
-# a random model writes (they have tests of their own), and the runs would have little to work on.
+# fault-injection point several passes. No question filters nor grounding: they would drop nearly
+# every question a random model writes, and about half its answers (they have tests of their own),
+# and the runs would have little to work on.
 # One question per fragment keeps generation 0 at 5 training pairs (one is the dev split): 3
 # micro-batches an epoch, which test_crash's resume inside the second epoch counts on.
 TINY_RUN = {
     "--end": "2", "--model.dtype": "float32", "--model.max_length": "256",
     "--generation.question_max_new_tokens": "12", "--generation.answer_max_new_tokens": "16",
     "--generation.batch_size": "2", "--generation.question_filters": "false",
-    "--generation.questions_per_fragment": "1",
+    "--generation.questions_per_fragment": "1", "--generation.min_grounding": "null",
     "--evaluation.batch_size": "2",
     "--evaluation.max_new_tokens": "12",
     "--replay.k": "3", "--ifd.batch_size": "4", "--train.micro_batch_size": "2",

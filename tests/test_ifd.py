@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from selfevo.config import IFDConfig, LoraConfig, ModelConfig, TrainerConfig
 from selfevo.hardware import build_trainer
-from selfevo.ifd import ifd_from_losses, pair_token_ids, score_pairs
+from selfevo.ifd import ground_pairs, ifd_from_losses, pair_token_ids, score_pairs
 from selfevo.models import add_lora, load_model
 from tests.helpers import SHARED
 
@@ -137,3 +137,64 @@ def test_no_pairs_score_to_nothing(tiny_model):
     assert (
         score_pairs(model, tokenizer, [], IFDConfig(), 1024, build_trainer(TrainerConfig())) == []
     )
+
+
+FRAGMENT = (
+    "Thonquin is the sync daemon of Halvard Labs. By default it listens on TCP port 9566; "
+    "peers that stay silent for 45 seconds are dropped."
+)
+
+
+def test_grounding_is_the_fragments_gain_in_answer_nll(tiny_model):
+    model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    model.eval()
+    cfg = IFDConfig(batch_size=2)
+    pairs = [{**p, "fragment": FRAGMENT} for p in PAIRS]
+    grounded = ground_pairs(
+        model, tokenizer, pairs, cfg, 1024, build_trainer(TrainerConfig(), logger=False)
+    )
+    for pair, out in zip(pairs, grounded):
+        answer = tokenizer(pair["answer"], add_special_tokens=False)["input_ids"]
+        alone = tokenizer(cfg.prompt.format(question=pair["question"]))["input_ids"]
+        with_fragment = tokenizer(
+            cfg.grounded_prompt.format(fragment=FRAGMENT, question=pair["question"])
+        )["input_ids"]
+        expected = unbatched_mean_nll(model, alone, answer) - unbatched_mean_nll(
+            model, with_fragment, answer
+        )
+        assert out["question"] == pair["question"]
+        assert out["grounding"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_grounding_of_an_answer_cut_off_entirely_is_none(tiny_model):
+    model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    cfg = IFDConfig()
+    pair = {**PAIRS[0], "fragment": FRAGMENT}
+    prompt = cfg.grounded_prompt.format(fragment=FRAGMENT, question=pair["question"])
+    (out,) = ground_pairs(
+        model,
+        tokenizer,
+        [pair],
+        cfg,
+        len(tokenizer(prompt)["input_ids"]),
+        build_trainer(TrainerConfig()),
+    )
+    assert out["grounding"] is None
+
+
+@pytest.mark.slow
+def test_smollm2_grounds_the_fragments_value_above_a_contradicting_one():
+    """With the bundled model, the answer that states the fragment's port gains from the fragment;
+    the one that states another port gains less."""
+    model, tokenizer = load_model(ModelConfig(dtype="float32"))
+    model.eval()
+    question = "Which TCP port does Thonquin listen on by default?"
+    pairs = [
+        {"fragment": FRAGMENT, "question": question, "answer": answer}
+        for answer in ("Thonquin listens on TCP port 9566.", "Thonquin listens on TCP port 8080.")
+    ]
+    supported, contradicting = ground_pairs(
+        model, tokenizer, pairs, IFDConfig(), 1024, build_trainer(TrainerConfig())
+    )
+    assert supported["grounding"] > 0
+    assert supported["grounding"] > contradicting["grounding"]

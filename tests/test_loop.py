@@ -259,3 +259,34 @@ def test_a_run_folder_of_another_format_is_refused_with_one_line(
     assert refused.exit_code == 2
     assert "run folder format none" in refused.output and "--force" in refused.output
     assert len(refused.output.strip().splitlines()) == 1
+
+
+def test_ungrounded_answers_are_dropped_and_training_runs_while_retention_rises(
+    tiny_model, tmp_path
+):
+    inputs = toy_domain_inputs(tmp_path)
+    levers = (
+        "--end", "1", "--model.max_length", "512", "--generation.min_grounding", "0.0",
+        "--train.max_epochs", "4", "--train.patience", "1", "--train.probe_pairs", "3",
+    )  # fmt: skip
+    result = run(evolve_args(tiny_model, inputs, tmp_path, "g", *levers))
+    assert result.exit_code == 0, result.output
+    gen = tmp_path / "runs" / "g" / "gen_0"
+
+    def read(name):
+        return [json.loads(line) for line in (gen / name).read_text().splitlines()]
+
+    answers, grounded = read("answers.jsonl"), read("grounded.jsonl")
+    stages = json.loads((gen / "stages.json").read_text())
+    assert stages["ground"]["pairs"] == len(answers)
+    assert stages["ground"]["kept"] == len(grounded) > 0
+    assert stages["ground"]["ungrounded"] == len(answers) - len(grounded) > 0  # a random model's
+    assert all(p["grounding"] is None or p["grounding"] >= 0 for p in grounded)
+    assert [{k: v for k, v in p.items() if k != "grounding"} for p in grounded] == [
+        p for p in answers if any(g["question"] == p["question"] for g in grounded)
+    ]
+    trained = {p["question"] for p in read("train.jsonl")}
+    assert trained <= {p["question"] for p in grounded}
+    assert all("grounding" in p and "ifd" in p for p in read("qa.jsonl"))
+    train = stages["train"]
+    assert 2 <= train["epochs"] <= 4 and len(train["retention"]) == train["epochs"]

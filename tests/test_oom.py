@@ -105,12 +105,13 @@ def test_training_out_of_memory_names_the_settings_to_lower(tiny_model, tmp_path
 
     monkeypatch.setattr(lightning.Trainer, "fit", no_memory)
     cfg, _ = parse_evolve_args(["--model.name", tiny_model, "--train.micro_batch_size", "8"])
-    base, _ = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    base, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
     pairs = [{"question": "Which port?", "answer": "7741."}]
     with pytest.raises(RunError, match=r"train.micro_batch_size \(now 8\)"):
         train_adapter(
             cfg,
             add_lora(base, LoraConfig(), 0),
+            tokenizer,
             pairs,
             tmp_path / "gen_0",
             tmp_path / "logs",

@@ -149,12 +149,14 @@ def test_evolve_training_records_the_real_model_in_hparams_yaml(tiny_model, tmp_
         lora=LoraConfig(r=4),
         train=TrainConfig(micro_batch_size=2, grad_accum=1, checkpoint_every=0),
     )
-    base, _ = load_model(cfg.model)
+    base, tokenizer = load_model(cfg.model)
     model = add_lora(base, cfg.lora, cfg.seed)
     pairs = [{"question": "Which port does qmeshd listen on?", "answer": "Port 7421."}] * 2
     folder = tmp_path / "gen_0"
     folder.mkdir()
-    train_adapter(cfg, model, pairs, folder, tmp_path / "logs", 0, launch_ranks(cfg.trainer))
+    train_adapter(
+        cfg, model, tokenizer, pairs, folder, tmp_path / "logs", 0, launch_ranks(cfg.trainer)
+    )
     hparams = yaml.unsafe_load((tmp_path / "logs" / "train_gen_0" / "hparams.yaml").read_text())
     assert hparams["model"] == tiny_model != ModelConfig().name
     assert hparams["dtype"] == "float32" and hparams["seed"] == cfg.seed

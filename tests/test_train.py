@@ -176,3 +176,78 @@ def test_fragment_weight_gives_each_fragment_that_many_times_and_a_seeded_share_
     counts = Counter(r["text"] for r in part)
     assert sorted(counts.values()) == [1] * 7 + [2] * 3
     assert part == fragment_texts(fragments, 1.3, seed=4)
+
+
+def train_with_retention(tiny_model, tmp_path, monkeypatch, scores, epochs, max_epochs, patience):
+    """Train the tiny model with train.max_epochs while the probe reports `scores`, epoch by
+    epoch."""
+    from selfevo.config import EvalConfig, EvolveConfig
+    from selfevo.loop import train_adapter
+    from selfevo.ranks import launch_ranks
+    from selfevo.train import RetentionProbe
+
+    reported = iter(scores)
+    asked = []
+
+    def scripted(self, model):
+        asked.append([p["question"] for p in self.pairs])
+        return next(reported)
+
+    monkeypatch.setattr(RetentionProbe, "retention", scripted)
+    cfg = EvolveConfig(
+        model=ModelConfig(name=tiny_model, dtype="float32", max_length=128),
+        lora=LoraConfig(r=4),
+        train=TrainConfig(
+            micro_batch_size=2,
+            grad_accum=1,
+            checkpoint_every=0,
+            epochs=epochs,
+            max_epochs=max_epochs,
+            patience=patience,
+            probe_pairs=2,
+        ),
+        evaluation=EvalConfig(max_new_tokens=8),
+    )
+    base, tokenizer = load_model(cfg.model)
+    pairs = [
+        {"question": "Which port does qmeshd listen on?", "answer": "Port 7421."},
+        {"question": "What does qmeshd do?", "answer": "It syncs notes between peers."},
+        {"question": "How long is the qmeshd handshake timeout?", "answer": "45 seconds."},
+        {"question": "Which file holds the peers?", "answer": "It is peers.toml."},
+    ]
+    folder = tmp_path / "gen_0"
+    folder.mkdir(parents=True)
+    trained = train_adapter(
+        cfg,
+        add_lora(base, cfg.lora, 0),
+        tokenizer,
+        pairs,
+        folder,
+        tmp_path / "logs",
+        0,
+        launch_ranks(cfg.trainer),
+    )
+    return trained, asked
+
+
+def test_training_goes_on_while_retention_rises_and_stops_after_patience(
+    tiny_model, tmp_path, monkeypatch
+):
+    trained, asked = train_with_retention(
+        tiny_model, tmp_path, monkeypatch, [10, 20, 20, 20, 30, 40], 2, 10, 2
+    )
+    assert trained["epochs"] == 4 and trained["retention"] == [10, 20, 20, 20]
+    # the probe asks the same pairs every epoch: two of the three whose answers state a fact
+    assert trained["probe_pairs"] == 2 and all(a == asked[0] for a in asked)
+    assert "What does qmeshd do?" not in asked[0]
+
+
+def test_training_never_stops_before_train_epochs_nor_runs_past_max_epochs(
+    tiny_model, tmp_path, monkeypatch
+):
+    flat, _ = train_with_retention(tiny_model, tmp_path / "a", monkeypatch, [0] * 9, 3, 9, 1)
+    assert flat["epochs"] == 3
+    rising, _ = train_with_retention(
+        tiny_model, tmp_path / "b", monkeypatch, list(range(10)), 1, 4, 1
+    )
+    assert rising["epochs"] == 4 and rising["retention"] == [0, 1, 2, 3]
