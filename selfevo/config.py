@@ -39,6 +39,10 @@ class DataConfig:
     include_eval: bool = False
     """Make every eval fragment (the eval records' `instruction`) a training fragment: they are kept
     whatever `limit` is, and count towards it; each must be in the fragment file."""
+    general: Optional[str] = None
+    """General questions with short factual answers (JSON/JSONL of {"question", "answer"}, e.g.
+    data/general_qa.json), answered closed book by the base model and every generation: what the
+    training cost the model outside the domain (None: not measured)."""
     fill: Literal["first", "random"] = "first"
     """Which fragments make up the rest of `limit`: the first in file order, or a random choice
     seeded by `seed`. Either way the chosen fragments keep their file order."""

@@ -40,7 +40,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from selfevo import rundir
 from selfevo.config import EvolveConfig, validate
-from selfevo.data import load_eval, load_fragments, select_fragments
+from selfevo.data import load_eval, load_fragments, load_qa, select_fragments
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import make_generator, write_answers, write_questions
 from selfevo.hardware import accelerator_device, build_trainer
@@ -100,6 +100,7 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
         require_vllm()
     fragments, duplicates = load_fragments(cfg.data.fragments)
     eval_set = load_eval(cfg.data.eval)
+    general = load_qa(cfg.data.general) if cfg.data.general else []
     fragments, from_eval = select_fragments(fragments, eval_set, cfg.data, cfg.seed)
     resolve_model(
         cfg.model.name, cfg.model.trust_remote_code
@@ -131,7 +132,7 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
             f"; {from_eval} of them the eval set's" if cfg.data.include_eval else "",
             len(eval_set),
         )
-        loop = Loop(cfg, run_dir, fragments, eval_set, strategy)
+        loop = Loop(cfg, run_dir, fragments, eval_set, strategy, general)
         try:
             loop.evaluate_base()
             for i in range(cfg.start, cfg.end):
@@ -153,6 +154,7 @@ class Loop:
         fragments: list[str],
         eval_set: list[dict],
         strategy: Strategy,
+        general: list[dict] = (),
     ):
         self.cfg, self.run_dir, self.fragments, self.eval_set, self.strategy = (
             cfg,
@@ -161,6 +163,7 @@ class Loop:
             eval_set,
             strategy,
         )
+        self.general = list(general)  # data.general's questions
         log.info("loading %s ...", cfg.model.name)
         base, self.tokenizer = load_model(cfg.model)
         self.model = add_lora(base, cfg.lora, cfg.seed)
@@ -215,6 +218,9 @@ class Loop:
             adapter = gen.folder / "adapter"
             gen.stage("check", ("check.jsonl",), lambda: self.check(qa, adapter, seed))
         gen.stage("evaluate", EVAL_FILES, lambda: self.evaluate(gen.folder / "adapter", step=i + 1))
+        if self.general:
+            adapter = gen.folder / "adapter"
+            gen.stage("general", ("general.jsonl",), lambda: self.answer_general(adapter, i + 1))
         self.summarize(f"gen_{i}", i + 1)
 
     def evaluate_base(self) -> None:
@@ -227,6 +233,8 @@ class Loop:
             OPEN_BOOK_FILES,
             lambda: self.evaluate(None, step=0, open_book=True),
         )
+        if self.general:
+            base.stage("general", ("general.jsonl",), lambda: self.answer_general(None, 0))
 
     # --- the stages ------------------------------------------------------------------------------
 
@@ -370,6 +378,27 @@ class Loop:
                     f"check/{split}_fact_recall", counts[f"{split}_fact_recall"], generation + 1
                 )
         return {"check.jsonl": out}, counts
+
+    def answer_general(self, adapter: Optional[Path], step: int) -> tuple[dict, dict]:
+        """The model answers the general questions (data.general) closed book: their fact recall,
+        against the base model's, says what training cost it outside the domain."""
+        self.generator.use_adapter(adapter)
+        records = [{**p, "reference": p["answer"]} for p in self.general]
+        _, predictions = evaluate_model(
+            self.generator,
+            records,
+            dataclasses.replace(self.cfg.evaluation, limit=None),
+            build_trainer(self.cfg.trainer),
+            self.cfg.seed,
+            language=self.cfg.generation.language,
+        )
+        keep = ("question", "reference", "prediction", "fact-recall")
+        out = [{k: p[k] for k in keep} for p in predictions]
+        scores = [p["fact-recall"] for p in out if p["fact-recall"] is not None]
+        recall = round(sum(scores) / len(scores), 2) if scores else None
+        if self.writer is not None and recall is not None:
+            self.writer.add_scalar("general/fact_recall", recall, step)
+        return {"general.jsonl": out}, {"pairs": len(out), "fact_recall": recall}
 
     def replay(self, i: int, seed: int) -> tuple[dict, dict]:
         history = on_rank_zero(

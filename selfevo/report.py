@@ -210,6 +210,7 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
     base: Optional[Scored] = None
     open_book: Optional[Scored] = None
     gap: dict[str, list[float]] = {}
+    base_general: Optional[list[float]] = None
     rows = []
     for name, folder in [("base", run_dir / "base")] + [(f"gen_{i}", p) for i, p in gens]:
         predictions = _predictions(folder)
@@ -240,11 +241,27 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
             row["trained_fact_recall"] = check.get("trained_fact_recall")
             if base is not None and len(base.answers) == len(answers.answers):
                 row.update(_against_base(answers, base, open_book, gap, records, language, metrics))
+        general = _general_scores(folder)
+        if general is not None:
+            row["general_fact_recall"] = round(float(np.mean(general)), 2)
+            if base_general is None and name == "base":
+                base_general = general
+            elif base_general is not None and len(base_general) == len(general):
+                row["general_vs_base"] = paired_interval(general, base_general)
         rows.append(row)
     dev = [r for r in rows if r.get("dev_fact_recall") is not None]
     if dev:  # the first of the highest, so that a tie keeps the cheaper generation
         max(dev, key=lambda r: r["dev_fact_recall"])["best"] = True
     return rows
+
+
+def _general_scores(folder: Path) -> Optional[list[float]]:
+    """Per-pair fact recall on the general questions (data.general), those with facts; None where
+    the model did not answer them."""
+    if not (folder / "general.jsonl").is_file():
+        return None
+    scores = [p["fact-recall"] for p in read_jsonl(folder / "general.jsonl")]
+    return [x for x in scores if x is not None] or None
 
 
 def best_generation(rows: list[dict]) -> Optional[str]:
@@ -326,9 +343,12 @@ def markdown_tables(rows: list[dict]) -> str:
     """summary.md: the scores; what each generation recovered of the open-book gap; the controls."""
     columns = _metric_columns(rows)
     checked = any(r.get("dev_fact_recall") is not None for r in rows)
+    general = any(r.get("general_fact_recall") is not None for r in rows)
     head = ["model", *(LABELS[m] for m in columns), "QA pairs", "replayed", "seconds"]
     if checked:
         head[-1:-1] = ["dev facts", "retained facts"]
+    if general:
+        head[-1:-1] = ["general facts", "general vs base [95%]"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
 
     def line(name: str, values: dict, row: Optional[dict] = None) -> None:
@@ -343,6 +363,8 @@ def markdown_tables(rows: list[dict]) -> str:
         ]
         if checked:
             cells += [_f(row.get("dev_fact_recall")), _f(row.get("trained_fact_recall"))]
+        if general:
+            cells += [_f(row.get("general_fact_recall")), _interval(row.get("general_vs_base"))]
         lines.append("| " + " | ".join(cells + [_seconds_total(row)]) + " |")
 
     for r in rows:
@@ -357,6 +379,12 @@ def markdown_tables(rows: list[dict]) -> str:
             "dev facts: fact recall, closed book, on the dev split (generated QA held back from "
             "training; the references are the open-book answers); retained facts: the same on "
             "pairs the generation was trained on. (best): the highest dev facts.\n"
+        )
+    if general:
+        out += (
+            "general facts: fact recall, closed book, on general questions outside the domain "
+            "(data.general); vs base: the paired bootstrap interval of the change, a drop beyond "
+            "its interval is forgetting.\n"
         )
     gens = [r for r in rows if r["model"] != "base"]
     if not gens:

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 import selfevo.loop
 from selfevo.cli import app
-from tests.helpers import RUN_FILES, evolve_args, run_files, toy_domain_inputs
+from tests.helpers import ROOT, RUN_FILES, evolve_args, run_files, toy_domain_inputs
 
 
 def run(args):
@@ -261,13 +261,16 @@ def test_a_run_folder_of_another_format_is_refused_with_one_line(
     assert len(refused.output.strip().splitlines()) == 1
 
 
-def test_ungrounded_answers_are_dropped_and_training_runs_while_retention_rises(
-    tiny_model, tmp_path
-):
+def test_grounding_retention_and_the_general_set(tiny_model, tmp_path):
+    """Ungrounded answers are dropped, training runs on while retention rises, and the base model
+    and every generation answer the general questions, compared in the summary."""
     inputs = toy_domain_inputs(tmp_path)
+    general = tmp_path / "general.json"
+    general.write_text(json.dumps(json.loads((ROOT / "data" / "general_qa.json").read_text())[:6]))
     levers = (
         "--end", "1", "--model.max_length", "512", "--generation.min_grounding", "0.0",
         "--train.max_epochs", "4", "--train.patience", "1", "--train.probe_pairs", "3",
+        "--data.general", str(general),
     )  # fmt: skip
     result = run(evolve_args(tiny_model, inputs, tmp_path, "g", *levers))
     assert result.exit_code == 0, result.output
@@ -290,3 +293,15 @@ def test_ungrounded_answers_are_dropped_and_training_runs_while_retention_rises(
     assert all("grounding" in p and "ifd" in p for p in read("qa.jsonl"))
     train = stages["train"]
     assert 2 <= train["epochs"] <= 4 and len(train["retention"]) == train["epochs"]
+    for folder in (gen, tmp_path / "runs" / "g" / "base"):
+        answered = [
+            json.loads(line) for line in (folder / "general.jsonl").read_text().splitlines()
+        ]
+        assert [p["question"] for p in answered] == [
+            p["question"] for p in json.loads(general.read_text())
+        ]
+    summary = json.loads((tmp_path / "runs" / "g" / "summary.json").read_text())
+    assert summary[0]["general_fact_recall"] is not None
+    low, high = summary[1]["general_vs_base"][1:]
+    assert low <= summary[1]["general_vs_base"][0] <= high
+    assert "general facts" in (tmp_path / "runs" / "g" / "summary.md").read_text()
