@@ -46,14 +46,17 @@ tools() { python tools/gpu/reproduce_runs.py "$@"; }
 # selfevo's recipe (docs/results.md): the levers configs/aiops_qwen_small.yaml turns off for the paper's
 # loop, at selfevo's defaults, and the epochs that let a generation retain what it is trained on.
 RECIPE="--generation.question_focus sentence --generation.questions_per_fragment 4 --generation.question_filters true
-  --generation.standalone_answers true --targeting.dev_share 0.1 --targeting.check_pairs 200 --targeting.retarget true
-  --train.epochs ${RECIPE_EPOCHS:-3}"
+  --generation.standalone_answers true --generation.min_grounding 0.0 --targeting.dev_share 0.1
+  --targeting.check_pairs 200 --targeting.retarget true --data.general data/general_qa.json
+  --train.epochs ${RECIPE_EPOCHS:-3} --train.max_epochs ${RECIPE_MAX_EPOCHS:-3} --train.patience 1
+  --train.micro_batch_size 16 --train.grad_accum 1"
 
 mode_args() {  # the ablations differ only here (and in --name)
   case "$1" in
     qwen-facts) echo "$RECIPE" ;;
     qwen-facts-s1) echo "$RECIPE --seed 1" ;;  # a second seed: other sampled questions, answers and fill
     qwen-facts-noretarget) echo "$RECIPE --targeting.retarget false" ;;
+    qwen-recipe-lr*) echo "$RECIPE --train.learning_rate ${1#qwen-recipe-lr}"; return 0 ;;  # the recipe at another rate
     qwen-hard) echo "--replay.mode hard" ;;
     qwen-hard-current) echo "--replay.mode hard --generation.answer_model current" ;;  # the paper's answer writer
     qwen-none) echo "--replay.mode hard --replay.k 0" ;;
