@@ -57,6 +57,9 @@ mode_args() {  # the ablations differ only here (and in --name)
     qwen-facts-s1) echo "$RECIPE --seed 1" ;;  # a second seed: other sampled questions, answers and fill
     qwen-facts-noretarget) echo "$RECIPE --targeting.retarget false" ;;
     qwen-recipe-lr*) echo "$RECIPE --train.learning_rate ${1#qwen-recipe-lr}"; return 0 ;;  # the recipe at another rate
+    qwen-black-lr*)  # the recipe on the English domain (data/README.md): every fragment, English prompts
+      echo "$RECIPE --train.learning_rate ${1#qwen-black-lr} --generation.language en --data.fragments data/black_docs_fragments.json
+        --data.eval data/black_docs_eval.json --data.limit null"; return 0 ;;
     qwen-hard) echo "--replay.mode hard" ;;
     qwen-hard-current) echo "--replay.mode hard --generation.answer_model current" ;;  # the paper's answer writer
     qwen-none) echo "--replay.mode hard --replay.k 0" ;;
