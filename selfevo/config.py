@@ -172,6 +172,13 @@ class TrainConfig:
     fragment_weight: float = 0.0
     """The fragments themselves as plain text beside the QA pairs (language modelling): each this
     many times per generation; a fractional part is a seeded share of them (0: none)."""
+    anchors: Optional[str] = None
+    """General instructions (JSON/JSONL of {"question"}, e.g. data/anchor_prompts.json) that the
+    base model answers once, closed book (base/anchors.jsonl); each generation trains on
+    `anchor_pairs` of these answers beside its QA, so that outside the domain it keeps answering as
+    the base model did (self-distillation against forgetting). None: no anchors."""
+    anchor_pairs: int = 100
+    """Anchor pairs per generation, a seeded sample (all of them if there are fewer)."""
     checkpoint_every: int = 50
     """Optimizer steps between mid-training checkpoints, from which a killed training resumes (0:
     none)."""
@@ -279,6 +286,8 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"targeting.check_pairs: must be >= 0, got {cfg.targeting.check_pairs}")
     if cfg.replay.k < 0:
         raise ConfigError(f"replay.k: must be >= 0, got {cfg.replay.k}")
+    if cfg.train.anchor_pairs < 0:
+        raise ConfigError(f"train.anchor_pairs: must be >= 0, got {cfg.train.anchor_pairs}")
     if cfg.train.fragment_weight < 0:
         raise ConfigError(f"train.fragment_weight: must be >= 0, got {cfg.train.fragment_weight}")
     if cfg.train.max_epochs is not None and cfg.train.max_epochs < cfg.train.epochs:

@@ -228,3 +228,12 @@ def load_qa(path: str | os.PathLike, texts: bool = False) -> list[dict]:
             }
         )
     return out
+
+
+def load_questions(path: str | os.PathLike) -> list[str]:
+    """Questions alone: a JSON list or JSONL of {"question"} (or the seed's {"input"})."""
+    path = Path(path)
+    return [
+        _text_field(path, i, r, "question" if "question" in r else "input")
+        for i, r in enumerate(read_records(path))
+    ]

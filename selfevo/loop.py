@@ -40,7 +40,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from selfevo import rundir
 from selfevo.config import EvolveConfig, validate
-from selfevo.data import load_eval, load_fragments, load_qa, select_fragments
+from selfevo.data import load_eval, load_fragments, load_qa, load_questions, select_fragments
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import make_generator, write_answers, write_questions
 from selfevo.hardware import accelerator_device, build_trainer
@@ -54,7 +54,7 @@ from selfevo.models import (
     resolve_model,
     save_adapter,
 )
-from selfevo.prompts import normalised_question
+from selfevo.prompts import clean_answer, closed_book_prompt, normalised_question
 from selfevo.ranks import Strategy, launch_ranks, on_rank_zero
 from selfevo.report import (
     best_generation,
@@ -101,6 +101,7 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     fragments, duplicates = load_fragments(cfg.data.fragments)
     eval_set = load_eval(cfg.data.eval)
     general = load_qa(cfg.data.general) if cfg.data.general else []
+    anchors = load_questions(cfg.train.anchors) if cfg.train.anchors else []
     fragments, from_eval = select_fragments(fragments, eval_set, cfg.data, cfg.seed)
     resolve_model(
         cfg.model.name, cfg.model.trust_remote_code
@@ -132,7 +133,7 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
             f"; {from_eval} of them the eval set's" if cfg.data.include_eval else "",
             len(eval_set),
         )
-        loop = Loop(cfg, run_dir, fragments, eval_set, strategy, general)
+        loop = Loop(cfg, run_dir, fragments, eval_set, strategy, general, anchors)
         try:
             loop.evaluate_base()
             for i in range(cfg.start, cfg.end):
@@ -155,6 +156,7 @@ class Loop:
         eval_set: list[dict],
         strategy: Strategy,
         general: list[dict] = (),
+        anchors: list[str] = (),
     ):
         self.cfg, self.run_dir, self.fragments, self.eval_set, self.strategy = (
             cfg,
@@ -164,6 +166,7 @@ class Loop:
             strategy,
         )
         self.general = list(general)  # data.general's questions
+        self.anchors = list(anchors)  # train.anchors' instructions
         log.info("loading %s ...", cfg.model.name)
         base, self.tokenizer = load_model(cfg.model)
         self.model = add_lora(base, cfg.lora, cfg.seed)
@@ -210,6 +213,7 @@ class Loop:
         replay = gen.stage("replay", ("replay.jsonl",), lambda: self.replay(i, seed))
         pairs = qa + replay["replay.jsonl"]
         pairs += fragment_texts(self.fragments, self.cfg.train.fragment_weight, seed)
+        pairs += self.anchor_sample(seed)
         gen.stage("train", ADAPTER_FILES, lambda: self.train(pairs, gen.folder, seed))
         gen.remove("checkpoints")  # a kill can come between the adapter's save and their removal
         load_adapter_weights(self.model, gen.folder / "adapter")  # M_{i+1}
@@ -235,6 +239,8 @@ class Loop:
         )
         if self.general:
             base.stage("general", ("general.jsonl",), lambda: self.answer_general(None, 0))
+        if self.anchors:
+            base.stage("anchors", ("anchors.jsonl",), self.answer_anchors)
 
     # --- the stages ------------------------------------------------------------------------------
 
@@ -400,6 +406,33 @@ class Loop:
             self.writer.add_scalar("general/fact_recall", recall, step)
         return {"general.jsonl": out}, {"pairs": len(out), "fact_recall": recall}
 
+    def answer_anchors(self) -> tuple[dict, dict]:
+        """The base model's own closed-book answers to the anchor instructions (greedy): what each
+        generation trains on beside its QA, to keep answering outside the domain as it did."""
+        self.generator.use_adapter(None)
+        prompts = [closed_book_prompt(self.tokenizer, q) for q in self.anchors]
+        answers = self.generator.generate(
+            prompts,
+            Sampling(self.cfg.generation.answer_max_new_tokens),
+            seed=self.cfg.seed,
+            batch_size=self.cfg.generation.batch_size,
+            description="answering the anchors",
+            strategy=self.strategy,
+        )
+        answers = [clean_answer(a) for a in answers]
+        kept = [{"question": q, "answer": a} for q, a in zip(self.anchors, answers) if a]
+        return {"anchors.jsonl": kept}, {"pairs": len(kept), "empty": len(answers) - len(kept)}
+
+    def anchor_sample(self, seed: int) -> list[dict]:
+        """train.anchor_pairs of the base model's anchor answers, seeded per generation."""
+        if not self.anchors:
+            return []
+        pairs = on_rank_zero(
+            self.strategy, lambda: read_jsonl(self.run_dir / "base" / "anchors.jsonl")
+        )
+        chosen = random.Random(seed).sample(pairs, min(self.cfg.train.anchor_pairs, len(pairs)))
+        return [{**p, "anchor": True} for p in chosen]
+
     def replay(self, i: int, seed: int) -> tuple[dict, dict]:
         history = on_rank_zero(
             self.strategy,
@@ -426,7 +459,13 @@ class Loop:
             self.cfg, self.model, self.tokenizer, pairs, folder, self.log_dir, seed, self.strategy
         )
         texts = sum("text" in p for p in pairs)
-        return {}, {"pairs": len(pairs) - texts, "texts": texts, **trained}
+        anchors = sum("anchor" in p for p in pairs)
+        return {}, {
+            "pairs": len(pairs) - texts - anchors,
+            "texts": texts,
+            "anchors": anchors,
+            **trained,
+        }
 
     def score(self, qa: list[dict], i: int) -> tuple[dict, dict]:
         scored = score_pairs(
@@ -612,7 +651,8 @@ def retention_probe(
     if cfg.train.max_epochs is None:
         return None
     language = cfg.generation.language
-    sample = probe_sample(pairs, cfg.train.probe_pairs, language, seed)
+    qa = [p for p in pairs if "anchor" not in p]  # the domain's pairs, not the anchors
+    sample = probe_sample(qa, cfg.train.probe_pairs, language, seed)
     if not sample:
         log.warning("  no training pair states a fact: training %d epochs", cfg.train.epochs)
         return None

@@ -261,18 +261,21 @@ def test_a_run_folder_of_another_format_is_refused_with_one_line(
     assert len(refused.output.strip().splitlines()) == 1
 
 
-def test_grounding_retention_and_the_general_set(tiny_model, tmp_path):
-    """Ungrounded answers are dropped, training runs on while retention rises, and the base model
-    and every generation answer the general questions, compared in the summary."""
+def test_grounding_retention_anchors_and_the_general_set(tiny_vllm_model, tmp_path):
+    """Ungrounded answers are dropped, training runs on while retention rises, the base model's
+    answers to anchor instructions are trained on, and the base model and every generation answer
+    the general questions, compared in the summary. (The tiny model whose greedy answers are not
+    empty: anchors without an answer are not trained on.)"""
     inputs = toy_domain_inputs(tmp_path)
     general = tmp_path / "general.json"
     general.write_text(json.dumps(json.loads((ROOT / "data" / "general_qa.json").read_text())[:6]))
     levers = (
         "--end", "1", "--model.max_length", "512", "--generation.min_grounding", "0.0",
         "--train.max_epochs", "4", "--train.patience", "1", "--train.probe_pairs", "3",
-        "--data.general", str(general),
+        "--data.general", str(general), "--train.anchors", str(ROOT / "data" / "anchor_prompts.json"),
+        "--train.anchor_pairs", "5",
     )  # fmt: skip
-    result = run(evolve_args(tiny_model, inputs, tmp_path, "g", *levers))
+    result = run(evolve_args(tiny_vllm_model, inputs, tmp_path, "g", *levers))
     assert result.exit_code == 0, result.output
     gen = tmp_path / "runs" / "g" / "gen_0"
 
@@ -288,11 +291,24 @@ def test_grounding_retention_and_the_general_set(tiny_model, tmp_path):
     assert [{k: v for k, v in p.items() if k != "grounding"} for p in grounded] == [
         p for p in answers if any(g["question"] == p["question"] for g in grounded)
     ]
-    trained = {p["question"] for p in read("train.jsonl")}
+    anchors = [
+        json.loads(line)
+        for line in (gen.parent / "base" / "anchors.jsonl").read_text().splitlines()
+    ]
+    trained = {p["question"] for p in read("train.jsonl")} - {a["question"] for a in anchors}
     assert trained <= {p["question"] for p in grounded}
     assert all("grounding" in p and "ifd" in p for p in read("qa.jsonl"))
     train = stages["train"]
     assert 2 <= train["epochs"] <= 4 and len(train["retention"]) == train["epochs"]
+    # the base model's own answers to 5 of the anchor instructions are trained on beside the QA
+    anchors = [
+        json.loads(line)
+        for line in (gen.parent / "base" / "anchors.jsonl").read_text().splitlines()
+    ]
+    assert train["anchors"] == 5 and 0 < len(anchors) <= 119
+    trained_pairs = [(p["question"], p["answer"]) for p in read("train.jsonl")]
+    assert sum((a["question"], a["answer"]) in trained_pairs for a in anchors) == 5
+    assert train["pairs"] == len(trained_pairs) - 5
     for folder in (gen, tmp_path / "runs" / "g" / "base"):
         answered = [
             json.loads(line) for line in (folder / "general.jsonl").read_text().splitlines()
