@@ -552,7 +552,8 @@ def write_report(run_dir: str | Path, rows: list[dict]) -> Path:
     base = rows[0] if rows[0]["model"] == "base" else None
     gens = [r for r in rows if r["model"] != "base"]
     headline = _headline(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    general = base is not None and base.get("general_fact_recall") is not None
+    fig, axes = plt.subplots(1, 4 if general else 3, figsize=(20 if general else 15, 4.6))
     for ax, m in zip(axes, headline):
         xs = list(range(len(gens)))
         values = [r[m] for r in gens]
@@ -608,6 +609,25 @@ def write_report(run_dir: str | Path, rows: list[dict]) -> Path:
     ax.set_ylabel("% of the open-book gap recovered")
     ax.set_title("knowledge recovered (n/a: no open-book gap beyond its interval)", fontsize=9)
     ax.legend(fontsize=7)
+    if general:  # forgetting: the general questions, before and after each generation
+        ax = axes[3]
+        xs = list(range(len(gens)))
+        spans = [r.get("general_vs_base") or [0, 0, 0] for r in gens]
+        ax.errorbar(
+            xs,
+            [r.get("general_fact_recall") for r in gens],
+            yerr=[[d[0] - d[1] for d in spans], [d[2] - d[0] for d in spans]],
+            marker="o",
+            capsize=4,
+            color="C4",
+            label="generation (95% interval of its change)",
+        )
+        ax.axhline(base["general_fact_recall"], color="grey", label="base model")
+        ax.set_xticks(xs, [r["model"] for r in gens])
+        ax.set_ylabel("fact recall (x100)")
+        ax.set_title("general questions (data.general): forgetting", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle(
         f"{run_dir.name}: closed-book eval per generation, against its controls", fontsize=10
     )

@@ -106,7 +106,8 @@ TINY_RUN = {
     "--evaluation.batch_size": "2",
     "--evaluation.max_new_tokens": "12",
     "--replay.k": "3", "--ifd.batch_size": "4", "--train.micro_batch_size": "2",
-    "--train.grad_accum": "1", "--train.epochs": "2", "--train.learning_rate": "1e-3",
+    "--train.grad_accum": "1", "--train.epochs": "2", "--train.max_epochs": "null",
+    "--train.learning_rate": "1e-3",
     "--train.checkpoint_every": "2",
 }  # fmt: skip
 
