@@ -337,3 +337,22 @@ def test_fragment_longer_than_the_context_is_cut_with_a_warning(tmp_path, tiny_m
     said = " ".join(result.stderr.split())
     assert "1 of 1 prompts exceed" in said and "warning" in said.lower()  # "warning:" or "WARNING"
     assert out.exists()
+
+
+GENERAL = b'[{"question": "How many days has a leap year?"}]'
+ANCHORS = b'[{"question": "Explain gravity."}, {"question": 3}]'
+
+
+@pytest.mark.parametrize(
+    "flag, content, needle",
+    [
+        ("--data.general", GENERAL, "record 0: missing field"),
+        ("--train.anchors", ANCHORS, "record 1: field 'question' must be a string"),
+    ],
+)
+def test_bad_general_or_anchor_file(tmp_path, flag, content, needle):
+    """The general questions and the anchor instructions are read, and refused, before anything is
+    written, like the fragments."""
+    path = tmp_path / "extra.json"
+    path.write_bytes(content)
+    run_bad(tmp_path, flag, str(path), needles=[str(path), needle])
