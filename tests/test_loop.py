@@ -272,8 +272,8 @@ def test_grounding_retention_anchors_and_the_general_set(tiny_vllm_model, tmp_pa
     levers = (
         "--end", "1", "--model.max_length", "512", "--generation.min_grounding", "0.0",
         "--train.max_epochs", "4", "--train.patience", "1", "--train.probe_pairs", "3",
-        "--data.general", str(general), "--train.anchors", str(ROOT / "data" / "anchor_prompts.json"),
-        "--train.anchor_pairs", "5",
+        "--data.general", str(general),
+        "--train.anchors", str(ROOT / "data" / "anchor_prompts.json"), "--train.anchor_pairs", "5",
     )  # fmt: skip
     result = run(evolve_args(tiny_vllm_model, inputs, tmp_path, "g", *levers))
     assert result.exit_code == 0, result.output
