@@ -218,8 +218,9 @@ def load_qa(path: str | os.PathLike, texts: bool = False) -> list[dict]:
         if texts and "text" in r and not {"question", "input", "answer", "output"} & set(r):
             out.append({"text": _text_field(path, i, r, "text")})
             continue
-        q_key = "question" if "question" in r else "input"
-        a_key = "answer" if "answer" in r else "output"
+        # selfevo's keys or the seed's, mixed too; a missing one is named in the style of the other
+        q_key = "question" if "question" in r or ("input" not in r and "answer" in r) else "input"
+        a_key = "answer" if "answer" in r or ("output" not in r and "question" in r) else "output"
         out.append(
             {
                 **r,

@@ -346,7 +346,7 @@ ANCHORS = b'[{"question": "Explain gravity."}, {"question": 3}]'
 @pytest.mark.parametrize(
     "flag, content, needle",
     [
-        ("--data.general", GENERAL, "record 0: missing field"),
+        ("--data.general", GENERAL, "record 0: missing field 'answer'"),
         ("--train.anchors", ANCHORS, "record 1: field 'question' must be a string"),
     ],
 )
