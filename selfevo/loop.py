@@ -204,7 +204,7 @@ class Loop:
         )
         qa = answers["answers.jsonl"]
         if self.cfg.generation.min_grounding is not None:
-            grounded = gen.stage("ground", ("grounded.jsonl",), lambda: self.ground(qa))
+            grounded = gen.stage("ground", ("grounded.jsonl",), lambda: self.ground(qa, i))
             qa = grounded["grounded.jsonl"]
         if i == 0 and self.cfg.targeting.dev_share > 0:
             dev = gen.stage("dev", ("dev.jsonl",), lambda: self.hold_back_dev(qa, seed))
@@ -313,7 +313,7 @@ class Loop:
             **drops,
         }
 
-    def ground(self, qa: list[dict]) -> tuple[dict, dict]:
+    def ground(self, qa: list[dict], i: int) -> tuple[dict, dict]:
         """Every pair's grounding under the base model; those below generation.min_grounding are
         dropped: the fragment does not make their answer likelier."""
         scored = ground_pairs(
@@ -330,7 +330,7 @@ class Loop:
         kept = [p for p in scored if p["grounding"] is None or p["grounding"] >= floor]
         gains = [p["grounding"] for p in scored if p["grounding"] is not None]
         if gains and self.writer is not None:
-            self.writer.add_histogram("grounding", torch.tensor(gains), scored[0]["generation"] + 1)
+            self.writer.add_histogram("grounding", torch.tensor(gains), i + 1)
         return {"grounded.jsonl": kept}, {
             "pairs": len(scored),
             "kept": len(kept),
@@ -342,6 +342,21 @@ class Loop:
     def hold_back_dev(self, qa: list[dict], seed: int) -> tuple[dict, dict]:
         train, dev = split_dev(qa, self.cfg.targeting.dev_share, seed)
         return {"dev.jsonl": dev}, {"dev": len(dev), "train": len(train)}
+
+    def answer_closed_book(self, pairs: list[dict], adapter: Optional[Path]) -> list[dict]:
+        """The model with `adapter` (None: the base model) answers each pair's question closed
+        book, scored against the pair's answer as the reference (every pair, whatever
+        evaluation.limit says)."""
+        self.generator.use_adapter(adapter)
+        _, predictions = evaluate_model(
+            self.generator,
+            [{**p, "reference": p["answer"]} for p in pairs],
+            dataclasses.replace(self.cfg.evaluation, limit=None),
+            build_trainer(self.cfg.trainer),
+            self.cfg.seed,
+            language=self.cfg.generation.language,
+        )
+        return predictions
 
     def check(self, qa: list[dict], adapter: Path, seed: int) -> tuple[dict, dict]:
         """M_{i+1} answers closed book the dev split and targeting.check_pairs of the pairs it was
@@ -355,16 +370,7 @@ class Loop:
         checked = [{**p, "split": "dev"} for p in self.dev] + [
             {**p, "split": "trained"} for p in trained
         ]
-        records = [{**p, "reference": p["answer"]} for p in checked]
-        self.generator.use_adapter(adapter)
-        _, predictions = evaluate_model(
-            self.generator,
-            records,
-            dataclasses.replace(self.cfg.evaluation, limit=None),
-            build_trainer(self.cfg.trainer),
-            self.cfg.seed,
-            language=self.cfg.generation.language,
-        )
+        predictions = self.answer_closed_book(checked, adapter)
         generation = int(adapter.parent.name.split("_")[-1])
         out = [
             {"generation": generation} | {k: p[k] for k in CHECK_FIELDS if k in p}
@@ -373,13 +379,10 @@ class Loop:
         counts = {}
         for split in ("dev", "trained"):
             scores = [p["fact-recall"] for p in out if p["split"] == split]
-            with_facts = [s for s in scores if s is not None]
             counts[f"{split}_pairs"] = len(scores)
-            counts[f"{split}_fact_recall"] = (
-                round(sum(with_facts) / len(with_facts), 2) if with_facts else None
-            )
-            counts[f"{split}_scored"] = len(with_facts)
-            if self.writer is not None and with_facts:
+            counts[f"{split}_fact_recall"] = mean_fact_recall(scores)
+            counts[f"{split}_scored"] = sum(s is not None for s in scores)
+            if self.writer is not None and counts[f"{split}_fact_recall"] is not None:
                 self.writer.add_scalar(
                     f"check/{split}_fact_recall", counts[f"{split}_fact_recall"], generation + 1
                 )
@@ -388,20 +391,9 @@ class Loop:
     def answer_general(self, adapter: Optional[Path], step: int) -> tuple[dict, dict]:
         """The model answers the general questions (data.general) closed book: their fact recall,
         against the base model's, says what training cost it outside the domain."""
-        self.generator.use_adapter(adapter)
-        records = [{**p, "reference": p["answer"]} for p in self.general]
-        _, predictions = evaluate_model(
-            self.generator,
-            records,
-            dataclasses.replace(self.cfg.evaluation, limit=None),
-            build_trainer(self.cfg.trainer),
-            self.cfg.seed,
-            language=self.cfg.generation.language,
-        )
         keep = ("question", "reference", "prediction", "fact-recall")
-        out = [{k: p[k] for k in keep} for p in predictions]
-        scores = [p["fact-recall"] for p in out if p["fact-recall"] is not None]
-        recall = round(sum(scores) / len(scores), 2) if scores else None
+        out = [{k: p[k] for k in keep} for p in self.answer_closed_book(self.general, adapter)]
+        recall = mean_fact_recall([p["fact-recall"] for p in out])
         if self.writer is not None and recall is not None:
             self.writer.add_scalar("general/fact_recall", recall, step)
         return {"general.jsonl": out}, {"pairs": len(out), "fact_recall": recall}
@@ -538,6 +530,13 @@ class Loop:
         if best is not None:
             log.info("best generation, by fact recall on the dev split: %s", best)
         log.info("TensorBoard: tensorboard --logdir %s", self.log_dir)
+
+
+def mean_fact_recall(scores: list[Optional[float]]) -> Optional[float]:
+    """The mean of the per-pair fact recalls that are scored (a reference without facts has None),
+    rounded to 2 places; None when none is."""
+    scored = [x for x in scores if x is not None]
+    return round(sum(scored) / len(scored), 2) if scored else None
 
 
 def train_adapter(

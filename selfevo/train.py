@@ -433,25 +433,13 @@ class RetentionProbe(EarlyStopping):
         self.history: list[float] = []
 
     def retention(self, model) -> float:
-        from selfevo.generate import generate_batch  # generate imports the models module too
+        from selfevo.generate import HFGenerator  # generate imports the models module too
 
         prompts = [closed_book_prompt(self.tokenizer, p["question"]) for p in self.pairs]
-        was_training = model.training
-        model.eval()
-        try:
-            answers = [
-                text
-                for s in range(0, len(prompts), self.batch_size)
-                for text in generate_batch(
-                    model,
-                    self.tokenizer,
-                    prompts[s : s + self.batch_size],
-                    self.sampling,
-                    self.max_length,
-                )
-            ]
-        finally:
-            model.train(was_training)
+        with torch.random.fork_rng():  # generating seeds torch; training's draws stay its own
+            answers = HFGenerator(model, self.tokenizer, self.max_length).generate(
+                prompts, self.sampling, seed=0, batch_size=self.batch_size, description="retention"
+            )
         scores = [
             fact_recall(a, p["answer"], p["question"], self.language)
             for a, p in zip(answers, self.pairs)
