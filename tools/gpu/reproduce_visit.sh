@@ -20,7 +20,8 @@
 # chose one: passed as --train.learning_rate; a qwen-hard begun at another rate is set aside and
 # qwen-hard starts again from the probe run qwen-lr-LR's generation 0), KV (GiB of vLLM KV cache per
 # process, for several processes on one GPU), SAMPLED ("NAME GEN": with `run`, that adapter's `sampled`
-# evaluation beside the runs, packed with them).
+# evaluation beside the runs, packed with them), RECIPE_EPOCHS / RECIPE_MAX_EPOCHS and MICRO / ACCUM
+# (the recipe's epochs and micro-batch x accumulation, 16 x 1: 8 x 2 leaves room for three runs at once).
 set -uo pipefail
 export PYTHONPATH=$PWD SELFEVO_SHARED=$PWD/.shared SELFEVO_CACHE=${SELFEVO_CACHE:-/tmp/cache} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # The trimmed vLLM install has no FlashInfer (docs/vllm.md).
@@ -49,7 +50,10 @@ RECIPE="--generation.question_focus sentence --generation.questions_per_fragment
   --generation.standalone_answers true --generation.min_grounding 0.0 --targeting.dev_share 0.1
   --targeting.check_pairs 200 --targeting.retarget true --data.general data/general_qa.json
   --train.epochs ${RECIPE_EPOCHS:-3} --train.max_epochs ${RECIPE_MAX_EPOCHS:-3} --train.patience 1
-  --train.micro_batch_size 16 --train.grad_accum 1"
+  --train.micro_batch_size ${MICRO:-16} --train.grad_accum ${ACCUM:-1}"
+# The English domain of data/README.md (Black's documentation): every fragment, English prompts.
+BLACK="--generation.language en --data.fragments data/black_docs_fragments.json --data.eval data/black_docs_eval.json --data.limit null"
+ANCHORS="--train.anchors data/anchor_prompts.json --train.anchor_pairs 224"
 
 mode_args() {  # the ablations differ only here (and in --name)
   case "$1" in
@@ -57,9 +61,13 @@ mode_args() {  # the ablations differ only here (and in --name)
     qwen-facts-s1) echo "$RECIPE --seed 1" ;;  # a second seed: other sampled questions, answers and fill
     qwen-facts-noretarget) echo "$RECIPE --targeting.retarget false" ;;
     qwen-recipe-lr*) echo "$RECIPE --train.learning_rate ${1#qwen-recipe-lr}"; return 0 ;;  # the recipe at another rate
-    qwen-black-lr*)  # the recipe on the English domain (data/README.md): every fragment, English prompts
-      echo "$RECIPE --train.learning_rate ${1#qwen-black-lr} --generation.language en --data.fragments data/black_docs_fragments.json
-        --data.eval data/black_docs_eval.json --data.limit null"; return 0 ;;
+    qwen-black-lr*) echo "$RECIPE --train.learning_rate ${1#qwen-black-lr} $BLACK"; return 0 ;;  # the recipe on Black's docs
+    # With anchors (all 224 a generation) against forgetting; -s1: a second seed; -text: the fragments
+    # as plain text too, once a generation.
+    qwen-black-anchors) echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS"; return 0 ;;
+    qwen-black-anchors-s1) echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS --seed 1"; return 0 ;;
+    qwen-black-anchors-text) echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS --train.fragment_weight 1"; return 0 ;;
+    qwen-black-anchors-text-s1) echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS --train.fragment_weight 1 --seed 1"; return 0 ;;
     qwen-hard) echo "--replay.mode hard" ;;
     qwen-hard-current) echo "--replay.mode hard --generation.answer_model current" ;;  # the paper's answer writer
     qwen-none) echo "--replay.mode hard --replay.k 0" ;;
