@@ -319,18 +319,19 @@ def _load(model_cfg, adapter: Optional[str], accelerator: str = "auto"):
 def _generator(model_cfg, generation, adapter: Optional[str], seed: int, eval_max_new_tokens: int):
     """The loop's generator (generate.make_generator) over the base model; the adapter's folder."""
     from selfevo.config import LoraConfig
-    from selfevo.generate import make_generator
+    from selfevo.generate import make_generator, resolve_backend
     from selfevo.models import check_adapter_folder, load_tokenizer
     from selfevo.rundir import read_json
 
     adapter_path = check_adapter_folder(adapter) if adapter else None
-    if generation.backend == "hf":
+    backend = resolve_backend(generation.backend, model_cfg.quantization)
+    if backend == "hf":
         model, tokenizer = _load(model_cfg, adapter)
     else:  # the engine loads the weights itself
         model, tokenizer = None, load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
     rank = read_json(adapter_path / "adapter_config.json")["r"] if adapter_path else LoraConfig().r
     generator = make_generator(
-        generation.backend, model, tokenizer, model_cfg, generation, rank, seed, eval_max_new_tokens
+        backend, model, tokenizer, model_cfg, generation, rank, seed, eval_max_new_tokens
     )
     return generator, adapter_path
 

@@ -64,8 +64,10 @@ class ModelConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: Literal["hf", "vllm"] = "hf"
-    """hf: Hugging Face `generate`; vllm: vLLM's offline engine (the extra selfevo[vllm])."""
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    """auto: vllm where it imports and a GPU is there (one rank, an unquantized base), else hf;
+    hf: Hugging Face `generate`; vllm: vLLM's offline engine (the extra selfevo[vllm]). Not part of
+    a run's identity: a run begun on one may go on with the other."""
     language: Literal["en", "zh"] = "en"
     """Language of the question and answer prompts."""
     batch_size: int = 16
@@ -389,7 +391,8 @@ def world_size(cfg: TrainerConfig) -> int:
 
 def identity(cfg: EvolveConfig) -> dict:
     """The part of a config that defines a run's results: everything but the generation range, the
-    folders, the checkpoint interval, the vLLM cache size and how many devices do the work (several
+    folders, the checkpoint interval, the generation backend and the vLLM cache size, and how many
+    devices do the work (several
     give one device's results within float tolerance, so a run begun on one GPU can go on over
     eight)."""
     d = asdict(cfg)
@@ -400,6 +403,7 @@ def identity(cfg: EvolveConfig) -> dict:
         "vllm_kv_cache_gib"
     ]  # lowered after running out of memory, the results stay
     del d["generation"]["vllm_tensor_parallel_size"]
+    del d["generation"]["backend"]  # the same stages and sampling seeds on either engine
     for key in ("devices", "strategy", "num_nodes"):
         del d["trainer"][key]
     return d

@@ -180,6 +180,22 @@ class HFGenerator:
         pass  # the model is the run's, not the generator's
 
 
+def resolve_backend(backend: str, quantization: str = "none", ranks: int = 1) -> str:
+    """generation.backend auto: vllm where vLLM imports and a GPU is there, for one rank and an
+    unquantized base (vLLM would serve a 4-bit model's adapter on the unquantized weights); else
+    hf. An explicit hf or vllm is kept as it is."""
+    if backend != "auto":
+        return backend
+    if quantization != "none" or ranks > 1 or not torch.cuda.is_available():
+        return "hf"
+    try:
+        import vllm  # noqa: F401  (a broken install falls back too, and says so)
+    except Exception as err:  # vLLM raises more than ImportError when its build does not fit
+        log.info("generation.backend auto: Hugging Face generate (vLLM does not import: %s)", err)
+        return "hf"
+    return "vllm"
+
+
 def make_generator(
     backend: str,
     model: PreTrainedModel,

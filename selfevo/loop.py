@@ -39,10 +39,10 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.tensorboard import SummaryWriter
 
 from selfevo import rundir
-from selfevo.config import EvolveConfig, validate
+from selfevo.config import EvolveConfig, validate, world_size
 from selfevo.data import load_eval, load_fragments, load_qa, load_questions, select_fragments
 from selfevo.evaluate import evaluate_model
-from selfevo.generate import make_generator, write_answers, write_questions
+from selfevo.generate import make_generator, resolve_backend, write_answers, write_questions
 from selfevo.hardware import accelerator_device, build_trainer
 from selfevo.ifd import ground_pairs, score_pairs
 from selfevo.log import console, run_log, setup_logging
@@ -95,6 +95,10 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     """Run generations cfg.start .. cfg.end-1; returns the run directory. Bad input stops it before
     anything is written."""
     validate(cfg)
+    backend = resolve_backend(
+        cfg.generation.backend, cfg.model.quantization, world_size(cfg.trainer)
+    )
+    cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, backend=backend))
     if cfg.generation.backend == "vllm":  # fail now, not after the base model's evaluation
         engine_lora_rank(cfg.lora.r)
         require_vllm()
@@ -133,6 +137,7 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
             f"; {from_eval} of them the eval set's" if cfg.data.include_eval else "",
             len(eval_set),
         )
+        log.info("generation: %s", "vLLM" if backend == "vllm" else "Hugging Face generate")
         loop = Loop(cfg, run_dir, fragments, eval_set, strategy, general, anchors)
         try:
             loop.evaluate_base()

@@ -164,6 +164,16 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+def counted_keys(snapshot: dict, now: dict) -> dict:
+    """A snapshot's identity without the keys that `identity` no longer counts (such as
+    generation.backend): a run begun before a key was found not to change results goes on."""
+    return {
+        k: counted_keys(v, now[k]) if isinstance(v, dict) and isinstance(now[k], dict) else v
+        for k, v in snapshot.items()
+        if k in now
+    }
+
+
 def first_difference(a: dict, b: dict) -> str:
     """The first key where two run identities differ, as "key: old -> new", and for a plain old
     value the option that goes on with the run."""
@@ -231,10 +241,11 @@ def _snapshot_problem(snapshot: Path, cfg: EvolveConfig, prompts: str) -> Option
             "selfevo changed "
             f"them); pass --force to set it aside and start over, or finish it with that version"
         )
-    if old["config"] != identity(cfg):
+    begun = counted_keys(old["config"], identity(cfg))
+    if begun != identity(cfg):
         return (
             f"{snapshot.parent} holds a run of a different config "
-            f"({first_difference(old['config'], identity(cfg))}); "
+            f"({first_difference(begun, identity(cfg))}); "
             "pass --force to set it aside and start over, or choose another --name"
         )
     return None

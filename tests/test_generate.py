@@ -101,3 +101,24 @@ def test_answers_that_speak_of_their_source_are_dropped_where_answers_must_stand
         questions[:2], ["根据文档，端口是7741。", "端口是7741。"], "zh", standalone=True
     )
     assert [p["id"] for p in zh[0]] == [1]
+
+
+def test_auto_backend_is_vllm_only_with_a_gpu_and_an_importable_vllm(monkeypatch):
+    import sys
+    import types
+
+    import torch
+
+    from selfevo.generate import resolve_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_backend("auto") == "hf"
+    assert resolve_backend("vllm") == "vllm" and resolve_backend("hf") == "hf"  # as asked
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    assert resolve_backend("auto") == "vllm"
+    # vLLM would serve a 4-bit model's adapter on the unquantized base; it runs on one rank
+    assert resolve_backend("auto", quantization="nf4") == "hf"
+    assert resolve_backend("auto", ranks=2) == "hf"
+    monkeypatch.setitem(sys.modules, "vllm", None)  # installed but not importable
+    assert resolve_backend("auto") == "hf"

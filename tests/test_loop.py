@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import pytest
+
 from typer.testing import CliRunner
 
 import selfevo.loop
@@ -177,11 +179,33 @@ def test_different_config_is_refused_unless_forced(finished_run, tiny_model):
     refused = run(evolve_args(tiny_model, inputs, root, "t", "--replay.k", "5"))
     assert refused.exit_code == 2
     assert "replay.k: 3 -> 5" in refused.output and "--force" in refused.output
-    # more generations of the same config are not a different config
-    assert (
-        "different config"
-        not in run(evolve_args(tiny_model, inputs, root, "t", "--start", "2", "--end", "2")).output
-    )
+
+
+def test_more_generations_or_another_backend_go_on_with_the_run(finished_run, tiny_model):
+    from selfevo import rundir
+    from selfevo.cli import parse_evolve_args
+
+    root, inputs = finished_run
+    run_dir = root / "runs" / "t"
+
+    def config(*extra: str):
+        return parse_evolve_args(evolve_args(tiny_model, inputs, root, "t", *extra)[1:])[0]
+
+    assert rundir.prepare(config("--end", "3", "--generation.backend", "vllm"), False) == run_dir
+    with pytest.raises(rundir.RunError, match="replay.k: 3 -> 5"):
+        rundir.prepare(config("--replay.k", "5"), False)
+    # A snapshot that still counts the backend in the run's identity (as runs begun before it
+    # stopped counting do) goes on too.
+    snapshot = run_dir / "config.json"
+    kept = snapshot.read_text()
+    old = json.loads(kept)
+    old["config"]["generation"]["backend"] = "hf"
+    old["sha256"] = rundir.config_digest(old["config"])
+    snapshot.write_text(json.dumps(old))
+    try:
+        assert rundir.prepare(config("--generation.backend", "vllm"), False) == run_dir
+    finally:
+        snapshot.write_text(kept)
 
 
 def test_answer_model_base_has_the_base_model_answer_the_current_models_questions(
@@ -305,7 +329,8 @@ def test_grounding_retention_anchors_and_the_general_set(tiny_vllm_model, tmp_pa
         json.loads(line)
         for line in (gen.parent / "base" / "anchors.jsonl").read_text().splitlines()
     ]
-    assert train["anchors"] == 5 and 0 < len(anchors) <= 119
+    instructions = json.loads((ROOT / "data" / "anchor_prompts.json").read_text())
+    assert train["anchors"] == 5 and 0 < len(anchors) <= len(instructions)
     trained_pairs = [(p["question"], p["answer"]) for p in read("train.jsonl")]
     assert sum((a["question"], a["answer"]) in trained_pairs for a in anchors) == 5
     assert train["pairs"] == len(trained_pairs) - 5

@@ -147,10 +147,7 @@ def test_evolve_on_vllm_uses_one_engine_and_each_generations_adapter(vllm_run):
         )
         for name in ("qa.jsonl", "metrics.json", "adapter/adapter_model.safetensors"):
             assert (gen / name).is_file()
-    assert (
-        json.loads((run_dir / "config.json").read_text())["config"]["generation"]["backend"]
-        == "vllm"
-    )
+    assert "generation: vLLM" in (run_dir / "run.log").read_text()
 
 
 def test_with_answer_model_current_each_generations_model_answers_its_questions(
