@@ -593,8 +593,9 @@ def train_adapter(
     )
     last = checkpoints / "last.ckpt"
     probe = retention_probe(cfg, tokenizer, pairs, seed)
+    fit_precision = cfg.trainer.fit_precision or cfg.trainer.precision
     trainer = build_trainer(
-        cfg.trainer,
+        dataclasses.replace(cfg.trainer, precision=fit_precision),
         min_epochs=cfg.train.epochs,
         max_epochs=cfg.train.max_epochs if probe else cfg.train.epochs,
         accumulate_grad_batches=cfg.train.grad_accum // strategy.world_size,

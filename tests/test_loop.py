@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-
 from typer.testing import CliRunner
 
 import selfevo.loop
@@ -346,3 +345,30 @@ def test_grounding_retention_anchors_and_the_general_set(tiny_vllm_model, tmp_pa
     low, high = summary[1]["general_vs_base"][1:]
     assert low <= summary[1]["general_vs_base"][0] <= high
     assert "general facts" in (tmp_path / "runs" / "g" / "summary.md").read_text()
+
+
+def test_fit_precision_applies_to_training_alone(tiny_model, tmp_path, monkeypatch):
+    import torch
+
+    from selfevo.evaluate import Evaluator
+    from selfevo.train import LoRAModule
+
+    seen: dict[str, set] = {"train": set(), "evaluate": set()}
+    for stage, cls, hook in (
+        ("train", LoRAModule, "training_step"),
+        ("evaluate", Evaluator, "test_step"),
+    ):
+        original = getattr(cls, hook)
+
+        def recording(self, *args, _stage=stage, _original=original):
+            seen[_stage].add(torch.is_autocast_enabled("cpu"))
+            return _original(self, *args)
+
+        monkeypatch.setattr(cls, hook, recording)
+    inputs = toy_domain_inputs(tmp_path)
+    result = run(
+        evolve_args(tiny_model, inputs, tmp_path, "p", "--end", "1",
+                    "--trainer.fit_precision", "bf16-mixed")
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert seen == {"train": {True}, "evaluate": {False}}
