@@ -1,10 +1,8 @@
-from pathlib import Path
-
 import pytest
 
 from selfevo.data import DataError, load_eval, load_fragments, load_qa, load_questions
 from selfevo.rundir import read_jsonl, write_jsonl
-from tests.helpers import SHARED, write_records
+from tests.helpers import ROOT, SHARED, write_records
 
 
 def test_fragments_from_json_list_and_jsonl_agree(tmp_path):
@@ -45,8 +43,7 @@ def test_jsonl_round_trip_and_truncation_detected(tmp_path):
 
 def test_anchor_instructions_share_no_question_with_the_general_set():
     # The general set measures forgetting; an anchor trained on one of its questions would hide it.
-    data = Path(__file__).resolve().parents[1] / "data"
-    anchors = {q.strip().lower() for q in load_questions(data / "anchor_prompts.json")}
-    general = {q.strip().lower() for q in load_questions(data / "general_qa.json")}
+    anchors = {q.strip().lower() for q in load_questions(ROOT / "data" / "anchor_prompts.json")}
+    general = {q.strip().lower() for q in load_questions(ROOT / "data" / "general_qa.json")}
     assert len(anchors) == 224 and len(general) == 60
     assert not anchors & general

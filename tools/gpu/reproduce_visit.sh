@@ -62,12 +62,13 @@ mode_args() {  # the ablations differ only here (and in --name)
     qwen-facts-noretarget) echo "$RECIPE --targeting.retarget false" ;;
     qwen-recipe-lr*) echo "$RECIPE --train.learning_rate ${1#qwen-recipe-lr}"; return 0 ;;  # the recipe at another rate
     qwen-black-lr*) echo "$RECIPE --train.learning_rate ${1#qwen-black-lr} $BLACK"; return 0 ;;  # the recipe on Black's docs
-    # With anchors (all 224 a generation) against forgetting; -s1: a second seed; -text: the fragments
-    # as plain text too, once a generation.
-    qwen-black-anchors) echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS"; return 0 ;;
-    qwen-black-anchors-s1) echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS --seed 1"; return 0 ;;
-    qwen-black-anchors-text) echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS --train.fragment_weight 1"; return 0 ;;
-    qwen-black-anchors-text-s1) echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS --train.fragment_weight 1 --seed 1"; return 0 ;;
+    qwen-black-anchors|qwen-black-anchors-s1|qwen-black-anchors-text|qwen-black-anchors-text-s1)
+      # With anchors (all 224 a generation) against forgetting; -text: the fragments as plain text
+      # too, once a generation; -s1: a second seed.
+      local extra=""
+      case "$1" in *-text*) extra+=" --train.fragment_weight 1" ;; esac
+      case "$1" in *-s1) extra+=" --seed 1" ;; esac
+      echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS$extra"; return 0 ;;
     qwen-hard) echo "--replay.mode hard" ;;
     qwen-hard-current) echo "--replay.mode hard --generation.answer_model current" ;;  # the paper's answer writer
     qwen-none) echo "--replay.mode hard --replay.k 0" ;;
