@@ -31,11 +31,9 @@ from selfevo.models import add_lora, load_model
 MODEL = "smollm2-135m-instruct"
 
 
-def train_step_seconds(dtype: str, autocast: bool, steps: int = 3) -> float:
-    """Mean seconds of one AdamW step of the LoRA model on a 4 x 160-token batch (after one
-    warm-up step)."""
-    base, _ = load_model(ModelConfig(name=MODEL, dtype=dtype))
-    model = add_lora(base, LoraConfig(), 0)
+def train_step_seconds(model, autocast: bool, steps: int = 3) -> float:
+    """Mean seconds of one AdamW step of a LoRA model on a 4 x 160-token batch (after one warm-up
+    step)."""
     model.train()
     ids = torch.randint(100, 4000, (4, 160), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -50,10 +48,9 @@ def train_step_seconds(dtype: str, autocast: bool, steps: int = 3) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def generate_tokens_per_second(batch_size: int, new_tokens: int = 64) -> float:
+def generate_tokens_per_second(model, tokenizer, batch_size: int, new_tokens: int = 64) -> float:
     """New tokens a second of greedy `generate` on batch_size copies of a 150-token answer
     prompt."""
-    model, tokenizer = load_model(ModelConfig(name=MODEL, dtype="float32"))
     tokenizer.padding_side = "left"
     passage = "Quillmesh nodes gossip every 5 seconds over UDP port 9566 unless it is disabled. "
     prompt = (
@@ -73,9 +70,10 @@ def generate_tokens_per_second(batch_size: int, new_tokens: int = 64) -> float:
     return batch_size * new_tokens / (time.perf_counter() - start)
 
 
-def open_book_eval(backend: str, precision: str) -> tuple[float, float]:
+def open_book_evals(backend: str, precisions: tuple[str, ...]) -> list[tuple[float, float]]:
     """(seconds, fact recall) of the open-book evaluation of data/quillmesh_eval.json, as the demo
-    runs it (greedy, 96 new tokens); vLLM's seconds leave out its engine's start."""
+    runs it (greedy, 96 new tokens), under each Lightning precision, on one generator; vLLM's
+    seconds leave out its engine's start."""
     generator, _ = _generator(
         ModelConfig(name=MODEL, dtype="float32", max_length=512),
         GenerationConfig(backend=backend, language="en", vllm_kv_cache_gib=2),
@@ -83,46 +81,59 @@ def open_book_eval(backend: str, precision: str) -> tuple[float, float]:
         0,
         96,
     )
+    results = []
     try:
         generator.use_adapter(None)
-        start = time.perf_counter()
-        metrics, _ = evaluate_model(
-            generator,
-            load_eval("data/quillmesh_eval.json"),
-            EvalConfig(batch_size=24, max_new_tokens=96),
-            build_trainer(TrainerConfig(precision=precision), enable_progress_bar=False),
-            0,
-            "en",
-            open_book=True,
-        )
-        return time.perf_counter() - start, metrics["fact-recall"]
+        for precision in precisions:
+            start = time.perf_counter()
+            metrics, _ = evaluate_model(
+                generator,
+                load_eval("data/quillmesh_eval.json"),
+                EvalConfig(batch_size=24, max_new_tokens=96),
+                build_trainer(TrainerConfig(precision=precision), enable_progress_bar=False),
+                0,
+                "en",
+                open_book=True,
+            )
+            results.append((time.perf_counter() - start, metrics["fact-recall"]))
     finally:
         generator.close()
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args()
+    # One fp32 model generates first, then gets its adapter for the fp32 and autocast steps; the
+    # bf16 model is the only other load.
+    model, tokenizer = load_model(ModelConfig(name=MODEL, dtype="float32"))
+    generate_tokens_per_second(model, tokenizer, 4, new_tokens=8)  # warm-up
     rows = [
-        ("training step, fp32", f"{train_step_seconds('float32', False):.2f} s"),
+        (
+            f"HF generate, batch {size}",
+            f"{generate_tokens_per_second(model, tokenizer, size):.0f} new tok/s",
+        )
+        for size in (16, 32, 48)
+    ]
+    model = add_lora(model, LoraConfig(), 0)
+    rows.append(("training step, fp32", f"{train_step_seconds(model, False):.2f} s"))
+    rows.append(
         (
             "training step, fp32 weights under bf16 autocast",
-            f"{train_step_seconds('float32', True):.2f} s",
-        ),
-        ("training step, bf16 weights", f"{train_step_seconds('bfloat16', False):.2f} s"),
-    ]
-    for size in (16, 32, 48):
-        rows.append(
-            (f"HF generate, batch {size}", f"{generate_tokens_per_second(size):.0f} new tok/s")
+            f"{train_step_seconds(model, True):.2f} s",
         )
-    for backend, precision in (("hf", "32-true"), ("hf", "bf16-mixed"), ("vllm", "32-true")):
-        name = f"open-book eval, {backend}, {precision}"
+    )
+    bf16 = add_lora(load_model(ModelConfig(name=MODEL, dtype="bfloat16"))[0], LoraConfig(), 0)
+    rows.append(("training step, bf16 weights", f"{train_step_seconds(bf16, False):.2f} s"))
+    del model, bf16
+    for backend, precisions in (("hf", ("32-true", "bf16-mixed")), ("vllm", ("32-true",))):
+        names = [f"open-book eval, {backend}, {precision}" for precision in precisions]
         if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            rows.append((name, "vLLM not installed"))
+            rows += [(name, "vLLM not installed") for name in names]
             continue
-        seconds, facts = open_book_eval(backend, precision)
-        rows.append((name, f"{seconds:.1f} s, fact recall {facts:.2f}"))
+        for name, (seconds, facts) in zip(names, open_book_evals(backend, precisions)):
+            rows.append((name, f"{seconds:.1f} s, fact recall {facts:.2f}"))
     table = [
         f"{date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads: "

@@ -204,8 +204,8 @@ class TrainerConfig:
         Literal["16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true", "64-true"]
     ] = None
     """The training stage's precision (None: `precision`). On a CPU with bf16 instructions
-    (AVX512-BF16, AMX), bf16-mixed trains about 2x faster, where evaluation under autocast was no
-    faster and less accurate (docs/tuning.md); hence a key of its own."""
+    (AVX512-BF16, AMX), bf16-mixed trains 2-3x faster, where evaluation under autocast was less
+    accurate and little faster (docs/tuning.md); hence a key of its own."""
 
 
 @dataclass
