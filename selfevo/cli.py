@@ -484,6 +484,7 @@ def evaluate_cmd(ctx: typer.Context) -> None:
                 "top_p",
                 "question_focus",
                 "questions_per_fragment",
+                "phrasings",
                 "question_filters",
                 "standalone_answers",
                 "min_grounding",

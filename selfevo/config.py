@@ -83,6 +83,10 @@ class GenerationConfig:
     """Questions per fragment per generation. With question_focus sentence, each about a different
     sentence: first those the last check found unknown (targeting.retarget), then those asked least
     so far; with fragment, the prompt sampled this many times."""
+    phrasings: int = 1
+    """With question_focus sentence: questions written about each chosen sentence, each sampled
+    anew and answered on its own, so that training meets each fact in several wordings (a sentence
+    the last check missed gets one more). Repeats are dropped by question_filters."""
     question_filters: bool = True
     """Drop questions that name nothing specific to their fragment, that recur across fragments,
     or that an earlier generation (or the dev split) asked already; counted by reason in
@@ -324,6 +328,7 @@ def validate(cfg: EvolveConfig) -> None:
             "generation.question_max_new_tokens": cfg.generation.question_max_new_tokens,
             "generation.answer_max_new_tokens": cfg.generation.answer_max_new_tokens,
             "generation.questions_per_fragment": cfg.generation.questions_per_fragment,
+            "generation.phrasings": cfg.generation.phrasings,
             "generation.temperature": cfg.generation.temperature,
             "generation.vllm_kv_cache_gib": cfg.generation.vllm_kv_cache_gib,
             "generation.vllm_tensor_parallel_size": cfg.generation.vllm_tensor_parallel_size,

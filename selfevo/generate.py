@@ -229,10 +229,11 @@ def plan_questions(
     """What this generation asks, one record per question to write: {"id": fragment id, "fragment"}
     and, with question_focus sentence, {"unit": sentence number, "focus": sentence}.
 
-    A fragment gets questions_per_fragment questions, each about another of its sentences: first
-    the sentences the last check found unknown (`missed`; each of those asked twice, so that the
-    fact comes back in new phrasings), then those asked least often so far (`asked`), ties broken
-    by a shuffle seeded by `seed`. With question_focus fragment, the whole fragment each time.
+    A fragment gets questions about questions_per_fragment of its sentences: first the sentences
+    the last check found unknown (`missed`), then those asked least often so far (`asked`), ties
+    broken by a shuffle seeded by `seed`. Each chosen sentence is asked `phrasings` times, a missed
+    one once more, so that its fact comes back in new wordings. With question_focus fragment, the
+    whole fragment questions_per_fragment times.
     """
     rng = random.Random(seed)
     plan: list[dict] = []
@@ -251,7 +252,7 @@ def plan_questions(
         )
         for k in sorted(order[: cfg.questions_per_fragment]):
             record = {"id": fid, "fragment": fragment, "unit": k, "focus": sentences[k]}
-            plan += [record] * (2 if (fid, k) in missed else 1)
+            plan += [record] * (cfg.phrasings + ((fid, k) in missed))
     return plan
 
 

@@ -164,6 +164,21 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+# Keys added to the config after runs had begun, each with the value that does what those runs
+# did: a snapshot without one is read as holding it.
+ADDED_KEYS = {("generation", "phrasings"): 1}
+
+
+def with_added_keys(snapshot: dict) -> dict:
+    """The snapshot's config with every key of ADDED_KEYS it lacks, at its old behaviour's
+    value."""
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in snapshot.items()}
+    for (section, key), value in ADDED_KEYS.items():
+        if isinstance(config.get(section), dict):
+            config[section].setdefault(key, value)
+    return config
+
+
 def counted_keys(snapshot: dict, now: dict) -> dict:
     """A snapshot's identity without the keys that `identity` no longer counts (such as
     generation.backend): a run begun before a key was found not to change results goes on."""
@@ -241,7 +256,7 @@ def _snapshot_problem(snapshot: Path, cfg: EvolveConfig, prompts: str) -> Option
             "selfevo changed "
             f"them); pass --force to set it aside and start over, or finish it with that version"
         )
-    begun = counted_keys(old["config"], identity(cfg))
+    begun = counted_keys(with_added_keys(old["config"]), identity(cfg))
     if begun != identity(cfg):
         return (
             f"{snapshot.parent} holds a run of a different config "

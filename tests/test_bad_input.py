@@ -192,6 +192,7 @@ CONFIG_CASES = {
     "negative k": (["--replay.k", "-1"], "replay.k: must be >= 0"),
     "start >= end": (["--start", "2", "--end", "2"], "start/end"),
     "zero batch": (["--generation.batch_size", "0"], "generation.batch_size: must be > 0"),
+    "zero phrasings": (["--generation.phrasings", "0"], "generation.phrasings: must be > 0"),
     "top_p above 1": (["--generation.top_p", "1.5"], "generation.top_p"),
     "devices not a number": (["--trainer.devices", "auto"], "trainer.devices"),
     "several devices, spawned ranks": (

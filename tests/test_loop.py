@@ -203,6 +203,14 @@ def test_more_generations_or_another_backend_go_on_with_the_run(finished_run, ti
     snapshot.write_text(json.dumps(old))
     try:
         assert rundir.prepare(config("--generation.backend", "vllm"), False) == run_dir
+        # So does one begun before generation.phrasings existed, which asked each sentence once;
+        # asking it more often is another run.
+        del old["config"]["generation"]["phrasings"]
+        old["sha256"] = rundir.config_digest(old["config"])
+        snapshot.write_text(json.dumps(old))
+        assert rundir.prepare(config(), False) == run_dir
+        with pytest.raises(rundir.RunError, match="generation.phrasings: 1 -> 2"):
+            rundir.prepare(config("--generation.phrasings", "2"), False)
     finally:
         snapshot.write_text(kept)
 

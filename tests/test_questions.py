@@ -56,6 +56,19 @@ def test_a_missed_sentence_is_asked_first_and_twice():
     assert [(r["id"], r["unit"]) for r in plan if r["id"] == 1] == [(1, 1), (1, 1)]
 
 
+def test_each_chosen_sentence_is_asked_in_as_many_phrasings_as_told_and_a_missed_one_once_more():
+    cfg = GenerationConfig(question_focus="sentence", questions_per_fragment=2, phrasings=3)
+    plan = plan_questions(FRAGMENTS, cfg, Counter(), {(1, 1)}, seed=0)
+    per_unit = Counter((r["id"], r["unit"]) for r in plan)
+    assert sorted(per_unit.values()) == [3, 3, 3, 4]
+    assert per_unit[(1, 1)] == 4
+    # the same sentences as with one phrasing: phrasings deepen, questions_per_fragment widens
+    one = GenerationConfig(question_focus="sentence", questions_per_fragment=2)
+    assert set(per_unit) == {
+        (r["id"], r["unit"]) for r in plan_questions(FRAGMENTS, one, Counter(), {(1, 1)}, seed=0)
+    }
+
+
 def test_the_papers_focus_asks_about_the_whole_fragment_as_often_as_told():
     cfg = GenerationConfig(question_focus="fragment", questions_per_fragment=3)
     plan = plan_questions(FRAGMENTS, cfg, Counter(), set(), seed=0)
