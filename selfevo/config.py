@@ -205,11 +205,13 @@ class TrainerConfig:
     precision: Optional[str] = None
     """None: bf16-mixed on a bf16-capable GPU, 32-true otherwise."""
     fit_precision: Optional[
-        Literal["16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true", "64-true"]
+        Literal["auto", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true", "64-true"]
     ] = None
-    """The training stage's precision (None: `precision`). On a CPU with bf16 instructions
-    (AVX512-BF16, AMX), bf16-mixed trains 2-3x faster, where evaluation under autocast was less
-    accurate and little faster (docs/tuning.md); hence a key of its own."""
+    """The training stage's precision (None: `precision`; auto: bf16-mixed where the device
+    computes bf16 natively, a bf16-capable GPU or a CPU with AVX512-BF16 or AMX, else 32-true). On
+    such a CPU bf16-mixed trains 2-3x faster, where evaluation under autocast was less accurate
+    and little faster; on a CPU without (AVX2), bf16 is emulated and a step took 23x fp32's time
+    (docs/tuning.md). Hence a key of its own."""
 
 
 @dataclass

@@ -4,7 +4,7 @@ and a smaller batch when the GPU runs out of memory."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import lightning as L
 import torch
@@ -51,6 +51,26 @@ def halving_batch_on_oom(run: Callable[[int], T], batch_size: int, what: str) ->
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.warning("out of GPU memory in %s: retrying with batch size %d", what, batch_size)
+
+
+def bf16_is_native() -> bool:
+    """Whether bf16 arithmetic runs in hardware here: on a bf16-capable GPU, or on a CPU with
+    AVX512-BF16 or AMX. Other CPUs emulate it, far slower than fp32 (docs/tuning.md)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(
+        getattr(cpu, name, lambda: False)()
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
+def training_precision(cfg: TrainerConfig) -> Optional[str]:
+    """The training stage's Lightning precision: trainer.fit_precision, resolved (auto: bf16-mixed
+    where bf16 is native, else 32-true), or trainer.precision when it is not set."""
+    if cfg.fit_precision == "auto":
+        return "bf16-mixed" if bf16_is_native() else "32-true"
+    return cfg.fit_precision or cfg.precision
 
 
 def build_trainer(cfg: TrainerConfig, **kwargs) -> L.Trainer:

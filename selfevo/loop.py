@@ -43,7 +43,7 @@ from selfevo.config import EvolveConfig, validate, world_size
 from selfevo.data import load_eval, load_fragments, load_qa, load_questions, select_fragments
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import make_generator, resolve_backend, write_answers, write_questions
-from selfevo.hardware import accelerator_device, build_trainer
+from selfevo.hardware import accelerator_device, build_trainer, training_precision
 from selfevo.ifd import ground_pairs, score_pairs
 from selfevo.log import console, run_log, setup_logging
 from selfevo.models import (
@@ -138,6 +138,8 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
             len(eval_set),
         )
         log.info("generation: %s", "vLLM" if backend == "vllm" else "Hugging Face generate")
+        if cfg.trainer.fit_precision == "auto":
+            log.info("training precision: %s", training_precision(cfg.trainer))
         loop = Loop(cfg, run_dir, fragments, eval_set, strategy, general, anchors)
         try:
             loop.evaluate_base()
@@ -593,9 +595,8 @@ def train_adapter(
     )
     last = checkpoints / "last.ckpt"
     probe = retention_probe(cfg, tokenizer, pairs, seed)
-    fit_precision = cfg.trainer.fit_precision or cfg.trainer.precision
     trainer = build_trainer(
-        dataclasses.replace(cfg.trainer, precision=fit_precision),
+        dataclasses.replace(cfg.trainer, precision=training_precision(cfg.trainer)),
         min_epochs=cfg.train.epochs,
         max_epochs=cfg.train.max_epochs if probe else cfg.train.epochs,
         accumulate_grad_batches=cfg.train.grad_accum // strategy.world_size,

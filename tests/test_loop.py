@@ -355,9 +355,17 @@ def test_grounding_retention_anchors_and_the_general_set(tiny_vllm_model, tmp_pa
     assert "general facts" in (tmp_path / "runs" / "g" / "summary.md").read_text()
 
 
-def test_fit_precision_applies_to_training_alone(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "fit_precision, native, autocast",
+    [("bf16-mixed", False, True), ("auto", True, True), ("auto", False, False)],
+)
+def test_fit_precision_applies_to_training_alone(
+    tiny_model, tmp_path, monkeypatch, fit_precision, native, autocast
+):
+    """auto trains under bf16 autocast only where bf16 is native: elsewhere the CPU emulates it."""
     import torch
 
+    from selfevo import hardware
     from selfevo.evaluate import Evaluator
     from selfevo.train import LoRAModule
 
@@ -373,10 +381,11 @@ def test_fit_precision_applies_to_training_alone(tiny_model, tmp_path, monkeypat
             return _original(self, *args)
 
         monkeypatch.setattr(cls, hook, recording)
+    monkeypatch.setattr(hardware, "bf16_is_native", lambda: native)
     inputs = toy_domain_inputs(tmp_path)
     result = run(
         evolve_args(tiny_model, inputs, tmp_path, "p", "--end", "1",
-                    "--trainer.fit_precision", "bf16-mixed")
+                    "--trainer.fit_precision", fit_precision)
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert seen == {"train": {True}, "evaluate": {False}}
+    assert seen == {"train": {autocast}, "evaluate": {False}}
