@@ -30,6 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from selfevo.data import DataError, load_eval
 from selfevo.evaluate import score_answers
+from selfevo.facts import reference_facts, states
 from selfevo.prompts import Language
 from selfevo.rundir import read_json, read_jsonl, write_bytes, write_json, write_text
 
@@ -197,6 +198,38 @@ def _predictions(folder: Path) -> Optional[list[dict]]:
     return None
 
 
+def facts_taught(
+    records: list[dict], answers: list[str], taught: dict[str, list[str]], language: Language
+) -> Optional[dict]:
+    """Where the references' facts are lost. Of the facts of the eval references (pooled over the
+    eval set), the share that some QA pair trained on about the eval pair's fragment states
+    ("taught"), and the shares of those and of the rest that the model's answer states. None where
+    the run trained on none of the eval pairs' fragments (data.include_eval off)."""
+    if not any(r.get("fragment") in taught for r in records):
+        return None
+    counts = {"facts": 0, "taught": 0, "stated_taught": 0, "stated_untaught": 0}
+    for record, answer in zip(records, answers):
+        trained = taught.get(record.get("fragment"), [])
+        for fact in reference_facts(record["reference"], record["question"], language):
+            was_taught = any(states(fact, a, language) for a in trained)
+            counts["facts"] += 1
+            counts["taught"] += was_taught
+            counts["stated_taught" if was_taught else "stated_untaught"] += states(
+                fact, answer, language
+            )
+    if not counts["facts"]:
+        return None
+    untaught = counts["facts"] - counts["taught"]
+    return {
+        "taught": 100 * counts["taught"] / counts["facts"],
+        "stated_taught": 100 * counts["stated_taught"] / counts["taught"]
+        if counts["taught"]
+        else None,
+        "stated_untaught": 100 * counts["stated_untaught"] / untaught if untaught else None,
+        "facts": counts["facts"],
+    }
+
+
 def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]:
     """One row per evaluated model: the base model (with its open-book answers and the question-echo
     baseline beside it), then each finished generation with its knowledge recovered and controls."""
@@ -211,6 +244,7 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
     open_book: Optional[Scored] = None
     gap: dict[str, list[float]] = {}
     base_general: Optional[list[float]] = None
+    taught: dict[str, list[str]] = {}  # fragment -> the answers trained on about it so far
     rows = []
     for name, folder in [("base", run_dir / "base")] + [(f"gen_{i}", p) for i, p in gens]:
         predictions = _predictions(folder)
@@ -239,6 +273,12 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
             check = stages.get("check", {})
             row["dev_fact_recall"] = check.get("dev_fact_recall")
             row["trained_fact_recall"] = check.get("trained_fact_recall")
+            if (folder / "qa.jsonl").is_file():
+                for pair in read_jsonl(folder / "qa.jsonl"):
+                    taught.setdefault(pair["fragment"], []).append(pair["answer"])
+                row["facts_taught"] = facts_taught(
+                    records, [p["prediction"] for p in predictions], taught, language
+                )
             if base is not None and len(base.answers) == len(answers.answers):
                 row.update(_against_base(answers, base, open_book, gap, records, language, metrics))
         general = _general_scores(folder)
@@ -405,6 +445,28 @@ def markdown_tables(rows: list[dict]) -> str:
             + "\n".join(lines)
             + "\n\nn/a: the open-book gap's own 95% interval holds 0, so there is no gap to "
             "recover.\n"
+        )
+    taught = [r for r in gens if r.get("facts_taught")]
+    if taught:
+        lines = [
+            "| model | facts taught | stated when taught | stated when not |",
+            "|---|---|---|---|",
+        ]
+        for r in taught:
+            t = r["facts_taught"]
+            lines.append(
+                f"| {r['model']} | {_f(t['taught'])} | {_f(t['stated_taught'])} | "
+                f"{_f(t['stated_untaught'])} |"
+            )
+        out += (
+            "\n### Where the references' facts are lost\n\n"
+            + "\n".join(lines)
+            + f"\n\nIn percent of the eval references' {taught[0]['facts_taught']['facts']} facts"
+            " (pooled): taught, some QA pair trained on so far about the eval pair's fragment "
+            "states the fact; stated, the generation's closed-book answer does. Taught and not "
+            "stated: learnt as a pair, not retrieved by the eval's wording (more phrasings, "
+            "generation.phrasings); not taught: not asked about (more questions, "
+            "generation.questions_per_fragment).\n"
         )
     head = [
         "model",

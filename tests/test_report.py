@@ -148,6 +148,50 @@ def test_summary_report_and_command_on_run_files_without_questions(tmp_path):
     assert write_report(run, write_summary(run, eval_file)) == run / "report.png"
 
 
+def test_facts_taught_split_what_was_never_asked_from_what_was_learnt_but_not_recalled(tmp_path):
+    # Generation 0 trains on answers about fragments 0-9 (0-4 with the right port, 5-9 a wrong
+    # one), generation 1 on fragments 10-19. gen_0 answers 0-2 and 10-11 right; gen_1 0-9 right.
+    run = write_run(
+        tmp_path / "run",
+        WRONG,
+        RIGHT,
+        [RIGHT[:3] + WRONG[3:10] + RIGHT[10:12] + WRONG[12:], RIGHT[:10] + WRONG[10:]],
+    )
+
+    def qa(gen, pairs):
+        (run / f"gen_{gen}" / "qa.jsonl").write_text(
+            "".join(
+                json.dumps({"fragment": f, "question": "q", "answer": a}) + "\n" for f, a in pairs
+            )
+        )
+
+    qa(0, [(RECORDS[i]["fragment"], RIGHT[i] if i < 5 else WRONG[i]) for i in range(10)])
+    qa(1, [(RECORDS[i]["fragment"], RIGHT[i]) for i in range(10, 20)])
+    rows = {r["model"]: r for r in collect(run)}
+    # one fact (the port) a reference
+    assert rows["gen_0"]["facts_taught"] == {
+        "taught": pytest.approx(100 * 5 / N),
+        "stated_taught": pytest.approx(100 * 3 / 5),
+        "stated_untaught": pytest.approx(100 * 2 / 25),
+        "facts": N,
+    }
+    # what generation 0 taught counts for generation 1 too
+    assert rows["gen_1"]["facts_taught"]["taught"] == pytest.approx(100 * 15 / N)
+    assert rows["gen_1"]["facts_taught"]["stated_taught"] == pytest.approx(100 * 5 / 15)
+    assert rows["gen_1"]["facts_taught"]["stated_untaught"] == pytest.approx(100 * 5 / 15)
+    write_summary(run)
+    summary = (run / "summary.md").read_text()
+    assert "| gen_0 | 16.67 | 60.00 | 8.00 |" in summary
+
+
+def test_no_facts_taught_table_where_the_run_trained_on_none_of_the_eval_fragments(tmp_path):
+    run = write_run(tmp_path / "run", WRONG, RIGHT, [RIGHT])
+    (run / "gen_0" / "qa.jsonl").write_text(
+        json.dumps({"fragment": "another document", "question": "q", "answer": RIGHT[0]}) + "\n"
+    )
+    assert collect(run)[1]["facts_taught"] is None
+
+
 def test_cut_to_length_counts_words_in_english_and_characters_in_chinese():
     assert cut_to_length("one two  three four", 2, "en") == "one two"
     assert cut_to_length("端口 为8080。", 4, "zh") == "端口 为8"
