@@ -649,6 +649,18 @@ def train_adapter(
     return trained
 
 
+def probe_new_tokens(tokenizer, sample: list[dict], cap: int) -> int:
+    """New tokens the retention probe lets an answer run to: twice the longest answer it checks
+    (at most `cap`, the evaluation's). Greedy decoding writes the same first tokens whatever the
+    limit, and an answer that states a pair's facts does so within about its length; without this,
+    one answer that never stops keeps every probe of a generation decoding to the evaluation's cap
+    (512 tokens on the GPU configs) after every epoch."""
+    longest = max(
+        len(tokenizer(p["answer"], add_special_tokens=False)["input_ids"]) for p in sample
+    )
+    return min(cap, 2 * longest)
+
+
 def retention_probe(
     cfg: EvolveConfig, tokenizer, pairs: list[dict], seed: int
 ) -> Optional[RetentionProbe]:
@@ -666,7 +678,7 @@ def retention_probe(
         sample,
         tokenizer,
         language,
-        Sampling(cfg.evaluation.max_new_tokens),
+        Sampling(probe_new_tokens(tokenizer, sample, cfg.evaluation.max_new_tokens)),
         cfg.evaluation.batch_size,
         cfg.model.max_length,
         cfg.train.patience,

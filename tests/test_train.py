@@ -251,3 +251,14 @@ def test_training_never_stops_before_train_epochs_nor_runs_past_max_epochs(
         tiny_model, tmp_path / "b", monkeypatch, list(range(10)), 1, 4, 1
     )
     assert rising["epochs"] == 4 and rising["retention"] == [0, 1, 2, 3]
+
+
+def test_the_retention_probe_answers_in_twice_the_longest_checked_answer_at_most(tiny_model):
+    from selfevo.loop import probe_new_tokens
+    from selfevo.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    sample = [{"answer": "Port 7421."}, {"answer": "It syncs the notes of every peer in the mesh."}]
+    longest = len(tokenizer(sample[1]["answer"], add_special_tokens=False)["input_ids"])
+    assert probe_new_tokens(tokenizer, sample, 512) == 2 * longest
+    assert probe_new_tokens(tokenizer, sample, 3) == 3  # never past the evaluation's cap
