@@ -130,8 +130,9 @@ class TargetingConfig:
     """Pairs of each generation's training set answered closed book after its training: the
     retention check (0: none)."""
     retarget: bool = True
-    """Ask the next generation again, twice and in new phrasings, about the sentences whose checked
-    pairs (dev or trained) the model answered without all of the reference's facts."""
+    """Ask the next generation again, first and in one phrasing more than generation.phrasings,
+    about the sentences whose checked pairs (dev or trained) the model answered without all of the
+    reference's facts."""
 
 
 @dataclass
@@ -343,6 +344,12 @@ def validate(cfg: EvolveConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
+    if cfg.generation.phrasings != 1 and cfg.generation.question_focus != "sentence":
+        raise ConfigError(
+            "generation.phrasings: asks each sentence several times, so it needs "
+            "generation.question_focus sentence (with fragment, questions_per_fragment samples the "
+            "question prompt that many times)"
+        )
     for key, value in {
         "generation.top_p": cfg.generation.top_p,
         "evaluation.top_p": cfg.evaluation.top_p,

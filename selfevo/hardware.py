@@ -53,11 +53,12 @@ def halving_batch_on_oom(run: Callable[[int], T], batch_size: int, what: str) ->
             log.warning("out of GPU memory in %s: retrying with batch size %d", what, batch_size)
 
 
-def bf16_is_native() -> bool:
-    """Whether bf16 arithmetic runs in hardware here: on a bf16-capable GPU, or on a CPU with
-    AVX512-BF16 or AMX. Other CPUs emulate it, far slower than fp32 (docs/tuning.md)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+def bf16_is_native(accelerator: str = "auto") -> bool:
+    """Whether bf16 arithmetic runs in hardware where `accelerator` trains: a GPU of compute
+    capability 8.0 or more (not a T4 or V100, which emulate it), or a CPU with AVX512-BF16 or AMX.
+    Other CPUs emulate it, far slower than fp32 (docs/tuning.md)."""
+    if accelerator != "cpu" and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     cpu = torch.cpu
     return any(
         getattr(cpu, name, lambda: False)()
@@ -69,7 +70,7 @@ def training_precision(cfg: TrainerConfig) -> Optional[str]:
     """The training stage's Lightning precision: trainer.fit_precision, resolved (auto: bf16-mixed
     where bf16 is native, else 32-true), or trainer.precision when it is not set."""
     if cfg.fit_precision == "auto":
-        return "bf16-mixed" if bf16_is_native() else "32-true"
+        return "bf16-mixed" if bf16_is_native(cfg.accelerator) else "32-true"
     return cfg.fit_precision or cfg.precision
 
 

@@ -37,6 +37,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.tensorboard import SummaryWriter
+from transformers import PreTrainedTokenizerBase
 
 from selfevo import rundir
 from selfevo.config import EvolveConfig, validate, world_size
@@ -643,13 +644,13 @@ def train_adapter(
         shutil.rmtree(checkpoints, ignore_errors=True)
 
     on_rank_zero(strategy, save)
-    trained = {"epochs": trainer.current_epoch}
+    trained = {"epochs": trainer.current_epoch, "precision": str(trainer.precision)}
     if probe:
         trained.update(retention=probe.history, probe_pairs=len(probe.pairs))
     return trained
 
 
-def probe_new_tokens(tokenizer, sample: list[dict], cap: int) -> int:
+def probe_new_tokens(tokenizer: PreTrainedTokenizerBase, sample: list[dict], cap: int) -> int:
     """New tokens the retention probe lets an answer run to: twice the longest answer it checks
     (at most `cap`, the evaluation's). Greedy decoding writes the same first tokens whatever the
     limit, and an answer that states a pair's facts does so within about its length; without this,

@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from selfevo.data import DataError, load_eval
 from selfevo.evaluate import score_answers
-from selfevo.facts import reference_facts, states
+from selfevo.facts import NO, YES, reference_facts, states
 from selfevo.prompts import Language
 from selfevo.rundir import read_json, read_jsonl, write_bytes, write_json, write_text
 
@@ -203,14 +203,18 @@ def facts_taught(
 ) -> Optional[dict]:
     """Where the references' facts are lost. Of the facts of the eval references (pooled over the
     eval set), the share that some QA pair trained on about the eval pair's fragment states
-    ("taught"), and the shares of those and of the rest that the model's answer states. None where
-    the run trained on none of the eval pairs' fragments (data.include_eval off)."""
-    if not any(r.get("fragment") in taught for r in records):
+    ("taught"), and the shares of those and of the rest that the model's answer states. A yes or
+    no is left out: any trained answer about the fragment that opens with one would "teach" it.
+    `taught` is keyed by the stripped fragment. None where the run trained on none of the eval
+    pairs' fragments."""
+    fragments = [(r.get("fragment") or "").strip() for r in records]
+    if not any(f in taught for f in fragments):
         return None
     counts = {"facts": 0, "taught": 0, "stated_taught": 0, "stated_untaught": 0}
-    for record, answer in zip(records, answers):
-        trained = taught.get(record.get("fragment"), [])
-        for fact in reference_facts(record["reference"], record["question"], language):
+    for record, fragment, answer in zip(records, fragments, answers):
+        trained = taught.get(fragment, [])
+        facts = reference_facts(record["reference"], record["question"], language)
+        for fact in (f for f in facts if f not in (YES, NO)):
             was_taught = any(states(fact, a, language) for a in trained)
             counts["facts"] += 1
             counts["taught"] += was_taught
@@ -247,6 +251,10 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
     taught: dict[str, list[str]] = {}  # fragment -> the answers trained on about it so far
     rows = []
     for name, folder in [("base", run_dir / "base")] + [(f"gen_{i}", p) for i, p in gens]:
+        if (folder / "qa.jsonl").is_file():  # what was trained on, evaluated or not
+            for pair in read_jsonl(folder / "qa.jsonl"):
+                if "fragment" in pair and "answer" in pair:
+                    taught.setdefault(pair["fragment"].strip(), []).append(pair["answer"])
         predictions = _predictions(folder)
         if predictions is None or not (folder / "metrics.json").exists():
             continue
@@ -274,8 +282,6 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
             row["dev_fact_recall"] = check.get("dev_fact_recall")
             row["trained_fact_recall"] = check.get("trained_fact_recall")
             if (folder / "qa.jsonl").is_file():
-                for pair in read_jsonl(folder / "qa.jsonl"):
-                    taught.setdefault(pair["fragment"], []).append(pair["answer"])
                 row["facts_taught"] = facts_taught(
                     records, [p["prediction"] for p in predictions], taught, language
                 )
@@ -455,18 +461,18 @@ def markdown_tables(rows: list[dict]) -> str:
         for r in taught:
             t = r["facts_taught"]
             lines.append(
-                f"| {r['model']} | {_f(t['taught'])} | {_f(t['stated_taught'])} | "
-                f"{_f(t['stated_untaught'])} |"
+                f"| {r['model']} | {_f(t['taught'])} | {_f(t['stated_taught']) or 'n/a'} | "
+                f"{_f(t['stated_untaught']) or 'n/a'} |"
             )
         out += (
             "\n### Where the references' facts are lost\n\n"
             + "\n".join(lines)
             + f"\n\nIn percent of the eval references' {taught[0]['facts_taught']['facts']} facts"
-            " (pooled): taught, some QA pair trained on so far about the eval pair's fragment "
-            "states the fact; stated, the generation's closed-book answer does. Taught and not "
-            "stated: learnt as a pair, not retrieved by the eval's wording (more phrasings, "
-            "generation.phrasings); not taught: not asked about (more questions, "
-            "generation.questions_per_fragment).\n"
+            " (pooled; a yes or no left out): taught, some QA pair trained on so far about the "
+            "eval pair's fragment states the fact; stated, the generation's closed-book answer "
+            "does. Taught and not stated: learnt as a pair, not retrieved by the eval's wording "
+            "(more phrasings, generation.phrasings); not taught: not asked about (more "
+            "questions, generation.questions_per_fragment).\n"
         )
     head = [
         "model",

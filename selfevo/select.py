@@ -10,11 +10,17 @@ from typing import Literal
 
 def split_dev(pairs: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, dev): a seeded `share` of the pairs held back as the dev split (at least one pair
-    when share > 0 and there are two or more), both in their input order."""
-    if share <= 0 or len(pairs) < 2:
+    when share > 0 and there are two or more), both in their input order. The pairs about one
+    sentence (generation.phrasings asks it in several wordings) go to one side together: a dev
+    pair whose sentence was trained on in other words would not be unseen."""
+    groups: dict[object, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault((p["id"], p["unit"]) if "unit" in p else i, []).append(i)
+    if share <= 0 or len(groups) < 2:
         return list(pairs), []
-    n = min(len(pairs) - 1, max(1, round(len(pairs) * share)))
-    held = set(random.Random(seed).sample(range(len(pairs)), n))
+    keys = list(groups)
+    n = min(len(keys) - 1, max(1, round(len(keys) * share)))
+    held = {i for k in random.Random(seed).sample(range(len(keys)), n) for i in groups[keys[k]]}
     return (
         [p for i, p in enumerate(pairs) if i not in held],
         [p for i, p in enumerate(pairs) if i in held],

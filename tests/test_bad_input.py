@@ -193,6 +193,10 @@ CONFIG_CASES = {
     "start >= end": (["--start", "2", "--end", "2"], "start/end"),
     "zero batch": (["--generation.batch_size", "0"], "generation.batch_size: must be > 0"),
     "zero phrasings": (["--generation.phrasings", "0"], "generation.phrasings: must be > 0"),
+    "phrasings of whole fragments": (
+        ["--generation.phrasings", "2", "--generation.question_focus", "fragment"],
+        "generation.phrasings",
+    ),
     "top_p above 1": (["--generation.top_p", "1.5"], "generation.top_p"),
     "devices not a number": (["--trainer.devices", "auto"], "trainer.devices"),
     "several devices, spawned ranks": (

@@ -381,7 +381,7 @@ def test_fit_precision_applies_to_training_alone(
             return _original(self, *args)
 
         monkeypatch.setattr(cls, hook, recording)
-    monkeypatch.setattr(hardware, "bf16_is_native", lambda: native)
+    monkeypatch.setattr(hardware, "bf16_is_native", lambda accelerator="auto": native)
     inputs = toy_domain_inputs(tmp_path)
     result = run(
         evolve_args(tiny_model, inputs, tmp_path, "p", "--end", "1",

@@ -127,3 +127,19 @@ def test_the_dev_split_is_a_seeded_share_held_back_in_order():
     assert dev == split_dev(pairs, 0.1, seed=3)[1]
     assert split_dev(pairs, 0.0, seed=3) == (pairs, [])
     assert split_dev(pairs[:1], 0.5, seed=3) == (pairs[:1], [])
+
+
+def test_the_dev_split_holds_back_every_wording_of_a_sentence_or_none():
+    pairs = [
+        {"id": i // 4, "unit": i % 4, "question": f"q{i}-{w}"} for i in range(20) for w in range(3)
+    ]
+    train, dev = split_dev(pairs, 0.1, seed=3)
+    assert len(dev) == 2 * 3
+    held = {(p["id"], p["unit"]) for p in dev}
+    assert not held & {(p["id"], p["unit"]) for p in train}
+    # one wording a sentence: the same split as pair by pair
+    single = [p for p in pairs if p["question"].endswith("-0")]
+    plain = [{"id": n, "question": p["question"]} for n, p in enumerate(single)]
+    assert [p["question"] for p in split_dev(single, 0.1, seed=3)[1]] == [
+        p["question"] for p in split_dev(plain, 0.1, seed=3)[1]
+    ]

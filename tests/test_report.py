@@ -184,6 +184,15 @@ def test_facts_taught_split_what_was_never_asked_from_what_was_learnt_but_not_re
     assert "| gen_0 | 16.67 | 60.00 | 8.00 |" in summary
 
 
+def test_facts_taught_match_fragments_whatever_the_whitespace_around_them(tmp_path):
+    run = write_run(tmp_path / "run", WRONG, RIGHT, [RIGHT])
+    (run / "gen_0" / "qa.jsonl").write_text(
+        json.dumps({"fragment": RECORDS[0]["fragment"] + "\n", "question": "q", "answer": RIGHT[0]})
+        + "\n"
+    )
+    assert collect(run)[1]["facts_taught"]["taught"] == pytest.approx(100 / N)
+
+
 def test_no_facts_taught_table_where_the_run_trained_on_none_of_the_eval_fragments(tmp_path):
     run = write_run(tmp_path / "run", WRONG, RIGHT, [RIGHT])
     (run / "gen_0" / "qa.jsonl").write_text(

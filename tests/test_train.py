@@ -258,7 +258,11 @@ def test_the_retention_probe_answers_in_twice_the_longest_checked_answer_at_most
     from selfevo.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model)
-    sample = [{"answer": "Port 7421."}, {"answer": "It syncs the notes of every peer in the mesh."}]
+    sample = [
+        {"answer": "Port 7421."},
+        {"answer": "It syncs the notes of every peer in the mesh."},
+        {"answer": "45 seconds."},
+    ]
     longest = len(tokenizer(sample[1]["answer"], add_special_tokens=False)["input_ids"])
     assert probe_new_tokens(tokenizer, sample, 512) == 2 * longest
     assert probe_new_tokens(tokenizer, sample, 3) == 3  # never past the evaluation's cap
