@@ -251,7 +251,8 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
     taught: dict[str, list[str]] = {}  # fragment -> the answers trained on about it so far
     rows = []
     for name, folder in [("base", run_dir / "base")] + [(f"gen_{i}", p) for i, p in gens]:
-        if (folder / "qa.jsonl").is_file():  # what was trained on, evaluated or not
+        trained_here = (folder / "qa.jsonl").is_file()
+        if trained_here:  # what was trained on, evaluated or not
             for pair in read_jsonl(folder / "qa.jsonl"):
                 if "fragment" in pair and "answer" in pair:
                     taught.setdefault(pair["fragment"].strip(), []).append(pair["answer"])
@@ -281,7 +282,7 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
             check = stages.get("check", {})
             row["dev_fact_recall"] = check.get("dev_fact_recall")
             row["trained_fact_recall"] = check.get("trained_fact_recall")
-            if (folder / "qa.jsonl").is_file():
+            if trained_here:
                 row["facts_taught"] = facts_taught(
                     records, [p["prediction"] for p in predictions], taught, language
                 )

@@ -4,17 +4,18 @@
 # Stage the model first with ../shared/device/stage (tools/gpu/README.md, docs/reproduce.md).
 set -euo pipefail
 shopt -s nullglob
-mkdir -p /tmp/stage /tmp/wheels /tmp/shared
+mkdir -p /tmp/stage /tmp/shared
 # The seed's data and reference scorer (carried as .shared) stay on the machine for later calls.
 if [ -d .shared ]; then cp -r .shared/. /tmp/shared/; fi
 for f in .carry/*/*; do
   case "$f" in
-    .carry/wheels-*) cp "$f" /tmp/wheels/ ;;
+    .carry/wheels-*) ;;  # installed below, from where they were carried
     *) mv "$f" /tmp/stage/ ;;
   esac
 done
-wheels=(/tmp/wheels/*.whl)
-sdists=(/tmp/wheels/*.tar.gz)
+# Only this call's wheels: those of earlier calls are installed already.
+wheels=(.carry/wheels-*/*.whl)
+sdists=(.carry/wheels-*/*.tar.gz)
 if ((${#wheels[@]})); then python -m pip install -q --no-index --no-deps "${wheels[@]}"; fi
 if ((${#sdists[@]})); then python -m pip install -q --no-index --no-deps --no-build-isolation "${sdists[@]}"; fi
 # Join a staged file once its chunks all match its checksum; until then the chunks stay (they may

@@ -118,9 +118,8 @@ PY
 
 setup() {
   shopt -s nullglob
-  if [ -d .shared ]; then mkdir -p /tmp/shared && cp -r .shared/. /tmp/shared/; fi  # the data stays for later calls
   local carried=(.carry/*/*)
-  if ((${#carried[@]})); then
+  if ((${#carried[@]})) || [ -d .shared ]; then  # device_setup.sh also keeps .shared in /tmp/shared
     bash tools/gpu/device_setup.sh || return 1
     rm -rf .carry/wheels-*  # installed now; they would be installed again by every later call
   fi
