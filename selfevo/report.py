@@ -11,7 +11,9 @@ given back as the answer (the echo baseline). For each generation:
   length-matched base = the base model's closed-book answers cut to the generation's median length;
   vs_base, vs_length_matched_base = the paired bootstrap 95% interval of the generation's per-pair
                         scores minus theirs. A gain over the length-matched base whose interval
-                        holds 0 is not shown to be knowledge.
+                        holds 0 is not shown to be knowledge;
+  vs_previous         = the same interval against the generation before (from gen_1 on): whether
+                        the round added.
 docs/metrics.md defines each measure.
 """
 
@@ -245,6 +247,7 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
         if (m := re.fullmatch(r"gen_(\d+)", p.name))
     )
     base: Optional[Scored] = None
+    previous: Optional[Scored] = None  # the generation before, evaluated on the same pairs
     open_book: Optional[Scored] = None
     gap: dict[str, list[float]] = {}
     base_general: Optional[list[float]] = None
@@ -288,6 +291,10 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
                 )
             if base is not None and len(base.answers) == len(answers.answers):
                 row.update(_against_base(answers, base, open_book, gap, records, language, metrics))
+            # does each round add? (gen_0's "previous" is the base model: vs_base says it)
+            if previous is not None and len(previous.answers) == len(answers.answers):
+                row["vs_previous"] = answers.minus(previous)
+            previous = answers
         general = _general_scores(folder)
         if general is not None:
             row["general_fact_recall"] = round(float(np.mean(general)), 2)
@@ -484,13 +491,14 @@ def markdown_tables(rows: list[dict]) -> str:
         "gain over base [95%]",
         "gain over length-matched base [95%]",
         "knowledge?",
+        "gain over the generation before [95%]",
     ]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     base = rows[0] if rows[0]["model"] == "base" else {}
     for name, r in [("base, closed book", base), ("base, open book", base.get("open_book"))]:
         if r:
             lines.append(
-                f"| {name} | {_f(r['answer_length'], 0)} | {_pct(r['restating'])} | | | | | |"
+                f"| {name} | {_f(r['answer_length'], 0)} | {_pct(r['restating'])} | | | | | | |"
             )
     for r in gens:
         for m in _headline(rows):
@@ -501,7 +509,8 @@ def markdown_tables(rows: list[dict]) -> str:
                 f"| {r['model']} | {_f(r['answer_length'], 0)} | {_pct(r['restating'])} | "
                 f"{LABELS[m]} {_f(r[m])} | "
                 f"{_f(r['length_matched_base'][m])} | {_interval(r['vs_base'][m])} | "
-                f"{_interval(r['vs_length_matched_base'][m])} | {verdict} |"
+                f"{_interval(r['vs_length_matched_base'][m])} | {verdict} | "
+                f"{_interval(r.get('vs_previous', {}).get(m))} |"
             )
     out += (
         "\n### Controls: answer length, echo, and the base model at the generation's answer "
@@ -511,7 +520,8 @@ def markdown_tables(rows: list[dict]) -> str:
         "paired bootstrap over "
         f"the eval pairs, {DRAWS} draws. A gain is shown to be knowledge where its interval over "
         "the "
-        "length-matched base lies above 0.\n"
+        "length-matched base lies above 0. A generation adds to the one before where that "
+        "interval lies above 0.\n"
     )
     return out
 
