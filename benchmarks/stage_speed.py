@@ -63,8 +63,80 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+# Where a kernel's time goes (on the CPU, an aten op's), by its name: the first class that matches.
+KERNEL_CLASSES = (
+    ("matmul", ("gemm", "gemv", "cutlass", "cublas", "xmma", "::mm", "::addmm", "::bmm")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("softmax and loss", ("softmax", "cross_entropy", "nll")),
+    ("copies", ("memcpy", "memset", "aten::copy_")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next(
+        (c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "element-wise and other"
+    )
+
+
+class Profiled:
+    """torch.profiler over a span of a stage: `with Profiled() as p: ...`, then p.summary."""
+
+    def __enter__(self) -> Profiled:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        self.prof = profile(activities=activities)
+        sync()
+        self.prof.start()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sync()
+        self.wall = time.perf_counter() - self.start
+        self.prof.stop()
+        self.summary = profile_summary(self.prof.key_averages(), self.wall)
+
+
+def profile_summary(events, wall: float, top: int = 12) -> dict:
+    """What binds a profiled span. On a GPU: the share of the wall time the device was busy (far
+    below 1: the CPU, launching kernels, binds) and the busy time by class of kernel; on the CPU:
+    the ops' own time by class. With the top kernels or ops."""
+    from torch.autograd import DeviceType
+
+    def own(e) -> float:  # seconds
+        if on_gpu:
+            return getattr(e, "self_device_time_total", 0) / 1e6
+        return e.self_cpu_time_total / 1e6
+
+    on_gpu = torch.cuda.is_available()
+    kernels = [e for e in events if (getattr(e, "device_type", None) == DeviceType.CUDA) == on_gpu]
+    busy = sum(own(e) for e in kernels)
+    classes: dict[str, float] = {}
+    for e in kernels:
+        classes[kernel_class(e.key)] = classes.get(kernel_class(e.key), 0.0) + own(e)
+    ranked = sorted(kernels, key=own, reverse=True)[:top]
+    return {
+        "wall_s": round(wall, 4),
+        "busy_s": round(busy, 4),
+        "busy_share": round(busy / wall, 4) if on_gpu and wall else None,
+        "by_class_s": {c: round(t, 4) for c, t in sorted(classes.items(), key=lambda x: -x[1])},
+        "top": [[e.key[:90], round(own(e), 4), e.count] for e in ranked],
+    }
+
+
 def bench_ifd(
-    model, tokenizer, pairs, seed_pairs, batch_sizes, device, compile_batch: int = 0
+    model,
+    tokenizer,
+    pairs,
+    seed_pairs,
+    batch_sizes,
+    device,
+    compile_batch: int = 0,
+    profile: bool = False,
 ) -> list[dict]:
     """The seed's per-pair way, selfevo's at each batch size, and (compile_batch > 0) selfevo's with
     the decoder compiled by torch.compile at that batch size, its values checked against eager's."""
@@ -116,6 +188,12 @@ def bench_ifd(
             )
         if not compiled:
             eager[bs] = scored
+        if profile:  # four batches, warm
+            with Profiled() as p:
+                score_pairs(
+                    model, tokenizer, pairs[: 4 * bs], IFDConfig(batch_size=bs), 1024, trainer
+                )
+            row["profile"] = p.summary
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -239,6 +317,24 @@ def real_tokens(batch: dict) -> int:
     return int((width - labelled.flip(1).int().argmax(1)).sum())
 
 
+class StepProfiler(L.Callback):
+    """torch.profiler over optimizer steps `skip` to `skip + steps` (set-up and warm-up left
+    out)."""
+
+    def __init__(self, skip: int = 3, steps: int = 3):
+        self.skip, self.steps, self.span, self.summary = skip, steps, None, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self.span is None and trainer.global_step == self.skip:
+            self.span = Profiled().__enter__()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.span is not None and self.summary is None:
+            if trainer.global_step >= self.skip + self.steps:
+                self.span.__exit__(None, None, None)
+                self.summary = self.span.summary
+
+
 class StepClock(L.Callback):
     """Steady-state training speed: label tokens and seconds from optimizer step `skip` on, and the
     loss of every optimizer step (set-up and the first steps' warm-up are left out)."""
@@ -261,9 +357,9 @@ class StepClock(L.Callback):
             self.seconds = time.perf_counter() - self.start
 
 
-def bench_training(model_name, qa_file, steps, ways) -> list[dict]:
+def bench_training(model_name, qa_file, steps, ways, profile: bool = False) -> list[dict]:
     """Each way: (name, micro-batch, accumulation, precision, dtype, length-grouped, quantization,
-    compiled)."""
+    compiled). With profile, a second, short fit of each way under torch.profiler."""
     rows = []
     for name, micro, accum, precision, dtype, grouped, quantization, compiled in ways:
         if torch.cuda.is_available():
@@ -329,6 +425,17 @@ def bench_training(model_name, qa_file, steps, ways) -> list[dict]:
             rows[-1]["max_abs_loss_diff_vs_eager"] = max(
                 abs(a - b) for a, b in zip(eager["losses"], clock.losses)
             )
+        if profile:
+            profiler = StepProfiler()
+            build_trainer(
+                TrainerConfig(precision=precision),
+                max_steps=profiler.skip + profiler.steps + 1,
+                accumulate_grad_batches=accum,
+                enable_progress_bar=False,
+                logger=False,
+                callbacks=[profiler],
+            ).fit(module, datamodule=data)
+            rows[-1]["profile"] = profiler.summary
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
         del model, base, module, trainer
     return rows
@@ -363,6 +470,11 @@ def main() -> None:
     )
     p.add_argument("--cpu-sizes", action="store_true", help="small sizes for a 2-core CPU")
     p.add_argument("--stages", nargs="+", default=["ifd", "generation", "train"])
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile IFD and training (torch.profiler): what binds each, in the JSON",
+    )
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.cpu_sizes:
@@ -397,6 +509,7 @@ def main() -> None:
             args.ifd_batch_sizes,
             device,
             args.ifd_compile_batch,
+            args.profile,
         )
     if "generation" in args.stages:
         rows += bench_generation(
@@ -488,7 +601,7 @@ def main() -> None:
                 ),
             ]
 
-        rows += bench_training(args.model, qa_file, args.train_steps, ways)
+        rows += bench_training(args.model, qa_file, args.train_steps, ways, args.profile)
 
     env = {
         "device": torch.cuda.get_device_name()
@@ -509,6 +622,16 @@ def main() -> None:
             if k in r
         )
         print(f"| {r['stage']} | {r['way']} | {r['items']} | {r['seconds']:.1f} | {rate} |")
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        print("\n| stage | way | busy share | own time by class |\n|---|---|---|---|")
+        for r in profiled:
+            prof = r["profile"]
+            share = "" if prof["busy_share"] is None else f"{100 * prof['busy_share']:.0f}%"
+            parts = ", ".join(
+                f"{c} {100 * t / prof['busy_s']:.0f}%" for c, t in prof["by_class_s"].items()
+            )
+            print(f"| {r['stage']} | {r['way']} | {share} | {parts} |")
     print(json.dumps(env))
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))

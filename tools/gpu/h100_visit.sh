@@ -6,6 +6,8 @@
 # log under $OUT.
 #   bash tools/gpu/h100_visit.sh ifd | generation [VLLM_KV_GIB] | train | whole hf|vllm [ARGS] | qlora
 #                               | scaling N   (on a machine of N GPUs: each stage on 1 GPU and on N)
+#                               | profile [MODEL]  (IFD and training under torch.profiler: what binds
+#                                 each; MODEL: another staged GGUF, e.g. /tmp/stage/qwen.gguf)
 set -euo pipefail
 export PYTHONPATH=$PWD SELFEVO_SHARED=/tmp/shared SELFEVO_CACHE=/tmp/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # The trimmed vLLM install (tools/gpu/vllm_h100_setup.sh) has no FlashInfer: use the runner and
@@ -45,5 +47,9 @@ case "$1" in
       --config configs/aiops.yaml --model.name $M --data.fragments $D/AIOps_data.json \
       --data.eval $D/AIOps_eval_data.json --train.micro_batch_size 16 --train.grad_accum "$2" \
       --ifd.batch_size 128 --evaluation.batch_size 100 --generation.batch_size 512 2>&1 | tee $OUT/scaling_$2.log ;;
+  profile)
+    M=${2:-$M}
+    bench --stages ifd train --profile --seed-pairs 4 --pairs 1024 --ifd-batch-sizes 128 --train-steps 12 \
+      --out $OUT/profile_$(basename $M .gguf).json 2>&1 | tee $OUT/profile_$(basename $M .gguf).log ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac
