@@ -173,6 +173,10 @@ class TrainConfig:
     rise. The cosine schedule spans max_epochs."""
     patience: int = 1
     probe_pairs: int = 64
+    fresh_adapter: bool = False
+    """Train each generation's adapter from a fresh one (A_0) instead of continuing the last: with
+    replay.mode all, generation i's adapter learns every pair so far in one training, and no
+    generation's drift carries into the next. M_i still writes generation i's questions."""
     micro_batch_size: int = 4
     grad_accum: int = 4
     warmup_ratio: float = 0.03

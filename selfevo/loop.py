@@ -7,7 +7,7 @@ For generation i, with M_i = base + adapter A_i (A_0: a fresh adapter, i.e. the 
                   current); answers the fragment does not make likelier under M_0 are dropped
                   (grounding); generation 0 holds a share back as the dev split
     replay     <- k pairs of QA_0..QA_{i-1}, chosen by IFD
-    A_{i+1}    <- continue A_i on qa + replay (closed book)
+    A_{i+1}    <- continue A_i on qa + replay (closed book); train.fresh_adapter: A_0 anew
     qa.ifd     <- IFD of every pair of QA_i (base model by default)
     check      <- M_{i+1} answers the dev split and some of qa closed book: what it knows, what it
                   missed (asked again in generation i+1), and the best generation
@@ -178,7 +178,7 @@ class Loop:
         log.info("loading %s ...", cfg.model.name)
         base, self.tokenizer = load_model(cfg.model)
         self.model = add_lora(base, cfg.lora, cfg.seed)
-        self.fresh_adapter = {
+        self.initial_adapter = {
             k: v.clone() for k, v in get_peft_model_state_dict(self.model).items()
         }  # A_0
         self.generator = make_generator(
@@ -258,7 +258,7 @@ class Loop:
         # Lightning hands the model back on the CPU after each stage; generation runs outside it.
         self.model.to(accelerator_device(self.cfg.trainer.accelerator))
         if i == 0:
-            set_peft_model_state_dict(self.model, self.fresh_adapter)
+            set_peft_model_state_dict(self.model, self.initial_adapter)
             return None
         adapter = self.run_dir / f"gen_{i - 1}" / "adapter"
         load_adapter_weights(self.model, adapter)
@@ -455,6 +455,8 @@ class Loop:
                 )
 
         on_rank_zero(self.strategy, check)
+        if self.cfg.train.fresh_adapter:  # A_{i+1} from A_0 (a mid-training checkpoint still wins)
+            set_peft_model_state_dict(self.model, self.initial_adapter)
         trained = train_adapter(
             self.cfg, self.model, self.tokenizer, pairs, folder, self.log_dir, seed, self.strategy
         )

@@ -203,9 +203,10 @@ def test_more_generations_or_another_backend_go_on_with_the_run(finished_run, ti
     snapshot.write_text(json.dumps(old))
     try:
         assert rundir.prepare(config("--generation.backend", "vllm"), False) == run_dir
-        # So does one begun before generation.phrasings existed, which asked each sentence once;
-        # asking it more often is another run.
+        # So does one begun before generation.phrasings and train.fresh_adapter existed, which
+        # asked each sentence once and continued the adapter; asking more often is another run.
         del old["config"]["generation"]["phrasings"]
+        del old["config"]["train"]["fresh_adapter"]
         old["sha256"] = rundir.config_digest(old["config"])
         snapshot.write_text(json.dumps(old))
         assert rundir.prepare(config(), False) == run_dir
@@ -389,3 +390,39 @@ def test_fit_precision_applies_to_training_alone(
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert seen == {"train": {autocast}, "evaluate": {False}}
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_fresh_adapter_trains_each_generation_from_a_new_adapter(
+    tiny_model, tmp_path, monkeypatch, fresh
+):
+    """train.fresh_adapter: generation 1 trains from A_0, not from generation 0's adapter."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from selfevo import loop
+
+    starts = []  # the adapter each training began from, in order
+
+    def recording(cfg, model, *args, **kwargs):
+        starts.append({k: v.clone() for k, v in get_peft_model_state_dict(model).items()})
+        return original(cfg, model, *args, **kwargs)
+
+    original = loop.train_adapter
+    monkeypatch.setattr(loop, "train_adapter", recording)
+    inputs = toy_domain_inputs(tmp_path)
+    result = run(
+        evolve_args(tiny_model, inputs, tmp_path, "f", "--replay.mode", "all",
+                    "--train.fresh_adapter", str(fresh).lower())
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    gen_0 = load_file(tmp_path / "runs" / "f" / "gen_0" / "adapter" / "adapter_model.safetensors")
+    a_0, start_1 = starts
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    # continued: from generation 0's saved adapter; fresh: from A_0 again
+    assert same(a_0, start_1) is fresh
+    assert same(gen_0, start_1) is not fresh

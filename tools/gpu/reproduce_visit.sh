@@ -84,6 +84,13 @@ mode_args() {  # the ablations differ only here (and in --name)
       local extra=""
       case "$1" in *-s1) extra+=" --seed 1" ;; esac
       echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS --generation.phrasings 3$extra"; return 0 ;;
+    qwen-black-fresh|qwen-black-fresh-s1)
+      # Each generation a fresh adapter on every pair so far (train.fresh_adapter, replay all), instead of
+      # continuing the last: against the generation-1 drop and the forgetting that grows with the
+      # generations (docs/results.md, sixth visit). Its training grows with the generations.
+      local extra=""
+      case "$1" in *-s1) extra+=" --seed 1" ;; esac
+      echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS --train.fresh_adapter true --replay.mode all$extra"; return 0 ;;
     qwen-black-rank*)
       # The anchor runs' recipe with a larger adapter (rank N, alpha 2N): is rank 8 what limits retrieval?
       local r=${1#qwen-black-rank}
