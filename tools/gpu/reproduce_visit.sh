@@ -62,39 +62,24 @@ mode_args() {  # the ablations differ only here (and in --name)
     qwen-facts-noretarget) echo "$RECIPE --targeting.retarget false" ;;
     qwen-recipe-lr*) echo "$RECIPE --train.learning_rate ${1#qwen-recipe-lr}"; return 0 ;;  # the recipe at another rate
     qwen-black-lr*) echo "$RECIPE --train.learning_rate ${1#qwen-black-lr} $BLACK"; return 0 ;;  # the recipe on Black's docs
-    qwen-black-anchors|qwen-black-anchors-s1|qwen-black-anchors-text|qwen-black-anchors-text-s1)
-      # With anchors (all 224 a generation) against forgetting; -text: the fragments as plain text
-      # too, once a generation; -s1: a second seed.
-      local extra=""
-      case "$1" in *-text*) extra+=" --train.fragment_weight 1" ;; esac
-      case "$1" in *-s1) extra+=" --seed 1" ;; esac
+    qwen-black-anchors*|qwen-black-phr3*|qwen-black-fresh*|qwen-black-rank*)
+      # The anchor runs' recipe on Black's docs (1e-3; all 224 anchors a generation, against
+      # forgetting) with one lever more; -s1: a second seed. docs/results.md has why each.
+      local lever=${1%-s1} extra=""
+      case "$lever" in
+        qwen-black-anchors) ;;
+        qwen-black-anchors-text) extra=" --train.fragment_weight 1" ;;  # the fragments as text too
+        # 3 phrasings a sentence at 2 epochs (about the anchor runs' steps on the QA; their anchors
+        # then get 2 epochs instead of 6), or trained to retention (2 to 6)
+        qwen-black-phr3) extra=" --generation.phrasings 3 --train.epochs 2 --train.max_epochs 2" ;;
+        qwen-black-phr3-ret) extra=" --generation.phrasings 3" ;;
+        # a fresh adapter each generation on every pair so far: its training grows with them
+        qwen-black-fresh) extra=" --train.fresh_adapter true --replay.mode all" ;;
+        qwen-black-rank*) local r=${lever#qwen-black-rank}; extra=" --lora.r $r --lora.alpha $((2 * r))" ;;
+        *) return 1 ;;
+      esac
+      if [ "$lever" != "$1" ]; then extra+=" --seed 1"; fi
       echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS$extra"; return 0 ;;
-    qwen-black-phr3|qwen-black-phr3-s1)
-      # The anchor runs' recipe with each sentence asked in 3 phrasings, trained 2 epochs instead of
-      # up to 6: about the same steps on the QA, the facts met in three wordings instead of three
-      # times more often in one (docs/results.md: the trained facts are kept, not retrieved in new
-      # words). The 224 anchors get 2 epochs instead of 6: compare forgetting with care.
-      local extra=""
-      case "$1" in *-s1) extra+=" --seed 1" ;; esac
-      echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS --generation.phrasings 3 --train.epochs 2 --train.max_epochs 2$extra"; return 0 ;;
-    qwen-black-phr3-ret|qwen-black-phr3-ret-s1)
-      # 3 phrasings trained to retention (the recipe's 2 to 6 epochs): at 2 epochs the model restated a
-      # third to a half of its training pairs' facts and stated a fifth of the taught eval facts
-      # (docs/results.md, sixth visit); are the taught facts retrieved once the pairs are retained?
-      local extra=""
-      case "$1" in *-s1) extra+=" --seed 1" ;; esac
-      echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS --generation.phrasings 3$extra"; return 0 ;;
-    qwen-black-fresh|qwen-black-fresh-s1)
-      # Each generation a fresh adapter on every pair so far (train.fresh_adapter, replay all), instead of
-      # continuing the last: against the generation-1 drop and the forgetting that grows with the
-      # generations (docs/results.md, sixth visit). Its training grows with the generations.
-      local extra=""
-      case "$1" in *-s1) extra+=" --seed 1" ;; esac
-      echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS --train.fresh_adapter true --replay.mode all$extra"; return 0 ;;
-    qwen-black-rank*)
-      # The anchor runs' recipe with a larger adapter (rank N, alpha 2N): is rank 8 what limits retrieval?
-      local r=${1#qwen-black-rank}
-      echo "$RECIPE --train.learning_rate 1e-3 $BLACK $ANCHORS --lora.r $r --lora.alpha $((2 * r))"; return 0 ;;
     qwen-hard) echo "--replay.mode hard" ;;
     qwen-hard-current) echo "--replay.mode hard --generation.answer_model current" ;;  # the paper's answer writer
     qwen-none) echo "--replay.mode hard --replay.k 0" ;;
