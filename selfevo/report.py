@@ -247,7 +247,7 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
         if (m := re.fullmatch(r"gen_(\d+)", p.name))
     )
     base: Optional[Scored] = None
-    previous: Optional[Scored] = None  # the generation before, evaluated on the same pairs
+    previous: Optional[Scored] = None  # the last generation evaluated before this one
     open_book: Optional[Scored] = None
     gap: dict[str, list[float]] = {}
     base_general: Optional[list[float]] = None

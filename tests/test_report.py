@@ -256,4 +256,11 @@ def test_each_generation_is_compared_with_the_one_before(tmp_path):
     assert mean == 50 and 0 < low < 50 < high  # the other half learnt: a gain beyond the interval
     assert gen_2["vs_previous"]["fact-recall"] == [0.0, 0.0, 0.0]  # nothing added
     write_summary(run)
-    assert "+50.00 [" in (run / "summary.md").read_text().split("### Controls")[1]
+    controls = (run / "summary.md").read_text().split("### Controls")[1]
+    last_cell = {  # the fact-recall row's last cell: the gain over the generation before
+        line.split("|")[1].strip(): line.split("|")[-2].strip()
+        for line in controls.splitlines()
+        if "fact recall" in line
+    }
+    assert last_cell["gen_0"] == "" and last_cell["gen_1"].startswith("+50.00 [")
+    assert last_cell["gen_2"] == "+0.00 [+0.00, +0.00]"

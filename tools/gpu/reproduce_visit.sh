@@ -75,7 +75,10 @@ mode_args() {  # the ablations differ only here (and in --name)
         qwen-black-phr3-ret) extra=" --generation.phrasings 3" ;;
         # a fresh adapter each generation on every pair so far: its training grows with them
         qwen-black-fresh) extra=" --train.fresh_adapter true --replay.mode all" ;;
-        qwen-black-rank*) local r=${lever#qwen-black-rank}; extra=" --lora.r $r --lora.alpha $((2 * r))" ;;
+        qwen-black-rank[1-9]*)
+          local r=${lever#qwen-black-rank}
+          [[ $r =~ ^[0-9]+$ ]] || return 1
+          extra=" --lora.r $r --lora.alpha $((2 * r))" ;;
         *) return 1 ;;
       esac
       if [ "$lever" != "$1" ]; then extra+=" --seed 1"; fi

@@ -30,11 +30,7 @@ py=${PYTHON:-python}
 # The wheels whose packages the machine lacks (names compared as PEP 503 normalises them), installed
 # in one pip call that does not byte-compile (until the seventh visit: a pip call per wheel, each
 # compiling its files; the set-up call took 143 s on the sixth, not timed by part).
-add=()
-while read -r what whl; do
-  echo "$what $(basename "$whl")"
-  if [ "$what" = added ]; then add+=("$whl"); fi
-done < <($py - "$wheels" <<'EOF'
+listed=$($py - "$wheels" <<'EOF'
 import re, sys
 from importlib import metadata
 from pathlib import Path
@@ -42,11 +38,19 @@ from pathlib import Path
 def norm(name):
     return re.sub(r"[-_.]+", "-", name).lower()
 
+wheels = sorted(Path(sys.argv[1]).glob("*.whl"))
+if not wheels:
+    sys.exit(f"{sys.argv[1]}: no wheels")
 installed = {norm(d.metadata["Name"]) for d in metadata.distributions() if d.metadata["Name"]}
-for whl in sorted(Path(sys.argv[1]).glob("*.whl")):
+for whl in wheels:
     print("kept" if norm(whl.name.split("-")[0]) in installed else "added", whl)
 EOF
 )
+add=()
+while read -r what whl; do
+  echo "$what $(basename "$whl")"
+  if [ "$what" = added ]; then add+=("$whl"); fi
+done <<< "$listed"
 if ((${#add[@]})); then $py -m pip install -q --no-index --no-deps --no-compile "${add[@]}"; fi
 
 $py - <<'EOF'
