@@ -59,6 +59,17 @@ FACT_QUESTION_PROMPT = {
     ),
 }
 
+# Terms (`terms`) of the examples above that a question about another sentence has no reason to
+# use: a model copies the examples' frame onto sentences that say nothing of it ("For how many days
+# does the BlackConnect plugin work?", "the pre-commit hook used for Tessel database backups"), and
+# the answers then state invented facts. On Black's documentation with Qwen2.5-Coder-0.5B, 6% of the
+# trained pairs with one phrasing a sentence, 14% with three (docs/results.md). In Chinese, a
+# character pair of 路由器; not 天 (days), a single character, which a fragment can state as "7天".
+EXAMPLE_TERMS = {
+    "en": frozenset({"orvin", "tessel", "router", "backups", "days"}),
+    "zh": frozenset({"orvin", "tessel", "由器"}),
+}
+
 ANSWER_PROMPT = {
     "en": (
         "Use this passage to answer the question.\n\n"
@@ -302,6 +313,8 @@ def filter_questions(
 ) -> tuple[list[dict], dict]:
     """The questions worth answering, and how many were dropped and why:
 
+    - "copies_example": it names a term of the question prompt's examples (`EXAMPLE_TERMS`) that
+      its fragment does not hold;
     - "unspecific": it shares with its fragment no term (`terms`) that fewer than half of all
       fragments hold: it names nothing particular to its fragment;
     - "recurring": the same question (`normalised_question`) was written for two or more fragments;
@@ -319,8 +332,10 @@ def filter_questions(
     kept: list[dict] = []
     drops = Counter()
     for r, form in zip(records, forms):
-        shared = terms(r["question"], language) & fragment_terms[r["id"]]
-        if not any(frequency[t] < common for t in shared):
+        asked = terms(r["question"], language)
+        if (asked & EXAMPLE_TERMS[language]) - fragment_terms[r["id"]]:
+            drops["copies_example"] += 1
+        elif not any(frequency[t] < common for t in asked & fragment_terms[r["id"]]):
             drops["unspecific"] += 1
         elif len(fragments_of[form]) > 1:
             drops["recurring"] += 1
@@ -329,4 +344,5 @@ def filter_questions(
         else:
             seen.add(form)
             kept.append(r)
-    return kept, {k: drops[k] for k in ("unspecific", "recurring", "asked_before")}
+    reasons = ("copies_example", "unspecific", "recurring", "asked_before")
+    return kept, {k: drops[k] for k in reasons}

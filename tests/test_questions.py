@@ -101,7 +101,41 @@ def test_questions_that_name_nothing_recur_or_were_asked_before_are_dropped_by_r
         "Which TCP port does the Quillmesh control API listen on?",
         "How often is a QPULSE heartbeat sent?",
     ]
-    assert drops == {"unspecific": 3, "recurring": 1, "asked_before": 2}
+    assert drops == {"copies_example": 0, "unspecific": 3, "recurring": 1, "asked_before": 2}
+
+
+def test_questions_that_copy_the_prompts_examples_onto_other_sentences_are_dropped():
+    fragments = FRAGMENTS + [
+        "The Orvin router keeps its logs for 30 days.",
+        "Quillmesh backups of the mesh index run every night; they are kept for 7 days.",
+    ]
+    records = [  # as Qwen2.5-Coder-0.5B wrote them on Black's documentation
+        {"id": 0, "question": "For how many days does the Quillmesh control API listen?"},
+        {"id": 1, "question": "What is the QPULSE heartbeat used for in Tessel database backups?"},
+        {"id": 0, "question": "Which TCP port does the Quillmesh control API listen on?"},
+        # the fragment holds the term: a question about it, not a copy
+        {"id": len(FRAGMENTS), "question": "For how many days does the Orvin router keep logs?"},
+        {"id": len(FRAGMENTS) + 1, "question": "For how many days are Quillmesh backups kept?"},
+    ]
+    kept, drops = filter_questions(records, fragments, set(), "en")
+    assert [r["question"] for r in kept] == [r["question"] for r in records[2:]]
+    assert drops["copies_example"] == 2
+
+
+def test_chinese_questions_that_copy_the_examples_are_dropped():
+    fragments = [
+        "在TECSDirector中选择监控中心，查看磁盘告警阈值。",
+        "在TECSDirector中导出日志，日志保留7天。",
+    ]
+    records = [
+        {"id": 0, "question": "Tessel数据库的磁盘告警阈值在哪里查看？"},
+        {"id": 1, "question": "Orvin路由器的日志在TECSDirector中如何导出？"},
+        {"id": 0, "question": "如何查看磁盘告警阈值？"},
+        {"id": 1, "question": "TECSDirector导出的日志保留多少天？"},  # the fragment says 7天
+    ]
+    kept, drops = filter_questions(records, fragments, set(), "zh")
+    assert [r["question"] for r in kept] == [r["question"] for r in records[2:]]
+    assert drops["copies_example"] == 2
 
 
 def test_chinese_questions_are_specific_through_the_han_character_pairs_they_share():
