@@ -337,10 +337,12 @@ def pair_answers(
     questions: list[dict], replies: list[str], language: Language, standalone: bool = False
 ) -> tuple[list[dict], dict]:
     """The QA pairs worth keeping, each question with its cleaned reply; and how many were dropped
-    and why ("looping", "restating", "refers_to_source" where answers must stand alone,
+    and why ("looping", "restating", "echoing", "refers_to_source" where answers must stand alone,
     "repeated"), with how often the commonest reply was given, dropped or not."""
     answers = [clean_answer(text) for text in replies]
-    faults = [answer_fault(a, language, standalone) for a in answers]
+    faults = [
+        answer_fault(a, language, standalone, r["question"]) for r, a in zip(questions, answers)
+    ]
     # One reply given word for word to several different questions answers none of them: it is what
     # a collapsing model writes (a stock sentence, 7 answers of generation 1 and 288 of generation
     # 2 in docs/results.md's second attempt), and training on it spreads it.
@@ -354,6 +356,7 @@ def pair_answers(
         "dropped": len(questions) - len(records),
         "looping": faults.count("looping"),
         "restating": faults.count("restating"),
+        "echoing": faults.count("echoing"),
         "refers_to_source": faults.count("refers_to_source"),
         "repeated": faults.count(None) - len(records),
         "commonest_given": max(given.values(), default=0),

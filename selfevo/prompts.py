@@ -256,19 +256,29 @@ def clean_answer(text: str) -> str:
     return _LEADING_LABEL.sub("", _CONTROL.sub("", text).strip()).strip()
 
 
-AnswerFault = Literal["looping", "restating", "refers_to_source"]
+AnswerFault = Literal["looping", "restating", "echoing", "refers_to_source"]
+
+
+def gives_back_question(question: str, answer: str) -> bool:
+    """The answer is its question given back, with at most 3 letters or digits more ("For how many
+    days does ... work? 1"): it states nothing, and trained on, it teaches the model to answer with
+    the question (1.3% of the sixth GPU visit's pairs, docs/results.md)."""
+    asked, given = normalised_question(question), normalised_question(answer)
+    return bool(asked) and given.startswith(asked) and len(given) - len(asked) <= 3
 
 
 def answer_fault(
-    answer: str, language: Language, standalone: bool = False
+    answer: str, language: Language, standalone: bool = False, question: str = ""
 ) -> Optional[AnswerFault]:
     """Why a cleaned answer is not worth keeping, or None: "looping" (near-empty or repeating
-    itself), "restating" (the answer prompt's instructions given back) and, where answers must
-    stand alone (standalone), "refers_to_source"."""
+    itself), "restating" (the answer prompt's instructions given back), "echoing" (its `question`
+    given back) and, where answers must stand alone (standalone), "refers_to_source"."""
     if is_degenerate(answer):
         return "looping"
     if restates_instructions(answer, language):
         return "restating"
+    if gives_back_question(question, answer):
+        return "echoing"
     return "refers_to_source" if standalone and refers_to_source(answer, language) else None
 
 

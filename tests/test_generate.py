@@ -49,7 +49,7 @@ def test_questions_then_answers_keep_fragment_and_count_drops(tiny_model):
         assert all(q["fragment"] == fragments[q["id"]] and q["question"] for q in questions)
     qa, drops = write_answers(generator, questions, cfg, seed=0)
     assert len(qa) + drops["dropped"] == len(questions)
-    faults = ("looping", "restating", "refers_to_source", "repeated")
+    faults = ("looping", "restating", "echoing", "refers_to_source", "repeated")
     assert drops["dropped"] == sum(drops[f] for f in faults)
     assert all(p["answer"] and p["question"] for p in qa)
 
@@ -76,6 +76,7 @@ def test_one_reply_given_to_several_questions_is_dropped_from_all_of_them():
         "dropped": 5,
         "looping": 1,
         "restating": 1,
+        "echoing": 0,
         "refers_to_source": 0,
         "repeated": 3,
         "commonest_given": 3,
