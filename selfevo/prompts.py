@@ -271,13 +271,14 @@ def answer_fault(
     answer: str, language: Language, standalone: bool = False, question: str = ""
 ) -> Optional[AnswerFault]:
     """Why a cleaned answer is not worth keeping, or None: "looping" (near-empty or repeating
-    itself), "restating" (the answer prompt's instructions given back), "echoing" (its `question`
-    given back) and, where answers must stand alone (standalone), "refers_to_source"."""
+    itself), "restating" (the answer prompt's instructions given back) and, where answers must
+    stand alone (standalone; off in the paper's loop), "echoing" (its `question` given back) and
+    "refers_to_source"."""
     if is_degenerate(answer):
         return "looping"
     if restates_instructions(answer, language):
         return "restating"
-    if gives_back_question(question, answer):
+    if standalone and gives_back_question(question, answer):
         return "echoing"
     return "refers_to_source" if standalone and refers_to_source(answer, language) else None
 

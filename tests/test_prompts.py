@@ -86,18 +86,13 @@ def test_answers_that_restate_the_answer_prompt_are_dropped():
 
 def test_an_answer_that_gives_back_its_question_is_dropped():
     question = "For how many days does the BlackConnect plugin work?"
-    assert answer_fault(question, "en", question=question) == "echoing"
-    assert answer_fault(question + " 1", "en", question=question) == "echoing"
+    assert answer_fault(question, "en", True, question) == "echoing"
+    assert answer_fault(question + " 1", "en", True, question) == "echoing"
     assert (
-        answer_fault("qmeshd 默认监听哪个端口？", "zh", question="qmeshd默认监听哪个端口")
-        == "echoing"
+        answer_fault("qmeshd 默认监听哪个端口？", "zh", True, "qmeshd默认监听哪个端口") == "echoing"
     )
     # the question's words and a fact after them: an answer
-    answer = "For how many days does the Orvin router keep its logs? For 30 days."
-    assert (
-        answer_fault(
-            answer, "en", question="For how many days does the Orvin router keep its logs?"
-        )
-        is None
-    )
-    assert answer_fault("It listens on port 7742.", "en", question="Which port?") is None
+    asked = "For how many days does the Orvin router keep its logs?"
+    assert answer_fault(asked + " For 30 days.", "en", True, asked) is None
+    assert answer_fault("It listens on port 7742.", "en", True, "Which port?") is None
+    assert answer_fault(question, "en", False, question) is None  # the paper's loop keeps it
