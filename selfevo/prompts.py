@@ -325,7 +325,7 @@ def filter_questions(
     """The questions worth answering, and how many were dropped and why:
 
     - "copies_example": it names a term of the question prompt's examples (`EXAMPLE_TERMS`) that
-      its fragment does not hold;
+      its fragment does not hold, even as a singular or inside a word ("day", "today");
     - "unspecific": it shares with its fragment no term (`terms`) that fewer than half of all
       fragments hold: it names nothing particular to its fragment;
     - "recurring": the same question (`normalised_question`) was written for two or more fragments;
@@ -342,9 +342,10 @@ def filter_questions(
     seen = set(asked_before)
     kept: list[dict] = []
     drops = Counter()
+    texts = [unicodedata.normalize("NFKC", f).casefold() for f in fragments]
     for r, form in zip(records, forms):
         asked = terms(r["question"], language)
-        if (asked & EXAMPLE_TERMS[language]) - fragment_terms[r["id"]]:
+        if any(t.rstrip("s") not in texts[r["id"]] for t in asked & EXAMPLE_TERMS[language]):
             drops["copies_example"] += 1
         elif not any(frequency[t] < common for t in asked & fragment_terms[r["id"]]):
             drops["unspecific"] += 1

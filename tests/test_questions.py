@@ -107,7 +107,7 @@ def test_questions_that_name_nothing_recur_or_were_asked_before_are_dropped_by_r
 def test_questions_that_copy_the_prompts_examples_onto_other_sentences_are_dropped():
     fragments = FRAGMENTS + [
         "The Orvin router keeps its logs for 30 days.",
-        "Quillmesh backups of the mesh index run every night; they are kept for 7 days.",
+        "Quillmesh backups of the mesh index run every night; each is kept for a day.",
     ]
     records = [  # as Qwen2.5-Coder-0.5B wrote them on Black's documentation
         {"id": 0, "question": "For how many days does the Quillmesh control API listen?"},
