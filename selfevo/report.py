@@ -586,6 +586,10 @@ def generation_line(rows: list[dict], model: str) -> str:
             f"vs the base at its answer length {_interval(row['vs_length_matched_base'][first])}: "
             f"{shown}"
         )
+    if "fact-recall" in row.get("vs_previous", {}):
+        parts.append(
+            f"fact recall over the generation before {_interval(row['vs_previous']['fact-recall'])}"
+        )
     if row.get("dev_fact_recall") is not None:
         parts.append(
             f"dev facts {_f(row['dev_fact_recall'])}, retained {_f(row['trained_fact_recall'])}"

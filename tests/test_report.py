@@ -255,6 +255,9 @@ def test_each_generation_is_compared_with_the_one_before(tmp_path):
     mean, low, high = gen_1["vs_previous"]["fact-recall"]
     assert mean == 50 and 0 < low < 50 < high  # the other half learnt: a gain beyond the interval
     assert gen_2["vs_previous"]["fact-recall"] == [0.0, 0.0, 0.0]  # nothing added
+    rows = collect(run)
+    assert "over the generation before" not in generation_line(rows, "gen_0")
+    assert "fact recall over the generation before +50.00 [" in generation_line(rows, "gen_1")
     write_summary(run)
     controls = (run / "summary.md").read_text().split("### Controls")[1]
     last_cell = {  # the fact-recall row's last cell: the gain over the generation before
