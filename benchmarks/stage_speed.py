@@ -33,6 +33,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import date
 from pathlib import Path
 
@@ -81,9 +82,10 @@ def kernel_class(name: str) -> str:
 
 
 class Profiled:
-    """torch.profiler over a span of a stage: `with Profiled() as p: ...`, then p.summary."""
+    """torch.profiler over a span of a stage: `with Profiled() as p: ...` (or p.start() and
+    p.stop()), then p.summary."""
 
-    def __enter__(self) -> Profiled:
+    def start(self) -> Profiled:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU]
@@ -92,14 +94,20 @@ class Profiled:
         self.prof = profile(activities=activities)
         sync()
         self.prof.start()
-        self.start = time.perf_counter()
+        self.began = time.perf_counter()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> dict:
         sync()
-        self.wall = time.perf_counter() - self.start
+        wall = time.perf_counter() - self.began
         self.prof.stop()
-        self.summary = profile_summary(self.prof.key_averages(), self.wall)
+        self.summary = profile_summary(self.prof.key_averages(), wall)
+        return self.summary
+
+    __enter__ = start
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def profile_summary(events, wall: float, top: int = 12) -> dict:
@@ -108,17 +116,18 @@ def profile_summary(events, wall: float, top: int = 12) -> dict:
     the ops' own time by class. With the top kernels or ops."""
     from torch.autograd import DeviceType
 
+    on_gpu = torch.cuda.is_available()
+
     def own(e) -> float:  # seconds
         if on_gpu:
             return getattr(e, "self_device_time_total", 0) / 1e6
         return e.self_cpu_time_total / 1e6
 
-    on_gpu = torch.cuda.is_available()
     kernels = [e for e in events if (getattr(e, "device_type", None) == DeviceType.CUDA) == on_gpu]
     busy = sum(own(e) for e in kernels)
-    classes: dict[str, float] = {}
+    classes: Counter[str] = Counter()
     for e in kernels:
-        classes[kernel_class(e.key)] = classes.get(kernel_class(e.key), 0.0) + own(e)
+        classes[kernel_class(e.key)] += own(e)
     ranked = sorted(kernels, key=own, reverse=True)[:top]
     return {
         "wall_s": round(wall, 4),
@@ -327,18 +336,18 @@ class StepProfiler(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if self.span is None and trainer.global_step == self.skip:
-            self.span = Profiled().__enter__()
+            self.span = Profiled().start()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.span is not None and self.summary is None:
-            if trainer.global_step >= self.skip + self.steps:
-                self.span.__exit__(None, None, None)
-                self.summary = self.span.summary
+        if trainer.global_step >= self.skip + self.steps:
+            self.finish()
 
     def on_train_end(self, trainer, module) -> None:  # a fit shorter than the span: what it had
+        self.finish()
+
+    def finish(self) -> None:
         if self.span is not None and self.summary is None:
-            self.span.__exit__(None, None, None)
-            self.summary = self.span.summary
+            self.summary = self.span.stop()
 
 
 class StepClock(L.Callback):
