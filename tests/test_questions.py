@@ -3,6 +3,8 @@ none that names nothing, recurs across fragments or was asked before."""
 
 from collections import Counter
 
+import pytest
+
 from selfevo.config import GenerationConfig
 from selfevo.generate import plan_questions
 from selfevo.prompts import fact_sentences, filter_questions
@@ -104,36 +106,42 @@ def test_questions_that_name_nothing_recur_or_were_asked_before_are_dropped_by_r
     assert drops == {"copies_example": 0, "unspecific": 3, "recurring": 1, "asked_before": 2}
 
 
-def test_questions_that_copy_the_prompts_examples_onto_other_sentences_are_dropped():
-    fragments = FRAGMENTS + [
-        "The Orvin router keeps its logs for 30 days.",
-        "Quillmesh backups of the mesh index run every night; each is kept for a day.",
-    ]
-    records = [  # as Qwen2.5-Coder-0.5B wrote them on Black's documentation
-        {"id": 0, "question": "For how many days does the Quillmesh control API listen?"},
-        {"id": 1, "question": "What is the QPULSE heartbeat used for in Tessel database backups?"},
-        {"id": 0, "question": "Which TCP port does the Quillmesh control API listen on?"},
-        # the fragment holds the term: a question about it, not a copy
-        {"id": len(FRAGMENTS), "question": "For how many days does the Orvin router keep logs?"},
-        {"id": len(FRAGMENTS) + 1, "question": "For how many days are Quillmesh backups kept?"},
-    ]
-    kept, drops = filter_questions(records, fragments, set(), "en")
-    assert [r["question"] for r in kept] == [r["question"] for r in records[2:]]
-    assert drops["copies_example"] == 2
+COPIES = {  # per language: fragments, then questions of which the first two copy the examples
+    "en": (
+        FRAGMENTS
+        + [
+            "The Orvin router keeps its logs for 30 days.",
+            "Quillmesh backups of the mesh index run every night; each is kept for a day.",
+        ],
+        [  # as Qwen2.5-Coder-0.5B wrote them on Black's documentation
+            (0, "For how many days does the Quillmesh control API listen?"),
+            (1, "What is the QPULSE heartbeat used for in Tessel database backups?"),
+            (0, "Which TCP port does the Quillmesh control API listen on?"),
+            # the fragment holds the term: a question about it, not a copy
+            (2, "For how many days does the Orvin router keep logs?"),
+            (3, "For how many days are Quillmesh backups kept?"),
+        ],
+    ),
+    "zh": (
+        [
+            "在TECSDirector中选择监控中心，查看磁盘告警阈值。",
+            "在TECSDirector中导出日志，日志保留7天。",
+        ],
+        [
+            (0, "Tessel数据库的磁盘告警阈值在哪里查看？"),
+            (1, "Orvin路由器的日志在TECSDirector中如何导出？"),
+            (0, "如何查看磁盘告警阈值？"),
+            (1, "TECSDirector导出的日志保留多少天？"),  # the fragment says 7天
+        ],
+    ),
+}
 
 
-def test_chinese_questions_that_copy_the_examples_are_dropped():
-    fragments = [
-        "在TECSDirector中选择监控中心，查看磁盘告警阈值。",
-        "在TECSDirector中导出日志，日志保留7天。",
-    ]
-    records = [
-        {"id": 0, "question": "Tessel数据库的磁盘告警阈值在哪里查看？"},
-        {"id": 1, "question": "Orvin路由器的日志在TECSDirector中如何导出？"},
-        {"id": 0, "question": "如何查看磁盘告警阈值？"},
-        {"id": 1, "question": "TECSDirector导出的日志保留多少天？"},  # the fragment says 7天
-    ]
-    kept, drops = filter_questions(records, fragments, set(), "zh")
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_questions_that_copy_the_prompts_examples_onto_other_sentences_are_dropped(language):
+    fragments, asked = COPIES[language]
+    records = [{"id": fid, "question": q} for fid, q in asked]
+    kept, drops = filter_questions(records, fragments, set(), language)
     assert [r["question"] for r in kept] == [r["question"] for r in records[2:]]
     assert drops["copies_example"] == 2
 

@@ -250,12 +250,12 @@ def test_paired_interval():
 def test_each_generation_is_compared_with_the_one_before(tmp_path):
     half = [RIGHT[i] if i % 2 else WRONG[i] for i in range(N)]
     run = write_run(tmp_path / "run", WRONG, RIGHT, [half, RIGHT, RIGHT])
-    gen_0, gen_1, gen_2 = collect(run)[1:]
+    rows = collect(run)
+    gen_0, gen_1, gen_2 = rows[1:]
     assert "vs_previous" not in gen_0  # its "before" is the base model: vs_base
     mean, low, high = gen_1["vs_previous"]["fact-recall"]
     assert mean == 50 and 0 < low < 50 < high  # the other half learnt: a gain beyond the interval
     assert gen_2["vs_previous"]["fact-recall"] == [0.0, 0.0, 0.0]  # nothing added
-    rows = collect(run)
     assert "over the generation before" not in generation_line(rows, "gen_0")
     assert "fact recall over the generation before +50.00 [" in generation_line(rows, "gen_1")
     write_summary(run)
