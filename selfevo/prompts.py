@@ -262,7 +262,9 @@ AnswerFault = Literal["looping", "restating", "echoing", "refers_to_source"]
 def gives_back_question(question: str, answer: str) -> bool:
     """The answer is its question given back, with at most 3 letters or digits more ("For how many
     days does ... work? 1"): it states nothing, and trained on, it teaches the model to answer with
-    the question (1.3% of the sixth GPU visit's pairs, docs/results.md)."""
+    the question (1.3% of the sixth GPU visit's pairs, docs/results.md). Stricter than the eval's
+    echo control (`report.echoes_question`, 80% of the answer in the question), which would also
+    drop a question given back with its fact after it ("...? For 30 days.")."""
     asked, given = normalised_question(question), normalised_question(answer)
     return bool(asked) and given.startswith(asked) and len(given) - len(asked) <= 3
 
