@@ -225,9 +225,13 @@ def plan_questions(
     asked: Counter[Unit],
     missed: set[Unit],
     seed: int,
+    held_out: set[tuple[int, int | None]] = frozenset(),
 ) -> list[dict]:
     """What this generation asks, one record per question to write: {"id": fragment id, "fragment"}
     and, with question_focus sentence, {"unit": sentence number, "focus": sentence}.
+
+    Nothing is asked about what `held_out` names, (fragment id, sentence number) or (fragment id,
+    None) for a whole fragment: the dev split's, which no generation may train on.
 
     A fragment gets questions about questions_per_fragment of its sentences: first the sentences
     the last check found unknown (`missed`), then those asked least often so far (`asked`), ties
@@ -239,12 +243,15 @@ def plan_questions(
     plan: list[dict] = []
     for fid, fragment in enumerate(fragments):
         if cfg.question_focus == "fragment":
-            plan += [{"id": fid, "fragment": fragment}] * cfg.questions_per_fragment
+            if (fid, None) not in held_out:
+                plan += [{"id": fid, "fragment": fragment}] * cfg.questions_per_fragment
             continue
         sentences = fact_sentences(fragment, cfg.language)
+        # drawn for every sentence, held out or not: a seed's plan stays the same
+        draws = [rng.random() for _ in sentences]
         order = sorted(
-            range(len(sentences)),
-            key=lambda k, draws=[rng.random() for _ in sentences]: (
+            (k for k in range(len(sentences)) if (fid, k) not in held_out),
+            key=lambda k: (
                 (fid, k) not in missed,
                 asked[(fid, k)],
                 draws[k],
@@ -266,14 +273,16 @@ def write_questions(
     asked: Counter[Unit] | None = None,
     missed: set[Unit] | None = None,
     asked_before: set[str] | None = None,
+    held_out: set[tuple[int, int | None]] = frozenset(),
 ) -> tuple[list[dict], dict]:
     """The questions of a generation, as `plan_questions` plans them from what earlier generations
-    asked (`asked`, and word for word `asked_before`) and missed; returns the kept records
+    asked (`asked`, and word for word `asked_before`) and missed, none about `held_out` (the dev
+    split's sentences or fragments); returns the kept records
     ({"id", "fragment", "question"}, with "unit" and "focus" per sentence) and the counts: planned,
     targeted (about a missed sentence), unreadable (no question in the reply) and, with
     cfg.question_filters, what `filter_questions` dropped."""
     missed = missed or set()
-    plan = plan_questions(fragments, cfg, asked or Counter(), missed, seed)
+    plan = plan_questions(fragments, cfg, asked or Counter(), missed, seed, held_out)
     prompts = [
         fact_question_prompt(r["focus"], cfg.language)
         if "focus" in r

@@ -76,7 +76,7 @@ from selfevo.rundir import (
     write_jsonl,
 )
 from selfevo.sampling import Sampling, generation_seed
-from selfevo.select import fragment_texts, select_replay, split_dev
+from selfevo.select import fragment_texts, held_out_unit, select_replay, split_dev
 from selfevo.train import (
     AtomicCheckpointIO,
     LoRAModule,
@@ -304,6 +304,7 @@ class Loop:
             asked=Counter((q["id"], q["unit"]) for q in history if "unit" in q),
             missed=missed,
             asked_before={normalised_question(q["question"]) for q in history},
+            held_out={held_out_unit(p) for p in self.dev},
         )
         return {"questions.jsonl": records}, counts
 

@@ -8,14 +8,21 @@ import random
 from typing import Literal
 
 
+def held_out_unit(pair: dict) -> tuple[int, int | None]:
+    """What a dev pair keeps out of training: its sentence (fragment id, sentence number), or its
+    whole fragment (fragment id, None) where questions are about whole fragments."""
+    return pair["id"], pair.get("unit")
+
+
 def split_dev(pairs: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, dev): a seeded `share` of the pairs held back as the dev split (at least one pair
     when share > 0 and there are two or more), both in their input order. The pairs about one
-    sentence (generation.phrasings asks it in several wordings) go to one side together: a dev
-    pair whose sentence was trained on in other words would not be unseen."""
+    sentence (generation.phrasings asks it in several wordings), or without sentences about one
+    fragment, go to one side together: a dev pair whose fact was trained on in other words would
+    not be unseen. Later generations ask nothing about them (`held_out_unit`)."""
     groups: dict[object, list[int]] = {}
     for i, p in enumerate(pairs):
-        groups.setdefault((p["id"], p["unit"]) if "unit" in p else i, []).append(i)
+        groups.setdefault(held_out_unit(p), []).append(i)
     if share <= 0 or len(groups) < 2:
         return list(pairs), []
     keys = list(groups)

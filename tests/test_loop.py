@@ -426,3 +426,19 @@ def test_fresh_adapter_trains_each_generation_from_a_new_adapter(
     # continued: from generation 0's saved adapter; fresh: from A_0 again
     assert same(a_0, start_1) is fresh
     assert same(gen_0, start_1) is not fresh
+
+
+def test_no_later_generation_asks_about_the_dev_splits_sentences(tiny_model, tmp_path):
+    """Asking every sentence each generation, generation 1 asks all of them but those of the dev
+    split: a dev sentence asked again, in any wording, would be trained on and the dev split would
+    no longer measure what the model learnt."""
+    inputs = toy_domain_inputs(tmp_path)
+    result = run(
+        evolve_args(tiny_model, inputs, tmp_path, "d", "--generation.questions_per_fragment", "8",
+                    "--train.epochs", "1")
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "d"
+    dev = {(p["id"], p["unit"]) for p in read(run_dir / "gen_0" / "dev.jsonl")}
+    asked = {(q["id"], q["unit"]) for q in read(run_dir / "gen_1" / "questions.jsonl")}
+    assert dev and asked and not dev & asked

@@ -39,7 +39,7 @@ def test_a_fragment_is_cut_into_its_sentences_and_short_pieces_join_the_next():
 
 
 def test_each_question_of_a_fragment_is_about_another_sentence_and_the_least_asked_come_first():
-    cfg = GenerationConfig(question_focus="sentence", questions_per_fragment=2)
+    cfg = GenerationConfig(question_focus="sentence", questions_per_fragment=2, phrasings=1)
     plan = plan_questions(FRAGMENTS, cfg, Counter(), set(), seed=0)
     assert [r["id"] for r in plan] == [0, 0, 1, 1]
     assert all(r["focus"] == fact_sentences(FRAGMENTS[r["id"]], "en")[r["unit"]] for r in plan)
@@ -52,7 +52,7 @@ def test_each_question_of_a_fragment_is_about_another_sentence_and_the_least_ask
 
 
 def test_a_missed_sentence_is_asked_first_and_twice():
-    cfg = GenerationConfig(question_focus="sentence", questions_per_fragment=1)
+    cfg = GenerationConfig(question_focus="sentence", questions_per_fragment=1, phrasings=1)
     asked = Counter({(1, 1): 3, (1, 0): 0})
     plan = plan_questions(FRAGMENTS, cfg, asked, {(1, 1)}, seed=0)
     assert [(r["id"], r["unit"]) for r in plan if r["id"] == 1] == [(1, 1), (1, 1)]
@@ -65,17 +65,27 @@ def test_each_chosen_sentence_is_asked_in_as_many_phrasings_as_told_and_a_missed
     assert sorted(per_unit.values()) == [3, 3, 3, 4]
     assert per_unit[(1, 1)] == 4
     # the same sentences as with one phrasing: phrasings deepen, questions_per_fragment widens
-    one = GenerationConfig(question_focus="sentence", questions_per_fragment=2)
+    one = GenerationConfig(question_focus="sentence", questions_per_fragment=2, phrasings=1)
     assert set(per_unit) == {
         (r["id"], r["unit"]) for r in plan_questions(FRAGMENTS, one, Counter(), {(1, 1)}, seed=0)
     }
 
 
+def test_nothing_is_asked_about_a_held_out_sentence_or_fragment_even_when_missed():
+    cfg = GenerationConfig(question_focus="sentence", questions_per_fragment=3, phrasings=1)
+    plan = plan_questions(FRAGMENTS, cfg, Counter(), {(0, 1)}, seed=0, held_out={(0, 1)})
+    assert [(r["id"], r["unit"]) for r in plan] == [(0, 0), (0, 2), (1, 0), (1, 1)]
+    whole = GenerationConfig(question_focus="fragment", questions_per_fragment=2, phrasings=1)
+    plan = plan_questions(FRAGMENTS, whole, Counter(), set(), seed=0, held_out={(0, None)})
+    assert [r["id"] for r in plan] == [1, 1]
+
+
 def test_the_papers_focus_asks_about_the_whole_fragment_as_often_as_told():
-    cfg = GenerationConfig(question_focus="fragment", questions_per_fragment=3)
+    cfg = GenerationConfig(question_focus="fragment", questions_per_fragment=3, phrasings=1)
     plan = plan_questions(FRAGMENTS, cfg, Counter(), set(), seed=0)
     assert [r["id"] for r in plan] == [0, 0, 0, 1, 1, 1]
     assert all("focus" not in r and r["fragment"] == FRAGMENTS[r["id"]] for r in plan)
+
 
 
 def test_questions_that_name_nothing_recur_or_were_asked_before_are_dropped_by_reason():
@@ -185,3 +195,7 @@ def test_the_dev_split_holds_back_every_wording_of_a_sentence_or_none():
     assert [p["question"] for p in split_dev(single, 0.1, seed=3)[1]] == [
         p["question"] for p in split_dev(plain, 0.1, seed=3)[1]
     ]
+    # questions about whole fragments: the pairs of one fragment go to one side together
+    whole = [{"id": i // 3, "question": f"q{i}"} for i in range(30)]
+    train, dev = split_dev(whole, 0.1, seed=3)
+    assert len(dev) == 3 and not {p["id"] for p in dev} & {p["id"] for p in train}
