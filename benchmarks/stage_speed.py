@@ -123,7 +123,14 @@ def profile_summary(events, wall: float, top: int = 12) -> dict:
             return getattr(e, "self_device_time_total", 0) / 1e6
         return e.self_cpu_time_total / 1e6
 
-    kernels = [e for e in events if (getattr(e, "device_type", None) == DeviceType.CUDA) == on_gpu]
+    # A user annotation (Lightning's "Optimizer.step#AdamW.step", record_function ranges) spans the
+    # kernels inside it: counted as one, it would count their time twice, idle gaps included.
+    kernels = [
+        e
+        for e in events
+        if (getattr(e, "device_type", None) == DeviceType.CUDA) == on_gpu
+        and not getattr(e, "is_user_annotation", False)
+    ]
     busy = sum(own(e) for e in kernels)
     classes: Counter[str] = Counter()
     for e in kernels:
