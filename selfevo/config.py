@@ -83,10 +83,12 @@ class GenerationConfig:
     """Questions per fragment per generation. With question_focus sentence, each about a different
     sentence: first those the last check found unknown (targeting.retarget), then those asked least
     so far; with fragment, the prompt sampled this many times."""
-    phrasings: int = 1
-    """With question_focus sentence: questions written about each chosen sentence, each sampled
-    anew and answered on its own, so that training meets each fact in several wordings (a sentence
-    the last check missed gets one more). Repeats are dropped by question_filters."""
+    phrasings: int = 3
+    """Questions written about each chosen sentence (question_focus fragment: about the fragment,
+    times questions_per_fragment), each sampled anew and answered on its own, so that training
+    meets each fact in several wordings (a sentence the last check missed gets one more). Repeats
+    are dropped by question_filters. 3 against 1, trained to retention: +7.5 points of fact recall
+    at generation 0 (docs/results.md)."""
     question_filters: bool = True
     """Drop questions that name nothing specific to their fragment, that recur across fragments,
     or that an earlier generation (or the dev split) asked already; counted by reason in
@@ -348,12 +350,6 @@ def validate(cfg: EvolveConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
-    if cfg.generation.phrasings != 1 and cfg.generation.question_focus != "sentence":
-        raise ConfigError(
-            "generation.phrasings: asks each sentence several times, so it needs "
-            "generation.question_focus sentence (with fragment, questions_per_fragment samples the "
-            "question prompt that many times)"
-        )
     for key, value in {
         "generation.top_p": cfg.generation.top_p,
         "evaluation.top_p": cfg.evaluation.top_p,

@@ -237,14 +237,16 @@ def plan_questions(
     the last check found unknown (`missed`), then those asked least often so far (`asked`), ties
     broken by a shuffle seeded by `seed`. Each chosen sentence is asked `phrasings` times, a missed
     one once more, so that its fact comes back in new wordings. With question_focus fragment, the
-    whole fragment questions_per_fragment times.
+    whole fragment questions_per_fragment x phrasings times.
     """
     rng = random.Random(seed)
     plan: list[dict] = []
     for fid, fragment in enumerate(fragments):
         if cfg.question_focus == "fragment":
             if (fid, None) not in held_out:
-                plan += [{"id": fid, "fragment": fragment}] * cfg.questions_per_fragment
+                plan += [{"id": fid, "fragment": fragment}] * (
+                    cfg.questions_per_fragment * cfg.phrasings
+                )
             continue
         sentences = fact_sentences(fragment, cfg.language)
         # drawn for every sentence, held out or not: a seed's plan stays the same

@@ -193,10 +193,6 @@ CONFIG_CASES = {
     "start >= end": (["--start", "2", "--end", "2"], "start/end"),
     "zero batch": (["--generation.batch_size", "0"], "generation.batch_size: must be > 0"),
     "zero phrasings": (["--generation.phrasings", "0"], "generation.phrasings: must be > 0"),
-    "phrasings of whole fragments": (
-        ["--generation.phrasings", "2", "--generation.question_focus", "fragment"],
-        "generation.phrasings",
-    ),
     "top_p above 1": (["--generation.top_p", "1.5"], "generation.top_p"),
     "devices not a number": (["--trainer.devices", "auto"], "trainer.devices"),
     "several devices, spawned ranks": (
@@ -335,6 +331,8 @@ def test_fragment_longer_than_the_context_is_cut_with_a_warning(tmp_path, tiny_m
             "--model.max_length",
             "128",
             "--generation.batch_size",
+            "1",
+            "--generation.phrasings",
             "1",
         ],
     )

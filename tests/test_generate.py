@@ -40,6 +40,7 @@ def test_questions_then_answers_keep_fragment_and_count_drops(tiny_model):
             answer_max_new_tokens=12,
             question_focus=focus,
             questions_per_fragment=2,
+            phrasings=1,
         )
         questions, counts = write_questions(generator, fragments, cfg, seed=0)
         assert counts["planned"] == (4 if focus == "fragment" else 2)  # one sentence each

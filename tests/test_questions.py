@@ -85,7 +85,14 @@ def test_the_papers_focus_asks_about_the_whole_fragment_as_often_as_told():
     plan = plan_questions(FRAGMENTS, cfg, Counter(), set(), seed=0)
     assert [r["id"] for r in plan] == [0, 0, 0, 1, 1, 1]
     assert all("focus" not in r and r["fragment"] == FRAGMENTS[r["id"]] for r in plan)
-
+    # phrasings multiply the samples of the whole fragment's prompt
+    cfg = GenerationConfig(question_focus="fragment", questions_per_fragment=1, phrasings=2)
+    assert [r["id"] for r in plan_questions(FRAGMENTS, cfg, Counter(), set(), seed=0)] == [
+        0,
+        0,
+        1,
+        1,
+    ]
 
 
 def test_questions_that_name_nothing_recur_or_were_asked_before_are_dropped_by_reason():
