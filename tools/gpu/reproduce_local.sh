@@ -2,7 +2,7 @@
 # This machine's side of tools/gpu/reproduce_visit.sh (docs/reproduce.md). Run from the checkout
 # whose working tree the device tool sends (its .carry/ and .shared/ are git-ignored there).
 #
-#   bash tools/gpu/reproduce_local.sh prepare           # .shared/data: the two AIOps files, for carrying
+#   bash tools/gpu/reproduce_local.sh prepare           # .shared: the two AIOps files and the seed's IFD, for carrying
 #   bash tools/gpu/reproduce_local.sh collect DIR...    # what a device call brought back (its files_at folder)
 #   bash tools/gpu/reproduce_local.sh carry NAME...     # stage these runs for the next visit; prints the calls
 #   bash tools/gpu/reproduce_local.sh list              # the runs collected so far, and how far each is
@@ -22,8 +22,10 @@ grep -qxF '/.carry/' .git/info/exclude 2>/dev/null || git check-ignore -q .carry
 case "${1:-list}" in
   prepare)
     git check-ignore -q .shared/x || { echo "/.shared/ is not ignored here: add it to .git/info/exclude first" >&2; exit 1; }
-    mkdir -p .shared/data
+    mkdir -p .shared/data .shared/bench
     cp "$top"/../shared/data/AIOps_data.json "$top"/../shared/data/AIOps_eval_data.json "$top"/../shared/data/LICENSE.seed-data .shared/data/
+    # the seed's IFD, the speed baseline of benchmarks/stage_speed.py (tools/gpu/h100_visit.sh profile)
+    cp "$top"/../shared/bench/seed_ifd_reference.py .shared/bench/
     du -sh .shared ;;
   collect)
     shift
