@@ -341,8 +341,8 @@ def _generator(model_cfg, generation, adapter: Optional[str], seed: int, eval_ma
 def generate(ctx: typer.Context) -> None:
     """Write questions about each fragment and answer them (open book).
 
-    As a generation of the loop does: the questions by the model with --adapter, the answers as
-    generation.answer_model says (base: the base model, the adapter off)."""
+    As a generation of the loop does: the questions and the answers by the model with --adapter or
+    the base model, as generation.question_model and answer_model say (base: the adapter off)."""
     from selfevo.data import load_fragments
     from selfevo.generate import write_answers, write_questions
     from selfevo.rundir import check_can_create, write_jsonl
@@ -362,7 +362,7 @@ def generate(ctx: typer.Context) -> None:
     check_can_create(out.parent, "output")
     generator, adapter = _generator(a.model, a.generation, a.adapter, a.seed, 0)
     try:
-        generator.use_adapter(adapter)
+        generator.use_adapter(adapter if a.generation.question_model == "current" else None)
         questions, q_counts = write_questions(generator, texts, a.generation, a.seed)
         generator.use_adapter(adapter if a.generation.answer_model == "current" else None)
         qa, a_drops = write_answers(generator, questions, a.generation, a.seed)
@@ -485,6 +485,7 @@ def evaluate_cmd(ctx: typer.Context) -> None:
                 "question_focus",
                 "questions_per_fragment",
                 "phrasings",
+                "question_model",
                 "question_filters",
                 "standalone_answers",
                 "min_grounding",

@@ -100,11 +100,15 @@ class GenerationConfig:
     """Drop answers whose grounding (ifd.ground_pairs: how much likelier the fragment makes the
     answer under the base model, nats per token) is below this: the fragment does not support them
     (None: no grounding pass). The score of every pair is kept in grounded.jsonl and qa.jsonl."""
+    question_model: Literal["base", "current"] = "current"
+    """Who writes the questions, open book: current = the model of this generation (the paper's
+    loop); base = the base model, its adapter off, every generation (what to ask still follows the
+    check's misses and the history). Trained on short answers, Qwen 0.5B wrote 21-64% of its
+    generation-1 questions as copies of the prompt's examples (docs/results.md, seventh visit)."""
     answer_model: Literal["base", "current"] = "base"
     """Who answers the questions, open book: base = the base model, its adapter off; current = the
-    model of this generation, which also wrote the questions (the paper's loop). The questions are
-    always the current model's. With current, a small model's answers drifted from one generation
-    to the next, to echoing the question; with base they held (docs/results.md)."""
+    model of this generation (the paper's loop). With current, a small model's answers drifted from
+    one generation to the next, to echoing the question; with base they held (docs/results.md)."""
     vllm_kv_cache_gib: float = 4.0
     """vllm backend: memory for its KV cache, in GiB (the model's weights come on top)."""
     vllm_tensor_parallel_size: int = 1

@@ -1,7 +1,8 @@
 """The self-evolution loop (arXiv 2408.12247), generation by generation.
 
 For generation i, with M_i = base + adapter A_i (A_0: a fresh adapter, i.e. the base model):
-    questions  <- M_i writes questions about every fragment, one per sentence, those it got wrong
+    questions  <- M_i (M_0 with generation.question_model base) writes questions about every
+                  fragment, one per sentence, those it got wrong
                   at the last check first (open book); copies of the prompt's examples,
                   unspecific and repeated ones are dropped
     qa         <- M_0 answers each question (open book; M_i does with generation.answer_model
@@ -294,7 +295,9 @@ class Loop:
                 )
                 if "unit" in c and c["fact-recall"] not in (None, 100)
             }
-        self.generator.use_adapter(current)
+        self.generator.use_adapter(
+            current if self.cfg.generation.question_model == "current" else None
+        )
         records, counts = write_questions(
             self.generator,
             self.fragments,

@@ -166,7 +166,11 @@ def config_digest(config: dict) -> str:
 
 # Keys added to the config after runs had begun, each with the value that does what those runs
 # did: a snapshot without one is read as holding it.
-ADDED_KEYS = {("generation", "phrasings"): 1, ("train", "fresh_adapter"): False}
+ADDED_KEYS = {
+    ("generation", "phrasings"): 1,
+    ("generation", "question_model"): "current",
+    ("train", "fresh_adapter"): False,
+}
 
 
 def with_added_keys(snapshot: dict) -> dict:

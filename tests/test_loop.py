@@ -203,9 +203,11 @@ def test_more_generations_or_another_backend_go_on_with_the_run(finished_run, ti
     snapshot.write_text(json.dumps(old))
     try:
         assert rundir.prepare(config("--generation.backend", "vllm"), False) == run_dir
-        # So does one begun before generation.phrasings and train.fresh_adapter existed, which
-        # asked each sentence once and continued the adapter; asking more often is another run.
+        # So does one begun before generation.phrasings, question_model and train.fresh_adapter
+        # existed, which asked each sentence once, by the current model, and continued the
+        # adapter; asking more often is another run.
         del old["config"]["generation"]["phrasings"]
+        del old["config"]["generation"]["question_model"]
         del old["config"]["train"]["fresh_adapter"]
         old["sha256"] = rundir.config_digest(old["config"])
         snapshot.write_text(json.dumps(old))
@@ -442,3 +444,29 @@ def test_no_later_generation_asks_about_the_dev_splits_sentences(tiny_model, tmp
     dev = {(p["id"], p["unit"]) for p in read(run_dir / "gen_0" / "dev.jsonl")}
     asked = {(q["id"], q["unit"]) for q in read(run_dir / "gen_1" / "questions.jsonl")}
     assert dev and asked and not dev & asked
+
+
+def test_question_model_base_has_the_base_model_write_every_generations_questions(
+    tiny_model, tmp_path, monkeypatch
+):
+    from selfevo.generate import HFGenerator
+
+    calls = []  # (what was generated, whether the adapter was on)
+    original = HFGenerator.generate
+
+    def recording(self, prompts, sampling, **kwargs):
+        calls.append((kwargs.get("description"), self.adapter_on))
+        return original(self, prompts, sampling, **kwargs)
+
+    monkeypatch.setattr(HFGenerator, "generate", recording)
+    inputs = toy_domain_inputs(tmp_path)
+    for question_model in ("current", "base"):
+        calls.clear()
+        result = run(
+            evolve_args(tiny_model, inputs, tmp_path, question_model,
+                        "--generation.question_model", question_model)
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        writers = [on for what, on in calls if what == "writing questions"]
+        # generation 0's model is the base model either way; generation 1's is M_1 or M_0
+        assert writers == [False, question_model == "current"]

@@ -64,7 +64,7 @@ mode_args() {  # the ablations differ only here (and in --name)
     qwen-facts-noretarget) echo "$RECIPE --targeting.retarget false" ;;
     qwen-recipe-lr*) echo "$RECIPE --train.learning_rate ${1#qwen-recipe-lr}"; return 0 ;;  # the recipe at another rate
     qwen-black-lr*) echo "$RECIPE --train.learning_rate ${1#qwen-black-lr} $BLACK"; return 0 ;;  # the recipe on Black's docs
-    qwen-black-anchors*|qwen-black-phr3*|qwen-black-fresh*|qwen-black-rank*)
+    qwen-black-anchors*|qwen-black-phr3*|qwen-black-qbase*|qwen-black-fresh*|qwen-black-rank*)
       # The anchor runs' recipe on Black's docs (1e-3; all 224 anchors a generation, against
       # forgetting) with one lever more; -s1: a second seed. docs/results.md has why each.
       local lever=${1%-s1} extra=""
@@ -75,6 +75,9 @@ mode_args() {  # the ablations differ only here (and in --name)
         # then get 2 epochs instead of 6), or trained to retention (2 to 6)
         qwen-black-phr3) extra=" --generation.phrasings 3 --train.epochs 2 --train.max_epochs 2" ;;
         qwen-black-phr3-ret) extra=" --generation.phrasings 3" ;;
+        # and the base model writes every generation's questions (the trained one copies the
+        # prompt's examples in 21-64% of them)
+        qwen-black-qbase) extra=" --generation.phrasings 3 --generation.question_model base" ;;
         # a fresh adapter each generation on every pair so far: its training grows with them
         qwen-black-fresh) extra=" --train.fresh_adapter true --replay.mode all" ;;
         qwen-black-rank[1-9]*)
