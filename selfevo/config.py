@@ -198,6 +198,11 @@ class TrainConfig:
     the base model did (self-distillation against forgetting). None: no anchors."""
     anchor_pairs: int = 100
     """Anchor pairs per generation, a seeded sample (all of them if there are fewer)."""
+    anchor_share: Optional[float] = None
+    """Instead of anchor_pairs: anchors make up this share of what each generation trains on, the
+    base model's answers repeated as often as that takes, so that their weight keeps pace with more
+    QA pairs (three phrasings a sentence cut a fixed 224 anchors from 16% to 7% of the training
+    set, and forgetting grew: docs/results.md). None: anchor_pairs."""
     checkpoint_every: int = 50
     """Optimizer steps between mid-training checkpoints, from which a killed training resumes (0:
     none)."""
@@ -315,6 +320,10 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError(f"replay.k: must be >= 0, got {cfg.replay.k}")
     if cfg.train.anchor_pairs < 0:
         raise ConfigError(f"train.anchor_pairs: must be >= 0, got {cfg.train.anchor_pairs}")
+    if cfg.train.anchor_share is not None and not 0 < cfg.train.anchor_share < 1:
+        raise ConfigError(f"train.anchor_share: must be in (0, 1), got {cfg.train.anchor_share}")
+    if cfg.train.anchor_share is not None and cfg.train.anchors is None:
+        raise ConfigError("train.anchor_share: there are no anchors to share with (train.anchors)")
     if cfg.train.fragment_weight < 0:
         raise ConfigError(f"train.fragment_weight: must be >= 0, got {cfg.train.fragment_weight}")
     if cfg.train.max_epochs is not None and cfg.train.max_epochs < cfg.train.epochs:

@@ -77,7 +77,13 @@ from selfevo.rundir import (
     write_jsonl,
 )
 from selfevo.sampling import Sampling, generation_seed
-from selfevo.select import fragment_texts, held_out_unit, select_replay, split_dev
+from selfevo.select import (
+    draw_anchors,
+    fragment_texts,
+    held_out_unit,
+    select_replay,
+    split_dev,
+)
 from selfevo.train import (
     AtomicCheckpointIO,
     LoRAModule,
@@ -223,7 +229,7 @@ class Loop:
         replay = gen.stage("replay", ("replay.jsonl",), lambda: self.replay(i, seed))
         pairs = qa + replay["replay.jsonl"]
         pairs += fragment_texts(self.fragments, self.cfg.train.fragment_weight, seed)
-        pairs += self.anchor_sample(seed)
+        pairs += self.anchor_sample(seed, len(pairs))
         gen.stage("train", ADAPTER_FILES, lambda: self.train(pairs, gen.folder, seed))
         gen.remove("checkpoints")  # a kill can come between the adapter's save and their removal
         load_adapter_weights(self.model, gen.folder / "adapter")  # M_{i+1}
@@ -428,15 +434,22 @@ class Loop:
         kept = [{"question": q, "answer": a} for q, a in zip(self.anchors, answers) if a]
         return {"anchors.jsonl": kept}, {"pairs": len(kept), "empty": len(answers) - len(kept)}
 
-    def anchor_sample(self, seed: int) -> list[dict]:
-        """train.anchor_pairs of the base model's anchor answers, seeded per generation."""
+    def anchor_sample(self, seed: int, trained: int) -> list[dict]:
+        """The base model's anchor answers to train on beside `trained` other records, seeded per
+        generation (select.draw_anchors: train.anchor_pairs, or train.anchor_share of the whole)."""
         if not self.anchors:
             return []
-        pairs = on_rank_zero(
+        answers = on_rank_zero(
             self.strategy, lambda: read_jsonl(self.run_dir / "base" / "anchors.jsonl")
         )
-        chosen = random.Random(seed).sample(pairs, min(self.cfg.train.anchor_pairs, len(pairs)))
-        return [{**p, "anchor": True} for p in chosen]
+        drawn = draw_anchors(
+            answers,
+            seed,
+            pairs=self.cfg.train.anchor_pairs,
+            share=self.cfg.train.anchor_share,
+            trained=trained,
+        )
+        return [{**p, "anchor": True} for p in drawn]
 
     def replay(self, i: int, seed: int) -> tuple[dict, dict]:
         history = on_rank_zero(

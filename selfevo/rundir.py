@@ -170,6 +170,7 @@ ADDED_KEYS = {
     ("generation", "phrasings"): 1,
     ("generation", "question_model"): "current",
     ("train", "fresh_adapter"): False,
+    ("train", "anchor_share"): None,
 }
 
 

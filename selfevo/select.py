@@ -69,6 +69,20 @@ def select_replay(history: list[dict], mode: Mode, k: int, seed: int) -> list[di
     return ascending[::step][:k]
 
 
+def draw_anchors(
+    answers: list[dict], seed: int, *, pairs: int, share: float | None, trained: int
+) -> list[dict]:
+    """The base model's anchor answers to train on beside `trained` other records: `pairs` of them
+    (at most all), or with a `share`, as many as make up that share of the whole. A seeded sample
+    where there are enough answers, else every answer as many whole times as fit and a seeded
+    sample of them for the rest."""
+    n = min(pairs, len(answers)) if share is None else round(trained * share / (1 - share))
+    if n <= len(answers):
+        return random.Random(seed).sample(answers, n)
+    whole, rest = divmod(n, len(answers))
+    return answers * whole + random.Random(seed).sample(answers, rest)
+
+
 def fragment_texts(fragments: list[str], weight: float, seed: int) -> list[dict]:
     """The fragments as plain-text training records: each int(weight) times, and a seeded share
     (weight's fractional part) of them once more, in fragment order."""

@@ -193,6 +193,11 @@ CONFIG_CASES = {
     "start >= end": (["--start", "2", "--end", "2"], "start/end"),
     "zero batch": (["--generation.batch_size", "0"], "generation.batch_size: must be > 0"),
     "zero phrasings": (["--generation.phrasings", "0"], "generation.phrasings: must be > 0"),
+    "anchor share of 1": (
+        ["--train.anchors", "data/anchor_prompts.json", "--train.anchor_share", "1"],
+        "train.anchor_share: must be in (0, 1)",
+    ),
+    "anchor share without anchors": (["--train.anchor_share", "0.2"], "train.anchor_share"),
     "top_p above 1": (["--generation.top_p", "1.5"], "generation.top_p"),
     "devices not a number": (["--trainer.devices", "auto"], "trainer.devices"),
     "several devices, spawned ranks": (

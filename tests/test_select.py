@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from selfevo.select import select_replay
+from selfevo.select import draw_anchors, select_replay
 
 
 def history(n=10):
@@ -53,3 +53,18 @@ def test_k_larger_than_history_and_zero():
 def test_bad_arguments_raise(mode, k):
     with pytest.raises(ValueError):
         select_replay(history(), mode, k, 0)
+
+
+def test_anchors_are_a_number_or_a_share_of_the_training_set_repeated_as_needed():
+    answers = history(5)
+
+    def drawn(trained=40, pairs=100, share=None, seed=0):
+        return ids(draw_anchors(answers, seed, pairs=pairs, share=share, trained=trained))
+
+    assert drawn(pairs=3) == drawn(pairs=3) and len(set(drawn(pairs=3))) == 3  # seeded sample
+    assert sorted(drawn(pairs=100)) == [0, 1, 2, 3, 4]  # at most every answer
+    assert sorted(drawn(share=0.2)) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # 10 of 50: each twice
+    twelve = drawn(share=0.2, trained=48)  # 12 of 60: each twice and a sample of 2
+    assert len(twelve) == 12 and sorted(twelve.count(i) for i in range(5)) == [2, 2, 2, 3, 3]
+    assert len(drawn(share=0.2, trained=4)) == 1  # 1 of 5
+    assert drawn(pairs=0) == []

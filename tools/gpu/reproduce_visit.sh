@@ -64,7 +64,7 @@ mode_args() {  # the ablations differ only here (and in --name)
     qwen-facts-noretarget) echo "$RECIPE --targeting.retarget false" ;;
     qwen-recipe-lr*) echo "$RECIPE --train.learning_rate ${1#qwen-recipe-lr}"; return 0 ;;  # the recipe at another rate
     qwen-black-lr*) echo "$RECIPE --train.learning_rate ${1#qwen-black-lr} $BLACK"; return 0 ;;  # the recipe on Black's docs
-    qwen-black-anchors*|qwen-black-phr3*|qwen-black-qbase*|qwen-black-fresh*|qwen-black-rank*)
+    qwen-black-anchors*|qwen-black-phr3*|qwen-black-qbase*|qwen-black-anch16*|qwen-black-fresh*|qwen-black-rank*)
       # The anchor runs' recipe on Black's docs (1e-3; all 224 anchors a generation, against
       # forgetting) with one lever more; -s1: a second seed. docs/results.md has why each.
       local lever=${1%-s1} extra=""
@@ -78,6 +78,8 @@ mode_args() {  # the ablations differ only here (and in --name)
         # and the base model writes every generation's questions (the trained one copies the
         # prompt's examples in 21-64% of them)
         qwen-black-qbase) extra=" --generation.phrasings 3 --generation.question_model base" ;;
+        # or the anchors kept at the anchor runs' 16% of the training set, repeated as needed
+        qwen-black-anch16) extra=" --generation.phrasings 3 --train.anchor_share 0.16" ;;
         # a fresh adapter each generation on every pair so far: its training grows with them
         qwen-black-fresh) extra=" --train.fresh_adapter true --replay.mode all" ;;
         qwen-black-rank[1-9]*)
