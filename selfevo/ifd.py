@@ -17,18 +17,14 @@ import math
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfevo.config import IFDConfig
 from selfevo.faults import kill_point
 from selfevo.hardware import halving_batch_on_oom
-from selfevo.models import adapter_switched
+from selfevo.models import adapter_switched, answer_token_nll, rescaled_logits
 from selfevo.ranks import gather_in_order, share
-
-# Config keys of models whose forward rescales the LM head's output (Gemma 2, Cohere, Granite).
-RESCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def pair_token_ids(
@@ -84,34 +80,19 @@ def mean_answer_nll(
     The LM head runs only on the hidden states that predict answer tokens, `chunk` positions at a
     time, so memory stays at chunk x vocabulary whatever the batch.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    rescaled = [k for k in RESCALED_LOGITS if getattr(base.config, k, None)]
+    rescaled = rescaled_logits(model)
     if rescaled:
         raise ValueError(
-            f"IFD scoring applies the LM head itself and does not support {rescaled[0]} models"
+            f"IFD scoring applies the LM head itself and does not support {rescaled} models"
         )
-    # No attention mask: the padding of each row comes after its last real token (see the module
-    # doc).
-    hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
     # Position j predicts token j + 1; it predicts an answer token iff length - answer_len - 1 <= j
     # < length - 1.
     j = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
     in_answer = (j[None, :] >= (length - answer_len - 1)[:, None]) & (
         j[None, :] < (length - 1)[:, None]
     )
-    states = hidden[:, :-1][in_answer]
-    targets = input_ids[:, 1:][in_answer]
+    nll = answer_token_nll(model, input_ids, in_answer, chunk)
     rows = in_answer.nonzero()[:, 0]
-    lm_head = base.get_output_embeddings()
-    nll = torch.cat(
-        [
-            F.cross_entropy(
-                lm_head(states[s : s + chunk]).float(), targets[s : s + chunk], reduction="none"
-            )
-            for s in range(0, len(targets), chunk)
-        ]
-        or [hidden.new_zeros(0, dtype=torch.float32)]
-    )
     sums = torch.zeros(len(answer_len), device=nll.device, dtype=torch.float32).index_add_(
         0, rows, nll
     )

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -255,3 +256,38 @@ def export_merged(
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+# Config keys of models whose forward rescales the LM head's output (Gemma 2, Cohere, Granite).
+RESCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def rescaled_logits(model: PreTrainedModel) -> str | None:
+    """The config key by which the model's forward rescales its logits, or None: such a model's
+    LM head alone does not give its logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return next((k for k in RESCALED_LOGITS if getattr(base.config, k, None)), None)
+
+
+def answer_token_nll(
+    model: PreTrainedModel, input_ids: torch.Tensor, predicts: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
+    """The NLL (fp32) of each token that a True position of `predicts` ([rows, length - 1]:
+    position j predicts token j + 1) predicts, in row-major order. The decoder (with its adapter)
+    runs on whole right-padded rows, without an attention mask; the LM head only at those
+    positions, `chunk` at a time, so that the logits of the prompt and padding positions, a
+    vocabulary wide each (151,936 for Qwen), are never made. Not for rescaled_logits models."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    states = hidden[:, :-1][predicts]
+    targets = input_ids[:, 1:][predicts]
+    lm_head = base.get_output_embeddings()
+    return torch.cat(
+        [
+            F.cross_entropy(
+                lm_head(states[s : s + chunk]).float(), targets[s : s + chunk], reduction="none"
+            )
+            for s in range(0, len(targets), chunk)
+        ]
+        or [hidden.new_zeros(0, dtype=torch.float32)]
+    )

@@ -27,9 +27,11 @@ from selfevo.faults import kill_point
 from selfevo.models import (
     SMOLLM2_ALIAS,
     add_lora,
+    answer_token_nll,
     load_adapter_weights,
     load_model,
     load_tokenizer,
+    rescaled_logits,
     save_adapter,
 )
 from selfevo.prompts import Language, closed_book_prompt
@@ -55,6 +57,16 @@ def encode_text(tokenizer, text: str, max_length: int) -> dict:
         :max_length
     ]
     return {"input_ids": ids, "labels": list(ids)}
+
+
+def answer_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy of the labelled tokens, as the model's own loss computes it (in fp32,
+    labels shifted by one), with the LM head at the labelled positions alone
+    (models.answer_token_nll): the prompt's logits are most of a QA row's and are never needed. A
+    model that rescales its logits computes its own."""
+    if rescaled_logits(model):
+        return model(input_ids=input_ids, labels=labels).loss
+    return answer_token_nll(model, input_ids, labels[:, 1:] != IGNORE_INDEX).mean()
 
 
 def collate_right_padded(examples: list[dict], pad_id: int) -> dict:
@@ -301,7 +313,7 @@ class LoRAModule(L.LightningModule):
         self.model.train()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss = answer_loss(self.model, batch["input_ids"], batch["labels"])
         if batch["weight"]:  # not a rank's empty filler (see PlannedBatches)
             # Rank 0's micro-batch loss, as Lightning logs a step's value (only rank 0 writes logs).
             self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])

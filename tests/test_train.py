@@ -10,7 +10,14 @@ from selfevo.config import LoraConfig, ModelConfig, TrainConfig, TrainerConfig
 from selfevo.hardware import build_trainer
 from selfevo.models import add_lora, load_model, load_tokenizer, save_adapter
 from selfevo.select import fragment_texts
-from selfevo.train import IGNORE_INDEX, LoRAModule, QADataModule, collate_right_padded, encode_qa
+from selfevo.train import (
+    IGNORE_INDEX,
+    LoRAModule,
+    QADataModule,
+    collate_right_padded,
+    encode_qa,
+    encode_text,
+)
 from tests.helpers import ROOT, write_records
 
 QA = [
@@ -266,3 +273,33 @@ def test_the_retention_probe_answers_in_twice_the_longest_checked_answer_at_most
     longest = len(tokenizer(sample[1]["answer"], add_special_tokens=False)["input_ids"])
     assert probe_new_tokens(tokenizer, sample, 512) == 2 * longest
     assert probe_new_tokens(tokenizer, sample, 3) == 3  # never past the evaluation's cap
+
+
+def test_the_answer_loss_and_its_gradients_are_the_models_own_loss_without_the_prompts_logits(
+    tiny_model,
+):
+    from selfevo.train import answer_loss
+
+    model, tokenizer = load_model(ModelConfig(name=tiny_model, dtype="float32"))
+    model = add_lora(model, LoraConfig(), seed=0)
+    for p in (p for n, p in model.named_parameters() if "lora_B" in n):
+        torch.nn.init.normal_(p, std=0.05)  # a trained adapter, so that its gradients count
+    examples = [encode_qa(tokenizer, p["question"], p["answer"], 1024) for p in QA[:4]]
+    examples.append(encode_text(tokenizer, "qmeshd listens on TCP port 7741.", 1024))
+    batch = collate_right_padded(examples, tokenizer.pad_token_id)
+
+    def loss_and_grads(loss_of):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    own, own_grads = loss_and_grads(
+        lambda: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    )
+    ours, our_grads = loss_and_grads(
+        lambda: answer_loss(model, batch["input_ids"], batch["labels"])
+    )
+    torch.testing.assert_close(ours, own, rtol=1e-6, atol=1e-6)
+    for a, b in zip(our_grads, own_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
