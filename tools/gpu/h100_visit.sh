@@ -7,7 +7,8 @@
 #   bash tools/gpu/h100_visit.sh ifd | generation [VLLM_KV_GIB] | train | whole hf|vllm [ARGS] | qlora
 #                               | scaling N   (on a machine of N GPUs: each stage on 1 GPU and on N)
 #                               | profile [MODEL]  (IFD and training under torch.profiler: what binds
-#                                 each; MODEL: another staged GGUF, e.g. /tmp/stage/qwen.gguf)
+#                                 each; MODEL: another staged GGUF, e.g. /tmp/stage/qwen.gguf;
+#                                 STAGES=ifd or train for one of them)
 set -euo pipefail
 export PYTHONPATH=$PWD SELFEVO_SHARED=/tmp/shared SELFEVO_CACHE=/tmp/cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # The trimmed vLLM install (tools/gpu/vllm_h100_setup.sh) has no FlashInfer: use the runner and
@@ -49,7 +50,8 @@ case "$1" in
       --ifd.batch_size 128 --evaluation.batch_size 100 --generation.batch_size 512 2>&1 | tee $OUT/scaling_$2.log ;;
   profile)
     M=${2:-$M}
-    bench --stages ifd train --profile --seed-pairs 4 --pairs 1024 --ifd-batch-sizes 128 --train-steps 12 \
+    # STAGES=ifd or STAGES=train: one of the two (SmolLM2's both ran past 170 s on the H200)
+    bench --stages ${STAGES:-ifd train} --profile --seed-pairs 4 --pairs 1024 --ifd-batch-sizes 128 --train-steps 12 \
       --out $OUT/profile_$(basename $M .gguf).json 2>&1 | tee $OUT/profile_$(basename $M .gguf).log ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac
