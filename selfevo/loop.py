@@ -3,8 +3,8 @@
 For generation i, with M_i = base + adapter A_i (A_0: a fresh adapter, i.e. the base model):
     questions  <- M_i (M_0 with generation.question_model base) writes questions about every
                   fragment, one per sentence, those it got wrong
-                  at the last check first (open book); copies of the prompt's examples,
-                  unspecific and repeated ones are dropped
+                  at the last check first (open book), none about the dev split's sentences;
+                  copies of the prompt's examples, unspecific and repeated ones are dropped
     qa         <- M_0 answers each question (open book; M_i does with generation.answer_model
                   current); answers the fragment does not make likelier under M_0 are dropped
                   (grounding); generation 0 holds a share back as the dev split
