@@ -582,6 +582,47 @@ def report(ctx: typer.Context) -> None:
     typer.echo(f"report -> {png}")
 
 
+@app.command(context_settings=PASSTHROUGH, add_help_option=False)
+@guarded
+def compare(ctx: typer.Context) -> None:
+    """Compare two recipes over their seeds: per metric, the difference of their per-pair means,
+    with its paired 95% interval over the eval pairs.
+
+    selfevo compare --runs A A-s1 --against B B-s1 --generation 0 prints a markdown table;
+    --against-generation compares with another generation (of the same runs, say)."""
+    from selfevo.report import compare_recipes, comparison_markdown
+
+    a = parse_stage(
+        ctx,
+        {
+            "--runs": {"type": str, "nargs": "+", "required": True, "help": "a recipe's runs"},
+            "--against": {"type": str, "nargs": "+", "required": True, "help": "the other's"},
+            "--generation": {"type": str, "required": True, "help": "N (gen_N) or base"},
+            "--against-generation": {"type": Optional[str], "help": "(default: --generation)"},
+            "--eval": {
+                "type": Optional[str],
+                "help": "the eval file, for run files that kept only the answers",
+            },
+        },
+    )
+
+    def folder(generation: str) -> str:
+        if generation != "base" and not generation.isdigit():
+            fail(f"--generation: a generation number or base, got {generation!r}")
+        return generation if generation == "base" else f"gen_{generation}"
+
+    mine, theirs = folder(a.generation), folder(a.against_generation or a.generation)
+    try:
+        rows = compare_recipes(
+            [(Path(r), mine) for r in a.runs],
+            [(Path(r), theirs) for r in a.against],
+            a.eval and Path(a.eval),
+        )
+    except FileNotFoundError as e:
+        fail(str(e))
+    typer.echo(comparison_markdown(rows), nl=False)
+
+
 def main() -> None:
     app(prog_name="selfevo")
 

@@ -318,6 +318,71 @@ def _general_scores(folder: Path) -> Optional[list[float]]:
     return [x for x in scores if x is not None] or None
 
 
+def _answers_of(run_dir: Path, folder: str, eval_file: Optional[Path]) -> tuple[list[str], Scored]:
+    """One evaluated model of a run (base, base/open_book or gen_<i>): the eval questions it
+    answered, and its answers scored."""
+    language, metrics = _run_settings(run_dir)
+    predictions = _predictions(run_dir / folder)
+    if predictions is None:
+        raise FileNotFoundError(f"{run_dir / folder}: no predictions (not evaluated yet?)")
+    records = _eval_records(run_dir, predictions, eval_file)
+    answers = scored([p["prediction"] for p in predictions], records, language, metrics)
+    return [r["question"] for r in records], answers
+
+
+def compare_recipes(
+    runs: list[tuple[Path, str]], against: list[tuple[Path, str]], eval_file: Optional[Path] = None
+) -> list[dict]:
+    """Two recipes, each given as runs (other seeds) and the model folder of each to compare
+    (gen_<i>, base): per metric, each recipe's mean, and the difference of the recipes' per-pair
+    means over their runs, with its paired interval over the eval pairs. The runs must have
+    answered the same eval questions."""
+    groups = [[(r, *_answers_of(r, f, eval_file)) for r, f in g] for g in (runs, against)]
+    first_run, questions, first = groups[0][0]
+    for run, asked, _ in groups[0][1:] + groups[1]:
+        if asked != questions:
+            raise DataError(f"{run}: answered other eval questions than {first_run}")
+    rows = []
+    for metric in PER_PAIR:
+        if metric not in first.pairs[0]:
+            continue
+        means = []
+        for group in groups:
+            per_run = [[p[metric] for p in answers.pairs] for _, _, answers in group]
+            means.append(
+                [None if None in v else float(np.mean(v)) for v in zip(*per_run, strict=True)]
+            )
+        kept = [(a, b) for a, b in zip(*means) if a is not None and b is not None]
+        if not kept:
+            continue
+        mine, theirs = [a for a, _ in kept], [b for _, b in kept]
+        rows.append(
+            {
+                "metric": metric,
+                "mean": round(float(np.mean(mine)), 2),
+                "against_mean": round(float(np.mean(theirs)), 2),
+                "difference": paired_interval(mine, theirs),
+                "pairs": len(kept),
+            }
+        )
+    return rows
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    """The comparison as a markdown table."""
+    lines = [
+        "| metric | recipe | against | difference [95%] | eval pairs |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mean, low, high = r["difference"]
+        lines.append(
+            f"| {r['metric']} | {r['mean']:.2f} | {r['against_mean']:.2f} "
+            f"| {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {r['pairs']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def best_generation(rows: list[dict]) -> Optional[str]:
     """The generation with the highest fact recall on the dev split, or None without a dev split."""
     return next((r["model"] for r in rows if r.get("best")), None)

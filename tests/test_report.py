@@ -267,3 +267,37 @@ def test_each_generation_is_compared_with_the_one_before(tmp_path):
     }
     assert last_cell["gen_0"] == "" and last_cell["gen_1"].startswith("+50.00 [")
     assert last_cell["gen_2"] == "+0.00 [+0.00, +0.00]"
+
+
+def test_compare_two_recipes_over_their_seeds_pair_by_pair(tmp_path):
+    """Each recipe's per-pair scores are averaged over its runs; the difference of those means
+    comes with its paired interval. A seed that got half the pairs right and one that got all of
+    them average to three quarters."""
+    half = RIGHT[: N // 2] + WRONG[N // 2 :]
+    a0 = write_run(tmp_path / "a", WRONG, RIGHT, [RIGHT])
+    a1 = write_run(tmp_path / "a-s1", WRONG, RIGHT, [half])
+    b0 = write_run(tmp_path / "b", WRONG, RIGHT, [WRONG])
+    result = CliRunner().invoke(
+        app, ["compare", "--runs", str(a0), str(a1), "--against", str(b0), "--generation", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("| fact-recall"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:3] == ["75.00", "0.00"] and cells[3].startswith("+75.00 [")
+    low, high = (float(x) for x in cells[3].split("[")[1].rstrip("]").split(","))
+    assert 0 < low < 75 < high <= 100 and cells[4] == str(N)
+    # generation 0 against the same runs' base model; runs of other eval questions are refused
+    result = CliRunner().invoke(
+        app,
+        ["compare", "--runs", str(a0), "--against", str(a0), "--generation", "0",
+         "--against-generation", "base"],
+    )  # fmt: skip
+    assert result.exit_code == 0 and "| fact-recall | 100.00 | 0.00 | +100.00" in result.output
+    other = tmp_path / "other"
+    write_run(other, WRONG, RIGHT, [RIGHT])
+    lines = (other / "gen_0" / "predictions.jsonl").read_text().splitlines()
+    (other / "gen_0" / "predictions.jsonl").write_text("\n".join(lines[1:]) + "\n")
+    result = CliRunner().invoke(
+        app, ["compare", "--runs", str(a0), "--against", str(other), "--generation", "0"]
+    )
+    assert result.exit_code == 2 and "answered other eval questions" in result.output
