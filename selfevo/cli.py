@@ -520,9 +520,12 @@ def evaluate_cmd(ctx: typer.Context) -> None:
 @app.command(context_settings=PASSTHROUGH, add_help_option=False)
 @guarded
 def export(ctx: typer.Context) -> None:
-    """Merge a generation's adapter into the base model and save a full model folder."""
+    """Merge a generation's adapter into the base model and save a full model folder.
+
+    By default the best generation: the highest fact recall on the dev split (summary.json)."""
     from selfevo.config import ModelConfig
     from selfevo.models import check_adapter_folder, export_merged
+    from selfevo.report import best_generation
     from selfevo.rundir import RunError, read_json
 
     a = parse_stage(
@@ -530,23 +533,33 @@ def export(ctx: typer.Context) -> None:
         {
             "run": {"type": str, "help": "run directory"},
             "--generation": {
-                "type": int,
-                "required": True,
-                "help": "export the adapter trained by this generation",
+                "type": Optional[int],
+                "help": "export the adapter trained by this generation (default: the best)",
             },
             "--out": {"type": Optional[str], "help": "default: RUN/export_gen_<N>"},
         },
     )
     run = Path(a.run)
     snapshot = run / "config.json"
-    adapter = run / f"gen_{a.generation}" / "adapter"
     if not snapshot.is_file():
         raise RunError(f"{snapshot}: missing; not a selfevo run directory")
+    generation = a.generation
+    if generation is None:
+        summary = run / "summary.json"
+        best = best_generation(read_json(summary)) if summary.is_file() else None
+        if best is None:
+            raise RunError(
+                f"{run}: no best generation (no dev split, or none evaluated yet): "
+                "pass --generation N"
+            )
+        generation = int(best.removeprefix("gen_"))
+        typer.echo(f"the best generation by the dev split: {best}")
+    adapter = run / f"gen_{generation}" / "adapter"
     if not adapter.is_dir():
-        raise RunError(f"{adapter}: missing; generation {a.generation} has not finished training")
+        raise RunError(f"{adapter}: missing; generation {generation} has not finished training")
     check_adapter_folder(adapter)
     model_cfg = ModelConfig(**read_json(snapshot)["config"]["model"])
-    path = export_merged(model_cfg, adapter, Path(a.out or run / f"export_gen_{a.generation}"))
+    path = export_merged(model_cfg, adapter, Path(a.out or run / f"export_gen_{generation}"))
     typer.echo(f"merged model -> {path}")
 
 

@@ -133,6 +133,15 @@ def test_export_merges_the_adapter_into_a_full_model(tiny_model, tmp_path):
         assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
     missing = CliRunner().invoke(app, ["export", str(run), "--generation", "3"])
     assert missing.exit_code == 2 and "gen_3" in missing.stderr
+    # without --generation: the best by the dev split, as summary.json marks it
+    unmarked = CliRunner().invoke(app, ["export", str(run)])
+    assert unmarked.exit_code == 2 and "pass --generation" in unmarked.stderr
+    (run / "summary.json").write_text(
+        json.dumps([{"model": "base"}, {"model": "gen_0", "best": True}, {"model": "gen_1"}])
+    )
+    best = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "best")])
+    assert best.exit_code == 0 and "gen_0" in best.stdout
+    assert (tmp_path / "best" / "config.json").is_file()
 
 
 def test_evolve_training_records_the_real_model_in_hparams_yaml(tiny_model, tmp_path):
