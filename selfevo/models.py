@@ -262,10 +262,15 @@ def export_merged(
 RESCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+def without_adapter_wrapper(model: PreTrainedModel) -> PreTrainedModel:
+    """The causal LM inside a PeftModel (its LoRA layers still in place), or the model itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def rescaled_logits(model: PreTrainedModel) -> str | None:
     """The config key by which the model's forward rescales its logits, or None: such a model's
     LM head alone does not give its logits."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_adapter_wrapper(model)
     return next((k for k in RESCALED_LOGITS if getattr(base.config, k, None)), None)
 
 
@@ -277,7 +282,7 @@ def answer_token_nll(
     runs on whole right-padded rows, without an attention mask; the LM head only at those
     positions, `chunk` at a time, so that the logits of the prompt and padding positions, a
     vocabulary wide each (151,936 for Qwen), are never made. Not for rescaled_logits models."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_adapter_wrapper(model)
     hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
     states = hidden[:, :-1][predicts]
     targets = input_ids[:, 1:][predicts]

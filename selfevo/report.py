@@ -375,10 +375,9 @@ def comparison_markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        mean, low, high = r["difference"]
         lines.append(
             f"| {r['metric']} | {r['mean']:.2f} | {r['against_mean']:.2f} "
-            f"| {mean:+.2f} [{low:+.2f}, {high:+.2f}] | {r['pairs']} |"
+            f"| {_interval(r['difference'])} | {r['pairs']} |"
         )
     return "\n".join(lines) + "\n"
 

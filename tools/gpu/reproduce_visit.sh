@@ -45,9 +45,9 @@ mkdir -p "$OUT" $RUNS $LOGS $PACKS $R/log
 tools() { python tools/gpu/reproduce_runs.py "$@"; }
 
 # selfevo's recipe (docs/results.md): the levers configs/aiops_qwen_small.yaml turns off for the paper's
-# loop, at selfevo's defaults but one phrasing a sentence (as every run up to the seventh visit; the
-# -phr3 modes ask three, the default since), and the epochs that let a generation retain what it is
-# trained on.
+# loop, at selfevo's defaults but one phrasing a sentence (so that the runs the docs report resume as
+# they began; the -phr3, -qbase and -anch16 modes ask three, the default), and the epochs that let a
+# generation retain what it is trained on.
 RECIPE="--generation.question_focus sentence --generation.questions_per_fragment 4 --generation.question_filters true
   --generation.phrasings 1 --generation.standalone_answers true --generation.min_grounding 0.0 --targeting.dev_share 0.1
   --targeting.check_pairs 200 --targeting.retarget true --data.general data/general_qa.json

@@ -28,8 +28,8 @@ model=${2:-}
 py=${PYTHON:-python}
 
 # The wheels whose packages the machine lacks (names compared as PEP 503 normalises them), installed
-# in one pip call that does not byte-compile (until the seventh visit: a pip call per wheel, each
-# compiling its files; the set-up call took 143 s on the sixth, not timed by part).
+# in one pip call that does not byte-compile: the set-up is on the clock of a short GPU visit, and a
+# call per wheel, each compiling its files, took minutes (docs/results.md).
 listed=$($py - "$wheels" <<'EOF'
 import re, sys
 from importlib import metadata
