@@ -43,7 +43,7 @@ def main() -> None:
     cfg, _ = parse_evolve_args(["--config", args.config])
     work = Path(args.work)
 
-    fragments, _ = load_fragments(cfg.data.fragments)
+    fragments, _, _ = load_fragments(cfg.data.fragments)
     eval_set = load_eval(cfg.data.eval)
     base, tokenizer = load_model(cfg.model)
     model = add_lora(base, cfg.lora, cfg.seed)

@@ -343,7 +343,7 @@ def generate(ctx: typer.Context) -> None:
 
     As a generation of the loop does: the questions and the answers by the model with --adapter or
     the base model, as generation.question_model and answer_model say (base: the adapter off)."""
-    from selfevo.data import load_fragments
+    from selfevo.data import load_fragments, with_origins
     from selfevo.generate import write_answers, write_questions
     from selfevo.rundir import check_can_create, write_jsonl
 
@@ -358,12 +358,13 @@ def generate(ctx: typer.Context) -> None:
         ("model", "generation"),
     )
     out = Path(a.out)
-    texts, duplicates = load_fragments(a.fragments)
+    texts, origins, duplicates = load_fragments(a.fragments)
     check_can_create(out.parent, "output")
     generator, adapter = _generator(a.model, a.generation, a.adapter, a.seed, 0)
     try:
         generator.use_adapter(adapter if a.generation.question_model == "current" else None)
         questions, q_counts = write_questions(generator, texts, a.generation, a.seed)
+        questions = with_origins(questions, origins)
         generator.use_adapter(adapter if a.generation.answer_model == "current" else None)
         qa, a_drops = write_answers(generator, questions, a.generation, a.seed)
     finally:

@@ -6,6 +6,7 @@ an `EvolveConfig`; any key can be overridden in dotted form on the command line.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import typing
@@ -30,9 +31,13 @@ GROUNDED_PROMPT = SEED_IFD_PROMPT.replace("{question}", "{fragment}\n\n{question
 class DataConfig:
     fragments: str = "data/quillmesh_fragments.json"
     """Knowledge fragments: JSON list or JSONL of {"instruction": text} (or {"text": text})."""
-    eval: str = "data/quillmesh_eval.json"
+    eval: Optional[str] = "data/quillmesh_eval.json"
     """Eval QA: JSON list or JSONL of {"instruction": fragment, "input": question, "output":
-    answer}."""
+    answer}. None: no labelled eval set; `eval_share` of generation 0's QA pairs are held out as
+    the eval instead, their open-book answers the references (the report says so)."""
+    eval_share: float = 0.1
+    """Without `eval`: the share of generation 0's QA pairs held out as the eval (seeded, whole
+    sentences at a time, never trained on or asked again)."""
     limit: Optional[int] = None
     """Use only N unique fragments (None: all): the first N, unless include_eval or fill say
     otherwise."""
@@ -51,7 +56,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m-instruct"
-    """A Hugging Face folder, a .gguf file, or the alias smollm2-135m-instruct."""
+    """A Hugging Face folder, a .gguf file, a Hugging Face Hub id (Qwen/Qwen2.5-0.5B-Instruct,
+    fetched once into the hub cache: HF_HOME, HF_HUB_OFFLINE), or the alias
+    smollm2-135m-instruct."""
+    revision: Optional[str] = None
+    """A hub id's branch, tag or commit (None: main)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """auto: bfloat16 on a GPU that supports it, else float32."""
     trust_remote_code: bool = False
@@ -228,6 +237,17 @@ class TrainerConfig:
     such a CPU bf16-mixed trains 2-3x faster, where evaluation under autocast was less accurate
     and little faster; on a CPU without (AVX2), bf16 is emulated and a step took 23x fp32's time
     (docs/tuning.md). Hence a key of its own."""
+    gradient_clip_val: Optional[float] = 1.0
+    """Training clips the gradients' norm to this (None: no clipping)."""
+    logger: Optional[list[dict]] = None
+    """Training's loggers, as LightningCLI writes them: a list of {class_path, init_args}, e.g.
+    [{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: logs}}] (W&B, MLflow:
+    their Lightning loggers, their packages installed). Each generation's training gets a logger
+    of its own, named train_gen_<i>. None: TensorBoard under logs_dir/name; []: none. The loop's
+    own TensorBoard events (logs_dir/name/evolve) are written either way."""
+    callbacks: list[dict] = field(default_factory=list)
+    """More Lightning callbacks for training, as LightningCLI writes them ({class_path,
+    init_args}), beside selfevo's own (checkpoints, retention, learning-rate monitor)."""
 
 
 @dataclass
@@ -312,6 +332,12 @@ def validate(cfg: EvolveConfig) -> None:
         )
     if cfg.start < 0 or cfg.end <= cfg.start:
         raise ConfigError(f"start/end: need 0 <= start < end, got start={cfg.start} end={cfg.end}")
+    if not cfg.data.eval and not 0 < cfg.data.eval_share < 1:
+        raise ConfigError(
+            f"data.eval_share: must be in (0, 1) without data.eval, got {cfg.data.eval_share}"
+        )
+    if not cfg.data.eval and cfg.data.include_eval:
+        raise ConfigError("data.include_eval: there is no eval set (data.eval is null)")
     if not 0 <= cfg.targeting.dev_share < 1:
         raise ConfigError(f"targeting.dev_share: must be in [0, 1), got {cfg.targeting.dev_share}")
     if cfg.targeting.check_pairs < 0:
@@ -385,6 +411,12 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError("ifd.grounded_prompt: must contain {fragment} and {question}")
     if not cfg.ifd.answer_prefix.strip():
         raise ConfigError("ifd.answer_prefix: must not be empty")
+    for key, plugins, kind in (
+        ("trainer.logger", cfg.trainer.logger or [], "lightning.pytorch.loggers.Logger"),
+        ("trainer.callbacks", cfg.trainer.callbacks, "lightning.pytorch.callbacks.Callback"),
+    ):
+        for n, spec in enumerate(plugins):
+            check_class_spec(f"{key}[{n}]", spec, kind)
     ranks = world_size(cfg.trainer)
     if ranks > 1:
         if cfg.trainer.strategy not in ("auto", "ddp"):
@@ -405,6 +437,27 @@ def validate(cfg: EvolveConfig) -> None:
                 "are dealt out to "
                 f"the {ranks} ranks, so it must be a multiple of {ranks}"
             )
+
+
+def check_class_spec(key: str, spec: object, base: str) -> None:
+    """A {class_path, init_args} of LightningCLI's that names an importable subclass of `base`;
+    the class is built only when training starts, with its own errors for bad init_args."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str):
+        raise ConfigError(f"{key}: must be a {{class_path, init_args}} mapping, got {spec!r}")
+    if set(spec) - {"class_path", "init_args"} or not isinstance(spec.get("init_args", {}), dict):
+        raise ConfigError(f"{key}: only class_path and init_args (a mapping) may be given")
+    try:
+        cls = import_class(spec["class_path"])
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot import {spec['class_path']!r} ({e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, import_class(base))):
+        raise ConfigError(f"{key}: {spec['class_path']} is not a {base.rpartition('.')[2]}")
+
+
+def import_class(path: str) -> type:
+    """What a dotted path names, such as lightning.pytorch.loggers.CSVLogger."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def world_size(cfg: TrainerConfig) -> int:
@@ -437,6 +490,6 @@ def identity(cfg: EvolveConfig) -> dict:
     ]  # lowered after running out of memory, the results stay
     del d["generation"]["vllm_tensor_parallel_size"]
     del d["generation"]["backend"]  # the same stages and sampling seeds on either engine
-    for key in ("devices", "strategy", "num_nodes"):
-        del d["trainer"][key]
+    for key in ("devices", "strategy", "num_nodes", "logger"):
+        del d["trainer"][key]  # where results are logged is no part of them
     return d

@@ -139,20 +139,46 @@ def _text_field(path: Path, i: int, record: dict, key: str) -> str:
     return value
 
 
-def load_fragments(path: str | os.PathLike) -> tuple[list[str], int]:
-    """Knowledge fragments in first-seen order, without duplicates; returns (fragments, duplicates
-    dropped)."""
+def load_fragments(path: str | os.PathLike) -> tuple[list[str], list[dict], int]:
+    """Knowledge fragments in first-seen order, without duplicates; returns (fragments, their
+    origins, duplicates dropped). A fragment's origin is what its record says of where it comes
+    from, `source` (a file) and `position` (its place there), as `selfevo ingest` writes them; {}
+    where the record says nothing. The QA pairs about a fragment carry its origin to the exports."""
     path = Path(path)
     records = read_records(path)
     fragments: list[str] = []
+    origins: list[dict] = []
     seen: set[str] = set()
     for i, r in enumerate(records):
         key = "instruction" if "instruction" in r else "text"
         text = _text_field(path, i, r, key).strip()
+        origin = _origin(path, i, r)
         if text not in seen:
             seen.add(text)
             fragments.append(text)
-    return fragments, len(records) - len(fragments)
+            origins.append(origin)
+    return fragments, origins, len(records) - len(fragments)
+
+
+def _origin(path: Path, i: int, record: dict) -> dict:
+    origin = {}
+    if record.get("source") is not None:
+        origin["source"] = _text_field(path, i, record, "source")
+    position = record.get("position")
+    if position is not None:
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise DataError(
+                f"{path}: record {i}: field 'position' must be a whole number >= 0, got "
+                f"{position!r}"
+            )
+        origin["position"] = position
+    return origin
+
+
+def with_origins(records: list[dict], origins: list[dict]) -> list[dict]:
+    """Records about fragments (each with the fragment's index as `id`), each given its fragment's
+    origin (source, position)."""
+    return [{**r, **origins[r["id"]]} for r in records]
 
 
 def load_eval(path: str | os.PathLike) -> list[dict]:

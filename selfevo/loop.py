@@ -26,6 +26,7 @@ working on its share of the batches (docs/scaling.md).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import random
 import shutil
@@ -36,14 +37,22 @@ from typing import Optional
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import TensorBoardLogger
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedTokenizerBase
 
 from selfevo import rundir
-from selfevo.config import EvolveConfig, validate, world_size
-from selfevo.data import load_eval, load_fragments, load_qa, load_questions, select_fragments
+from selfevo.config import EvolveConfig, import_class, validate, world_size
+from selfevo.data import (
+    load_eval,
+    load_fragments,
+    load_qa,
+    load_questions,
+    select_fragments,
+    with_origins,
+)
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import make_generator, resolve_backend, write_answers, write_questions
 from selfevo.hardware import accelerator_device, build_trainer, training_precision
@@ -83,6 +92,7 @@ from selfevo.select import (
     held_out_unit,
     select_replay,
     split_dev,
+    split_eval,
 )
 from selfevo.train import (
     AtomicCheckpointIO,
@@ -98,6 +108,9 @@ log = logging.getLogger(__name__)
 
 
 CHECK_FIELDS = ("id", "unit", "split", "question", "reference", "prediction", "fact-recall")
+# What train.jsonl keeps of a pair beside its question and answer: where it comes from (for the
+# exports, selfevo.export_qa) and whether it is an anchor, not the domain's.
+TRAIN_FIELDS = ("question", "answer", "id", "generation", "source", "position", "ifd", "anchor")
 
 
 def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
@@ -111,11 +124,13 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     if cfg.generation.backend == "vllm":  # fail now, not after the base model's evaluation
         engine_lora_rank(cfg.lora.r)
         require_vllm()
-    fragments, duplicates = load_fragments(cfg.data.fragments)
-    eval_set = load_eval(cfg.data.eval)
+    fragments, origins, duplicates = load_fragments(cfg.data.fragments)
+    eval_set = load_eval(cfg.data.eval) if cfg.data.eval else []  # none: held out of generation 0
     general = load_qa(cfg.data.general) if cfg.data.general else []
     anchors = load_questions(cfg.train.anchors) if cfg.train.anchors else []
+    origin_of = dict(zip(fragments, origins))
     fragments, from_eval = select_fragments(fragments, eval_set, cfg.data, cfg.seed)
+    origins = [origin_of[f] for f in fragments]
     resolve_model(
         cfg.model.name, cfg.model.trust_remote_code
     )  # a bad model path fails before anything is written
@@ -140,16 +155,19 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
 
         run_dir = on_rank_zero(strategy, take_run)
         log.info(
-            "%d fragments (%d duplicates dropped%s), %d eval pairs",
+            "%d fragments (%d duplicates dropped%s), %s",
             len(fragments),
             duplicates,
             f"; {from_eval} of them the eval set's" if cfg.data.include_eval else "",
-            len(eval_set),
+            f"{len(eval_set)} eval pairs"
+            if cfg.data.eval
+            else f"no eval set: {cfg.data.eval_share:.0%} of generation 0's sentences are held "
+            "out as one",
         )
         log.info("generation: %s", "vLLM" if backend == "vllm" else "Hugging Face generate")
         if cfg.trainer.fit_precision == "auto":
             log.info("training precision: %s", training_precision(cfg.trainer))
-        loop = Loop(cfg, run_dir, fragments, eval_set, strategy, general, anchors)
+        loop = Loop(cfg, run_dir, fragments, eval_set, strategy, general, anchors, origins)
         try:
             loop.evaluate_base()
             for i in range(cfg.start, cfg.end):
@@ -173,16 +191,14 @@ class Loop:
         strategy: Strategy,
         general: list[dict] = (),
         anchors: list[str] = (),
+        origins: Optional[list[dict]] = None,
     ):
-        self.cfg, self.run_dir, self.fragments, self.eval_set, self.strategy = (
-            cfg,
-            run_dir,
-            fragments,
-            eval_set,
-            strategy,
-        )
+        self.cfg, self.run_dir, self.fragments, self.strategy = cfg, run_dir, fragments, strategy
+        # Without data.eval, generation 0 holds the eval out of its QA pairs (gen_0/eval.jsonl).
+        self.eval_set = eval_set if cfg.data.eval else self.earlier(1, "eval.jsonl")
         self.general = list(general)  # data.general's questions
         self.anchors = list(anchors)  # train.anchors' instructions
+        self.origins = origins or [{} for _ in fragments]  # each fragment's source and position
         log.info("loading %s ...", cfg.model.name)
         base, self.tokenizer = load_model(cfg.model)
         self.model = add_lora(base, cfg.lora, cfg.seed)
@@ -224,8 +240,12 @@ class Loop:
             qa = grounded["grounded.jsonl"]
         if i == 0 and self.cfg.targeting.dev_share > 0:
             dev = gen.stage("dev", ("dev.jsonl",), lambda: self.hold_back_dev(qa, seed))
-            held = {(p["id"], p["question"]) for p in dev["dev.jsonl"]}
-            qa = [p for p in qa if (p["id"], p["question"]) not in held]
+            qa = without(qa, dev["dev.jsonl"])
+        if i == 0 and not self.cfg.data.eval:
+            held = gen.stage("eval_split", ("eval.jsonl",), lambda: self.hold_out_eval(qa, seed))
+            qa = without(qa, held["eval.jsonl"])
+            self.eval_set = held["eval.jsonl"]
+            self.evaluate_base()
         replay = gen.stage("replay", ("replay.jsonl",), lambda: self.replay(i, seed))
         pairs = qa + replay["replay.jsonl"]
         pairs += fragment_texts(self.fragments, self.cfg.train.fragment_weight, seed)
@@ -244,7 +264,10 @@ class Loop:
         self.summarize(f"gen_{i}", i + 1)
 
     def evaluate_base(self) -> None:
-        """M_0 on the eval set, closed book and open book (the ceiling), once per run."""
+        """M_0 on the eval set, closed book and open book (the ceiling), once per run. Without
+        data.eval, once generation 0 has held its eval out."""
+        if not self.eval_set:
+            return
         console.rule("base model: closed book, and open book (the ceiling)")
         base = Stages(self.run_dir, "base", self.writer, 0, self.strategy)
         base.stage("evaluate", EVAL_FILES, lambda: self.evaluate(None, step=0))
@@ -315,7 +338,7 @@ class Loop:
             asked_before={normalised_question(q["question"]) for q in history},
             held_out={held_out_unit(p) for p in self.dev},
         )
-        return {"questions.jsonl": records}, counts
+        return {"questions.jsonl": with_origins(records, self.origins)}, counts
 
     def answers(
         self, questions: list[dict], current: Optional[Path], i: int, seed: int
@@ -361,6 +384,14 @@ class Loop:
     def hold_back_dev(self, qa: list[dict], seed: int) -> tuple[dict, dict]:
         train, dev = split_dev(qa, self.cfg.targeting.dev_share, seed)
         return {"dev.jsonl": dev}, {"dev": len(dev), "train": len(train)}
+
+    def hold_out_eval(self, qa: list[dict], seed: int) -> tuple[dict, dict]:
+        """Without a labelled eval set: one pair of a seeded share of the sentences, its question
+        never trained on, its open-book answer the reference (select.split_eval)."""
+        train, held = split_eval(qa, self.cfg.data.eval_share, seed)
+        keep = ("id", "unit", "source", "position", "fragment", "question")
+        records = [{k: p[k] for k in keep if k in p} | {"reference": p["answer"]} for p in held]
+        return {"eval.jsonl": records}, {"eval": len(records), "train": len(train)}
 
     def answer_closed_book(self, pairs: list[dict], adapter: Optional[Path]) -> list[dict]:
         """The model with `adapter` (None: the base model) answers each pair's question closed
@@ -497,13 +528,15 @@ class Loop:
             build_trainer(self.cfg.trainer),
             use_adapter=self.cfg.ifd.scorer == "trained",
         )
+        ifds = [p["ifd"] for p in scored]
+        mean_ifd = round(sum(ifds) / len(ifds), 4) if ifds else None
         if scored and self.writer is not None:
-            self.writer.add_histogram("ifd", torch.tensor([p["ifd"] for p in scored]), i + 1)
+            self.writer.add_histogram("ifd", torch.tensor(ifds), i + 1)
             samples = "\n\n".join(
                 f"**Q:** {p['question']}\n\n**A:** {p['answer']}" for p in scored[:3]
             )
             self.writer.add_text("samples", samples, i + 1)
-        return {"qa.jsonl": scored}, {"pairs": len(scored)}
+        return {"qa.jsonl": scored}, {"pairs": len(scored), "mean_ifd": mean_ifd}
 
     def evaluate(
         self, adapter: Optional[Path], step: int, open_book: bool = False
@@ -519,10 +552,10 @@ class Loop:
             open_book=open_book,
         )
         if self.writer is not None:
+            tag = "eval_open_book" if open_book else "eval"
             for key, value in metrics.items():
-                self.writer.add_scalar(
-                    f"{'eval_open_book' if open_book else 'eval'}/{key}", value, step
-                )
+                self.writer.add_scalar(f"{tag}/{key}", value, step)
+            self.writer.add_text(f"{tag}/predictions", predictions_markdown(predictions), step)
         files = OPEN_BOOK_FILES if open_book else EVAL_FILES
         # No timings in metrics.json: the metrics are those of the predictions alone, summed in
         # eval-set order on every rank, so the same predictions give the same file on any number of
@@ -558,6 +591,25 @@ class Loop:
         if best is not None:
             log.info("best generation, by fact recall on the dev split: %s", best)
         log.info("TensorBoard: tensorboard --logdir %s", self.log_dir)
+
+
+def predictions_markdown(predictions: list[dict], n: int = 20) -> str:
+    """The first `n` eval answers as a markdown table, for TensorBoard's text tab."""
+
+    def cell(text: str) -> str:
+        return " ".join(str(text).split()).replace("|", "\\|")
+
+    rows = [
+        f"| {cell(p['question'])} | {cell(p['reference'])} | {cell(p['prediction'])} |"
+        for p in predictions[:n]
+    ]
+    return "\n".join(["| question | reference | answer |", "|---|---|---|", *rows])
+
+
+def without(pairs: list[dict], held: list[dict]) -> list[dict]:
+    """`pairs` less those held out (the dev split, the eval), matched by fragment and question."""
+    out = {(p["id"], p["question"]) for p in held}
+    return [p for p in pairs if (p["id"], p["question"]) not in out]
 
 
 def mean_fact_recall(scores: list[Optional[float]]) -> Optional[float]:
@@ -596,9 +648,7 @@ def train_adapter(
         lambda: write_jsonl(
             train_file,
             [
-                {"text": p["text"]}
-                if "text" in p
-                else {"question": p["question"], "answer": p["answer"]}
+                {"text": p["text"]} if "text" in p else {k: p[k] for k in TRAIN_FIELDS if k in p}
                 for p in pairs
             ],
         ),
@@ -611,9 +661,7 @@ def train_adapter(
         seed,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    logger = TensorBoardLogger(
-        save_dir=str(log_dir), name="", version=f"train_gen_{folder.name.split('_')[-1]}"
-    )
+    name = f"train_gen_{folder.name.split('_')[-1]}"
     last = checkpoints / "last.ckpt"
     probe = retention_probe(cfg, tokenizer, pairs, seed)
     trainer = build_trainer(
@@ -621,13 +669,14 @@ def train_adapter(
         min_epochs=cfg.train.epochs,
         max_epochs=cfg.train.max_epochs if probe else cfg.train.epochs,
         accumulate_grad_batches=cfg.train.grad_accum // strategy.world_size,
-        gradient_clip_val=1.0,
-        logger=logger,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        logger=training_loggers(cfg.trainer.logger, log_dir, name),
         log_every_n_steps=1,
         callbacks=[
             LearningRateMonitor(logging_interval="step"),
             StepCheckpoint(last, cfg.train.checkpoint_every),
             *([probe] if probe else []),
+            *(instantiate_class((), spec) for spec in cfg.trainer.callbacks),
         ],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(folder),
@@ -668,6 +717,21 @@ def train_adapter(
     if probe:
         trained.update(retention=probe.history, probe_pairs=len(probe.pairs))
     return trained
+
+
+def training_loggers(specs: Optional[list[dict]], log_dir: Path, name: str) -> list:
+    """trainer.logger's loggers for one generation's training, each named `name` where it takes a
+    name; None: TensorBoard, at log_dir/name."""
+    if specs is None:
+        return [TensorBoardLogger(save_dir=str(log_dir), name="", version=name)]
+    loggers = []
+    for spec in specs:
+        init = dict(spec.get("init_args") or {})
+        cls = import_class(spec["class_path"])
+        if "name" in inspect.signature(cls).parameters:
+            init.setdefault("name", name)
+        loggers.append(cls(**init))
+    return loggers
 
 
 def probe_new_tokens(tokenizer: PreTrainedTokenizerBase, sample: list[dict], cap: int) -> int:

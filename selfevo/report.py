@@ -172,7 +172,10 @@ def _eval_records(run_dir: Path, predictions: list[dict], eval_file: Optional[Pa
     if all("question" in p and "reference" in p for p in predictions):
         return predictions
     if eval_file is None:
-        eval_file = Path(read_json(run_dir / "config.json")["config"]["data"]["eval"])
+        named = read_json(run_dir / "config.json")["config"]["data"]["eval"]
+        if not named:  # the eval generation 0 held out (loop.Loop.hold_out_eval)
+            return read_jsonl(run_dir / "gen_0" / "eval.jsonl")[: len(predictions)]
+        eval_file = Path(named)
     records = load_eval(eval_file)
     if len(records) < len(predictions):
         raise DataError(
@@ -279,6 +282,8 @@ def collect(run_dir: str | Path, eval_file: Optional[Path] = None) -> list[dict]
                 row["open_book_gap"] = gap
             echo = scored([r["question"] for r in records], records, language, metrics)
             row["question_echo"] = echo.row()
+            if (run_dir / "gen_0" / "eval.jsonl").is_file() and eval_file is None:
+                row["held_out_eval"] = len(records)
         else:
             row["qa_pairs"] = stages.get("answers", {}).get("kept")
             row["replayed"] = stages.get("replay", {}).get("chosen")
@@ -492,6 +497,15 @@ def markdown_tables(rows: list[dict]) -> str:
                 line("base, open book (the ceiling)", r["open_book"])
             line("the question as the answer", r["question_echo"])
     out = "\n".join(lines) + f"\n\nFact recall in percent{_scored_note(rows)}.\n"
+    if rows[0].get("held_out_eval"):
+        out += (
+            "The eval: no labelled eval set was given (data.eval null), so "
+            f"{rows[0]['held_out_eval']} of generation 0's QA pairs were held out, one about "
+            "each of a share of the sentences (data.eval_share): questions the model wrote, "
+            "never trained on, whose references are the base model's open-book answers. The open "
+            "book is close to them by construction; the ceiling is an upper bound, not a human "
+            "answer.\n"
+        )
     if checked:
         out += (
             "dev facts: fact recall, closed book, on the dev split (generated QA held back from "

@@ -171,6 +171,10 @@ ADDED_KEYS = {
     ("generation", "question_model"): "current",
     ("train", "fresh_adapter"): False,
     ("train", "anchor_share"): None,
+    ("data", "eval_share"): 0.1,
+    ("model", "revision"): None,
+    ("trainer", "gradient_clip_val"): 1.0,
+    ("trainer", "callbacks"): [],
 }
 
 
@@ -457,6 +461,9 @@ class Stages:
         self.on_rank_zero(lambda: write_json(self.log_file, self.log))
         if self.writer is not None:
             self.writer.add_scalar(f"seconds/{stage}", seconds, self.step)
+            for key, value in counts.items():  # kept, and each drop by its reason
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"stages/{stage}/{key}", value, self.step)
         extra = ", ".join(f"{k} {v}" for k, v in counts.items())
         log.info("  %s: %.1fs%s", stage, seconds, f" ({extra})" if extra else "")
         kill_point("stage")

@@ -1,5 +1,5 @@
-"""What is trained on: the dev split held back, the fragments as plain text, and the replay set from
-earlier generations' QA pairs, by IFD."""
+"""What is trained on: the dev split and (without a labelled eval set) the eval held back, the
+fragments as plain text, and the replay set from earlier generations' QA pairs, by IFD."""
 
 from __future__ import annotations
 
@@ -28,6 +28,27 @@ def split_dev(pairs: list[dict], share: float, seed: int) -> tuple[list[dict], l
     keys = list(groups)
     n = min(len(keys) - 1, max(1, round(len(keys) * share)))
     held = {i for k in random.Random(seed).sample(range(len(keys)), n) for i in groups[keys[k]]}
+    return (
+        [p for i, p in enumerate(pairs) if i not in held],
+        [p for i, p in enumerate(pairs) if i in held],
+    )
+
+
+def split_eval(pairs: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) for a run without a labelled eval set: of a seeded `share` of the sentences
+    (fragments, where questions are about whole fragments), one pair each held out as the eval, in
+    input order. Its question is never trained on; the fact it asks for is, in the sentence's other
+    phrasings, as a labelled eval set asks in its own words about facts the run trains on. Sentences
+    asked in two or more phrasings are chosen where there are any."""
+    groups: dict[object, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(held_out_unit(p), []).append(i)
+    phrased = [k for k, members in groups.items() if len(members) > 1]
+    keys = phrased or list(groups)
+    room = len(keys) if phrased else len(keys) - 1  # a pair about each sentence left to train on
+    n = min(room, max(1, round(len(groups) * share))) if share > 0 else 0
+    # A draw of its own, not split_dev's: the same seed would pick the same sentences.
+    held = {groups[k][0] for k in random.Random(f"eval-{seed}").sample(keys, n)}
     return (
         [p for i, p in enumerate(pairs) if i not in held],
         [p for i, p in enumerate(pairs) if i in held],

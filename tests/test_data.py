@@ -9,14 +9,35 @@ def test_fragments_from_json_list_and_jsonl_agree(tmp_path):
     records = [{"instruction": "alpha"}, {"text": "beta"}, {"instruction": "alpha"}]
     as_list = load_fragments(write_records(tmp_path / "a.json", records))
     as_lines = load_fragments(write_records(tmp_path / "a.jsonl", records, jsonl=True))
-    assert as_list == as_lines == (["alpha", "beta"], 1)
+    assert as_list == as_lines == (["alpha", "beta"], [{}, {}], 1)
+
+
+def test_fragments_keep_their_source_and_position(tmp_path):
+    records = [
+        {"text": "alpha", "source": "docs/a.md", "position": 0},
+        {"text": "beta", "source": "docs/a.md", "position": 1},
+        {"text": "alpha", "source": "docs/b.md", "position": 0},  # a duplicate: the first wins
+    ]
+    fragments, origins, dropped = load_fragments(write_records(tmp_path / "f.jsonl", records))
+    assert fragments == ["alpha", "beta"] and dropped == 1
+    assert origins == [
+        {"source": "docs/a.md", "position": 0},
+        {"source": "docs/a.md", "position": 1},
+    ]
+
+
+@pytest.mark.parametrize("position", [-1, 1.5, "3", True])
+def test_a_fragment_position_that_is_no_whole_number_is_refused(tmp_path, position):
+    path = write_records(tmp_path / "f.json", [{"text": "a", "source": "x", "position": position}])
+    with pytest.raises(DataError, match=r"f\.json: record 0: field 'position' must be a whole"):
+        load_fragments(path)
 
 
 @pytest.mark.skipif(
     not (SHARED / "data" / "AIOps_data.json").exists(), reason="../shared/data not present"
 )
 def test_aiops_fragments_deduplicate_to_2879():
-    fragments, dropped = load_fragments(SHARED / "data" / "AIOps_data.json")
+    fragments, _, dropped = load_fragments(SHARED / "data" / "AIOps_data.json")
     assert (len(fragments), dropped) == (2879, 1121)
 
 

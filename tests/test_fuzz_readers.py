@@ -390,7 +390,7 @@ def test_a_text_with_a_line_separator_survives_a_run_file(tmp_path):
     text = "qmeshd\u2028listens\u2029on\x85port 7741"
     path = tmp_path / "f.jsonl"
     path.write_text(json.dumps({"instruction": text}, ensure_ascii=False) + "\n", encoding="utf-8")
-    assert load_fragments(path) == ([text], 0)
+    assert load_fragments(path) == ([text], [{}], 0)
     write_jsonl(tmp_path / "run.jsonl", [{"fragment": text}])
     assert read_jsonl(tmp_path / "run.jsonl") == [{"fragment": text}]
 
@@ -414,7 +414,7 @@ def test_a_record_of_many_keys_is_read_in_linear_time(tmp_path):
         json.dumps({"instruction": "ok", **{f"k{i}": i for i in range(100_000)}}) + "\n"
     )
     started = time.perf_counter()
-    assert load_fragments(path) == (["ok"], 0)
+    assert load_fragments(path) == (["ok"], [{}], 0)
     assert time.perf_counter() - started < 5
 
 

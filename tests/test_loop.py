@@ -130,8 +130,22 @@ def test_tensorboard_holds_eval_scalars_histograms_text_and_timings(finished_run
         "controls/echoing_question",
     } <= set(tags["scalars"])
     assert [e.step for e in acc.Scalars("eval/bleu-4")] == [0, 1, 2]
+    # each stage's counts: kept, and each drop by its reason; the mean IFD
+    assert {"stages/answers/kept", "stages/answers/looping", "stages/score/mean_ifd"} <= set(
+        tags["scalars"]
+    )
+    stages = json.loads((root / "runs" / "t" / "gen_1" / "stages.json").read_text())
+    assert acc.Scalars("stages/score/mean_ifd")[-1].value == pytest.approx(
+        stages["score"]["mean_ifd"]
+    )
     assert "ifd" in tags["histograms"]
     assert any(t.startswith("samples") for t in tags["tensors"])
+    # the eval answers as text, for the base model (step 0) and each generation
+    predictions = acc.Tensors("eval/predictions/text_summary")
+    assert [e.step for e in predictions] == [0, 1, 2]
+    first = json.loads((root / "runs" / "t" / "gen_1" / "predictions.jsonl").open().readline())
+    shown = predictions[-1].tensor_proto.string_val[0].decode()
+    assert " ".join(first["question"].split()) in shown
     train = EventAccumulator(str(root / "logs" / "t" / "train_gen_0"))
     train.Reload()
     assert "train/loss" in train.Tags()["scalars"]
@@ -470,3 +484,96 @@ def test_question_model_base_has_the_base_model_write_every_generations_question
         writers = [on for what, on in calls if what == "writing questions"]
         # generation 0's model is the base model either way; generation 1's is M_1 or M_0
         assert writers == [False, question_model == "current"]
+
+
+def test_without_an_eval_set_generation_0_holds_one_out_and_sources_reach_the_training_set(
+    tiny_model, tmp_path
+):
+    """data.eval null: one phrasing of a share of the sentences becomes the eval, never trained on,
+    its open-book answer the reference; the base model is evaluated on it after the split; every
+    pair keeps its fragment's source and position."""
+    fragments = json.loads((ROOT / "data" / "quillmesh_fragments.json").read_text())[:4]
+    path = tmp_path / "fragments.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"text": f["instruction"], "source": "guide.md", "position": i}) + "\n"
+            for i, f in enumerate(fragments)
+        )
+    )
+    args = evolve_args(tiny_model, (path, path), tmp_path)
+    args[args.index("--data.eval") + 1] = "null"
+    args += ["--end", "1", "--generation.phrasings", "2", "--data.eval_share", "0.5"]
+    result = run(args)
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "t"
+    held = read(run_dir / "gen_0" / "eval.jsonl")
+    answers = read(run_dir / "gen_0" / "answers.jsonl")
+    assert held and {"fragment", "question", "reference", "source", "position"} <= set(held[0])
+    by_question = {p["question"]: p for p in answers}
+    for r in held:  # the reference is the open-book answer to the held-out question
+        assert by_question[r["question"]]["answer"] == r["reference"]
+    trained = read(run_dir / "gen_0" / "train.jsonl")
+    assert not {r["question"] for r in held} & {p["question"] for p in trained}
+    # the fact is trained on in the sentence's other phrasing
+    held_units = {(r["id"], r["unit"]) for r in held}
+    assert held_units <= {(p["id"], p["unit"]) for p in read(run_dir / "gen_0" / "qa.jsonl")}
+    base = read(run_dir / "base" / "predictions.jsonl")
+    assert [p["question"] for p in base] == [r["question"] for r in held]
+    assert all(p["source"] == "guide.md" and p["position"] == p["id"] for p in trained if "id" in p)
+    assert "no labelled eval set was given" in (run_dir / "summary.md").read_text()
+
+
+def test_an_eval_share_without_room_is_refused(tiny_model, tmp_path):
+    inputs = toy_domain_inputs(tmp_path)
+    args = evolve_args(tiny_model, inputs, tmp_path)
+    args[args.index("--data.eval") + 1] = "null"
+    result = run([*args, "--data.eval_share", "1"])
+    assert result.exit_code == 2 and "data.eval_share" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_trainer_section_takes_loggers_callbacks_and_clipping(tiny_model, tmp_path):
+    """trainer.logger and trainer.callbacks as LightningCLI writes them; the loggers are no part
+    of the run's identity, clipping is."""
+    inputs = toy_domain_inputs(tmp_path)
+    csv = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "x"}}
+    csv["init_args"]["save_dir"] = str(tmp_path / "csv")
+    timer = {"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"interval": "step"}}
+    args = evolve_args(tiny_model, inputs, tmp_path, "t", "--end", "1")
+    result = run(
+        [
+            *args,
+            "--trainer.logger",
+            json.dumps([csv]),
+            "--trainer.callbacks",
+            json.dumps([timer]),
+            "--trainer.gradient_clip_val",
+            "null",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert list((tmp_path / "csv" / "train_gen_0").rglob("metrics.csv"))
+    assert not list((tmp_path / "logs" / "t").glob("train_gen_*"))  # TensorBoard replaced
+    snap = json.loads((tmp_path / "runs" / "t" / "config.json").read_text())["config"]["trainer"]
+    assert "logger" not in snap and snap["callbacks"] == [timer]
+    assert snap["gradient_clip_val"] is None
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("logger", '[{"class_path": "no.such.Logger"}]', "trainer.logger[0]: cannot import"),
+        (
+            "callbacks",
+            '[{"class_path": "lightning.pytorch.loggers.CSVLogger"}]',
+            "trainer.callbacks[0]: lightning.pytorch.loggers.CSVLogger is not a Callback",
+        ),
+    ],
+)
+def test_a_bad_logger_or_callback_stops_the_run_in_one_line(
+    tiny_model, tmp_path, key, value, message
+):
+    args = evolve_args(tiny_model, toy_domain_inputs(tmp_path), tmp_path)
+    result = run([*args, f"--trainer.{key}", value])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "runs").exists()
