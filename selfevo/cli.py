@@ -328,7 +328,10 @@ def _generator(model_cfg, generation, adapter: Optional[str], seed: int, eval_ma
     if backend == "hf":
         model, tokenizer = _load(model_cfg, adapter)
     else:  # the engine loads the weights itself
-        model, tokenizer = None, load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
+        model, tokenizer = (
+            None,
+            load_tokenizer(model_cfg.name, model_cfg.trust_remote_code, model_cfg.revision),
+        )
     rank = read_json(adapter_path / "adapter_config.json")["r"] if adapter_path else LoraConfig().r
     generator = make_generator(
         backend, model, tokenizer, model_cfg, generation, rank, seed, eval_max_new_tokens
@@ -562,6 +565,60 @@ def export(ctx: typer.Context) -> None:
     model_cfg = ModelConfig(**read_json(snapshot)["config"]["model"])
     path = export_merged(model_cfg, adapter, Path(a.out or run / f"export_gen_{generation}"))
     typer.echo(f"merged model -> {path}")
+
+
+@app.command("export-qa", context_settings=PASSTHROUGH, add_help_option=False)
+@guarded
+def export_qa_cmd(ctx: typer.Context) -> None:
+    """Write the QA pairs a generation trained on as a dataset: Alpaca, ShareGPT or OpenAI messages.
+
+    By default the best generation's (the dev split's, summary.json): its pairs about the domain's
+    fragments, each once, the question alone as the prompt; not the fragments as plain text
+    (train.fragment_weight) nor the anchors (train.anchors). Writes OUT/<run>_gen<N>_<format>.json
+    and its entry in LLaMA-Factory's OUT/dataset_info.json (merged into one already there)."""
+    from selfevo.export_qa import FORMATS, export_qa
+
+    a = parse_stage(
+        ctx,
+        {
+            "run": {"type": str, "help": "run directory"},
+            "--format": {
+                "required": True,
+                "choices": FORMATS,
+                "help": "alpaca (instruction, input, output), sharegpt (conversations of "
+                "from/value) or messages (OpenAI's role/content)",
+            },
+            "--generation": {
+                "type": Optional[int],
+                "help": "export the pairs this generation trained on (default: the best)",
+            },
+            "--min-ifd": {
+                "type": Optional[float],
+                "help": "keep the pairs whose IFD is at least this (those without one are dropped)",
+            },
+            "--with-fragment": {
+                "action": "store_true",
+                "help": "each pair's fragment in the prompt: Alpaca's input, the others' system "
+                "prompt (default: closed book, as the loop trains)",
+            },
+            "--out": {"type": Optional[str], "help": "default: RUN/export_qa"},
+        },
+    )
+    result = export_qa(
+        Path(a.run),
+        a.out and Path(a.out),
+        a.format,
+        a.generation,
+        a.min_ifd,
+        a.with_fragment,
+    )
+    if a.generation is None:
+        typer.echo(f"the best generation by the dev split: gen_{result.generation}")
+    left_out = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in result.dropped.items())
+    typer.echo(
+        f"{result.written} QA pairs of gen_{result.generation} -> {result.path}"
+        f"{f' (left out: {left_out})' if left_out else ''}; dataset_info: {result.dataset_info}"
+    )
 
 
 @app.command(context_settings=PASSTHROUGH, add_help_option=False)

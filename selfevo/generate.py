@@ -212,7 +212,7 @@ def make_generator(
         return HFGenerator(model, tokenizer, model_cfg.max_length)
     from selfevo.vllm_engine import VLLMEngine  # vLLM is an optional extra
 
-    folder = resolve_model(model_cfg.name, model_cfg.trust_remote_code)
+    folder = resolve_model(model_cfg.name, model_cfg.trust_remote_code, model_cfg.revision)
     return VLLMEngine(folder, tokenizer, model_cfg, generation, lora_r, seed, eval_max_new_tokens)
 
 

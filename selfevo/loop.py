@@ -132,7 +132,7 @@ def evolve(cfg: EvolveConfig, force: bool = False) -> Path:
     fragments, from_eval = select_fragments(fragments, eval_set, cfg.data, cfg.seed)
     origins = [origin_of[f] for f in fragments]
     resolve_model(
-        cfg.model.name, cfg.model.trust_remote_code
+        cfg.model.name, cfg.model.trust_remote_code, cfg.model.revision
     )  # a bad model path fails before anything is written
     if cfg.model.quantization == "nf4":
         nf4_quantization()  # likewise a missing GPU or bitsandbytes
@@ -660,6 +660,7 @@ def train_adapter(
         cfg.model.max_length,
         seed,
         trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
     )
     name = f"train_gen_{folder.name.split('_')[-1]}"
     last = checkpoints / "last.ckpt"
@@ -693,6 +694,7 @@ def train_adapter(
             cfg.lora,
             cfg.train,
             seed=cfg.seed,
+            revision=cfg.model.revision,
             _peft_model=model,
         )
         trainer.fit(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import importlib.util
 import json
@@ -16,6 +17,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -106,29 +117,162 @@ def _converted_gguf(gguf: Path, trust_remote_code: bool) -> Path:
     return target
 
 
-def resolve_model(name: str, trust_remote_code: bool = False) -> Path:
-    """A loadable Hugging Face folder for `name`: a folder, a .gguf file, or the bundled alias."""
+def resolve_model(name: str, trust_remote_code: bool = False, revision: str | None = None) -> Path:
+    """A loadable Hugging Face folder for `name`: a folder, a .gguf file, the bundled alias, or a
+    hub id (owner/name) at `revision`, fetched into the hub cache."""
+    path = Path(name).expanduser()
+    hub = _is_hub_id(name) and not path.exists() and path.suffix != ".gguf"
+    if revision is not None and not hub:
+        raise ModelError(f"model.revision {revision!r} is for hub ids only; {name} is not one")
     if name == SMOLLM2_ALIAS:
         return _converted_gguf(_bundled_smollm2(), trust_remote_code)
-    path = Path(name).expanduser()
+    if hub:
+        return _checked_folder(_hub_snapshot(name, revision, trust_remote_code), hub_id=name)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"{path}: no such GGUF file")
         return _converted_gguf(path, trust_remote_code)
     if not path.is_dir():
-        raise ModelError(f"{name}: not a model folder, a .gguf file or {SMOLLM2_ALIAS!r}")
+        what = "a file" if path.exists() else "no such folder"
+        raise ModelError(
+            f"{name}: not a model folder ({what}), a .gguf file, a hub id (owner/name) or "
+            f"{SMOLLM2_ALIAS!r}"
+        )
+    return _checked_folder(path)
+
+
+def _checked_folder(path: Path, hub_id: str | None = None) -> Path:
+    """`path` if it holds a config, a tokenizer and every safetensors weight file."""
+    where = f"{hub_id} (hub snapshot {path})" if hub_id else str(path)
     if not (path / "config.json").is_file():
-        raise ModelError(f"{path}: no config.json; not a Hugging Face model folder")
+        raise ModelError(f"{where}: no config.json; not a Hugging Face model folder")
     if not any(path.glob("tokenizer*")):
-        raise ModelError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+        raise ModelError(f"{where}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     if not any(path.glob("*.safetensors")):
+        if hub_id:
+            raise ModelError(
+                f"{hub_id}: the hub repo has no model.safetensors weights (nor its shards); "
+                "selfevo loads safetensors only, never pickled .bin files"
+            )
         raise ModelError(f"{path}: no .safetensors weights (selfevo never unpickles .bin files)")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        # A shard that the index names but that is missing would fail deep inside from_pretrained.
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ModelError(f"{where}: {missing[0]} is missing (named by {index.name})")
     return path
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+# What selfevo takes from a hub repo: the config, the tokenizer, chat templates and the
+# safetensors weights under the names transformers loads. Never pickles (*.bin, *.pt, *.pth),
+# other frameworks' weights (*.h5, *.msgpack, onnx/), nor a second copy of the weights in another
+# layout (Mistral's consolidated.safetensors, original/), which would double the download.
+HUB_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "*.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates/*.jinja",
+)
+HUB_CODE = ("*.py",)  # the repo's own model and tokenizer code: fetched for trust_remote_code only
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a hub id, owner/name; a path written as one (/x, ./x, ~/x) does
+    not."""
+    if name.count("/") != 1 or name[0] in "/.~":
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
+    # The cache folder and offline flag are part of the key: they decide what the same id means.
+    return _memo_hub_snapshot(
+        repo_id, revision, trust_remote_code, hub_constants.HF_HUB_CACHE, _hub_offline()
+    )
+
+
+@functools.cache
+def _memo_hub_snapshot(
+    repo_id: str, revision: str | None, trust_remote_code: bool, cache: str, offline: bool
+) -> Path:
+    """The hub snapshot of `repo_id`, fetched once per process: a run loads the model several
+    times, and a branch that moves on the hub mid-run must not change the weights under it."""
+    from huggingface_hub import snapshot_download  # looked up per call: tests replace it
+
+    patterns = [*HUB_FILES, *(HUB_CODE if trust_remote_code else ())]
+    try:
+        folder = Path(
+            snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns)
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError) as e:
+        raise _hub_error(repo_id, revision, cache, e) from None
+    log.info("model %s: hub snapshot %s", repo_id, folder)
+    return folder
+
+
+def _hub_offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; this is the value it goes by.
+    return bool(hub_constants.HF_HUB_OFFLINE)
+
+
+def _hub_error(repo_id: str, revision: str | None, cache: str, e: Exception) -> ModelError:
+    """One line for what snapshot_download raised: what went wrong and what to do."""
+    at = f" at revision {revision!r}" if revision else ""
+    if isinstance(e, GatedRepoError):
+        return ModelError(
+            f"{repo_id}: a gated hub repo; accept its terms at https://huggingface.co/{repo_id} "
+            "and set HF_TOKEN (or run `hf auth login`)"
+        )
+    if isinstance(e, RepositoryNotFoundError):
+        return ModelError(
+            f"{repo_id}: no such folder, nor hub repo (a private repo needs HF_TOKEN)"
+        )
+    if isinstance(e, RevisionNotFoundError):
+        return ModelError(
+            f"{repo_id}: no revision {revision!r} on the hub (model.revision: a branch, tag or "
+            "commit)"
+        )
+    local = (
+        f"pass a local folder instead: --model.name /path/to/folder (e.g. made with `hf download "
+        f"{repo_id}{f' --revision {revision}' if revision else ''} --local-dir DIR` on a machine "
+        "with network)"
+    )
+    if isinstance(e, LocalEntryNotFoundError):
+        why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub cannot be reached"
+        partly = "only partly" if type(e).__name__ == "IncompleteSnapshotError" else "not"
+        return ModelError(
+            f"{repo_id}{at}: {partly} in the hub cache {cache} and {why} (no such local folder "
+            f"either); run once where the hub is reachable, or {local}"
+        )
+    status = e.response.status_code if getattr(e, "response", None) is not None else "?"
+    return ModelError(f"{repo_id}{at}: the hub answered HTTP {status}; try again later, or {local}")
+
+
+def load_tokenizer(
+    name: str, trust_remote_code: bool = False, revision: str | None = None
+) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model(name, trust_remote_code), trust_remote_code=trust_remote_code
+        resolve_model(name, trust_remote_code, revision), trust_remote_code=trust_remote_code
     )
     tokenizer.padding_side = "left"  # generation appends to the right end of every row
     tokenizer.truncation_side = (
@@ -162,7 +306,7 @@ def nf4_quantization() -> dict:
 
 
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    folder = resolve_model(cfg.name, cfg.trust_remote_code)
+    folder = resolve_model(cfg.name, cfg.trust_remote_code, cfg.revision)
     quantized = nf4_quantization() if cfg.quantization == "nf4" else {}
     model = AutoModelForCausalLM.from_pretrained(
         folder,
@@ -171,7 +315,7 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         trust_remote_code=cfg.trust_remote_code,
         **quantized,
     )
-    return model, load_tokenizer(cfg.name, cfg.trust_remote_code)
+    return model, load_tokenizer(cfg.name, cfg.trust_remote_code, cfg.revision)
 
 
 def add_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int) -> PeftModel:

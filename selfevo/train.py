@@ -199,6 +199,7 @@ class QADataModule(L.LightningDataModule):
         seed: int = 0,
         group_by_length: bool = True,
         trust_remote_code: bool = False,
+        revision: Optional[str] = None,
     ):
         """
         Args:
@@ -210,11 +211,13 @@ class QADataModule(L.LightningDataModule):
             group_by_length: batch pairs of similar length together (less padding), batches in
             random order.
             trust_remote_code: let the tokenizer run code from the model folder.
+            revision: the hub id's branch, tag or commit (None: main).
         """
         super().__init__()
         self.train_file = train_file
         self.group_by_length = group_by_length
         self.trust_remote_code = trust_remote_code
+        self.revision = revision
         self.model = model
         self.micro_batch_size = micro_batch_size
         self.max_length = max_length
@@ -222,7 +225,7 @@ class QADataModule(L.LightningDataModule):
         self.examples: list[dict] = []
 
     def setup(self, stage: str) -> None:
-        tokenizer = load_tokenizer(self.model, self.trust_remote_code)
+        tokenizer = load_tokenizer(self.model, self.trust_remote_code, self.revision)
         self.pad_id = tokenizer.pad_token_id
         records = load_qa(self.train_file, texts=True)
         self.examples = [
@@ -276,11 +279,13 @@ class LoRAModule(L.LightningModule):
         init_adapter: Optional[str] = None,
         save_adapter_to: Optional[str] = None,
         seed: int = 0,
+        revision: Optional[str] = None,
         _peft_model: Optional[torch.nn.Module] = None,
     ):
         """
         Args:
-            model: base model (a Hugging Face folder, a .gguf file or smollm2-135m-instruct).
+            model: base model (a Hugging Face folder, a .gguf file, a hub id or
+                smollm2-135m-instruct).
             dtype: weights' dtype (auto: bfloat16 on a capable GPU, else float32).
             quantization: none, or nf4 for QLoRA (a 4-bit base through bitsandbytes; CUDA only).
             lora: the adapter's shape.
@@ -288,6 +293,7 @@ class LoRAModule(L.LightningModule):
             init_adapter: continue this adapter folder instead of starting a fresh one.
             save_adapter_to: where the trained adapter is written at the end of fit.
             seed: seeds the fresh adapter's initialisation.
+            revision: the hub id's branch, tag or commit (None: main), when `model` is a hub id.
             _peft_model: `model` with its adapter, already in memory (the evolve loop's), trained
                 as it is instead of being loaded; not in hparams.yaml, nor (for the leading _)
                 an option of `selfevo fit`.
@@ -304,7 +310,9 @@ class LoRAModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             hp = self.hparams
-            model_cfg = ModelConfig(name=hp.model, dtype=hp.dtype, quantization=hp.quantization)
+            model_cfg = ModelConfig(
+                name=hp.model, revision=hp.revision, dtype=hp.dtype, quantization=hp.quantization
+            )
             base, _ = load_model(model_cfg)
             self.model = add_lora(base, self.lora_cfg, hp.seed)
             if hp.init_adapter:
@@ -495,8 +503,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class LoRACLI(LightningCLI):
-    """`selfevo fit`: the Lightning CLI over LoRAModule and QADataModule, one model name for
-    both."""
+    """`selfevo fit`: the Lightning CLI over LoRAModule and QADataModule, one model name and
+    revision for both."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model", "data.model")
+        parser.link_arguments("model.revision", "data.revision")
