@@ -339,6 +339,48 @@ def _generator(model_cfg, generation, adapter: Optional[str], seed: int, eval_ma
     return generator, adapter_path
 
 
+@app.command("ingest", context_settings=PASSTHROUGH, add_help_option=False)
+@guarded
+def ingest_cmd(ctx: typer.Context) -> None:
+    """Cut documents into knowledge fragments (JSONL), for data.fragments.
+
+    Reads .txt, .md, .html, .pdf and .docx files (a folder: every one under it) by heading and
+    paragraph into fragments of at most --max-tokens tokens of the model's tokenizer, each
+    overlapping the one before; drops duplicates. Needs pip install "selfevo[ingest]"."""
+    from selfevo.ingest import check_arguments, ingest
+    from selfevo.models import load_tokenizer
+
+    a = parse_stage(
+        ctx,
+        {
+            "docs": {"type": str, "nargs": "+", "help": "documents: files and folders"},
+            "--out": {"type": str, "required": True, "help": "fragments to write (JSONL)"},
+            "--max-tokens": {
+                "type": int,
+                "default": 256,
+                "help": "the most tokens of a fragment, its headings included",
+            },
+            "--overlap-tokens": {
+                "type": int,
+                "default": 32,
+                "help": "the most tokens a fragment repeats of the one before (whole sentences "
+                "where they fit)",
+            },
+        },
+        ("model",),  # whose tokenizer counts the tokens: --model.name, or a config's model section
+        skip={"model": ("dtype", "quantization", "max_length")},
+    )
+    out = Path(a.out)
+    check_arguments(out, a.max_tokens, a.overlap_tokens)  # before the tokenizer loads
+    tokenizer = load_tokenizer(a.model.name, a.model.trust_remote_code, a.model.revision)
+    r = ingest([Path(d) for d in a.docs], out, a.max_tokens, a.overlap_tokens, tokenizer)
+    typer.echo(
+        f"{r.fragments} fragments from {r.files_read} files -> {out} ({r.duplicates} duplicates "
+        f"dropped, {len(r.files_skipped)} files skipped, {sum(r.unsupported.values())} of other "
+        "types passed over)"
+    )
+
+
 @app.command(context_settings=PASSTHROUGH, add_help_option=False)
 @guarded
 def generate(ctx: typer.Context) -> None:
