@@ -29,6 +29,7 @@ from selfevo.generate import HFGenerator, write_answers, write_questions
 from selfevo.hardware import build_trainer
 from selfevo.loop import train_adapter
 from selfevo.models import add_lora, load_model
+from selfevo.prompts import prompts_for
 from selfevo.ranks import launch_ranks
 from selfevo.sampling import generation_seed
 
@@ -53,8 +54,9 @@ def main() -> None:
     generator = HFGenerator(model, tokenizer, cfg.model.max_length)
     generator.use_adapter(None)  # generation 0: the base model
     t = time.perf_counter()
-    questions, _ = write_questions(generator, fragments, cfg.generation, seed)
-    qa, _ = write_answers(generator, questions, cfg.generation, seed)
+    prompts = prompts_for(cfg.generation.language, cfg.prompts)  # the config's, as the loop's
+    questions, _ = write_questions(generator, fragments, cfg.generation, seed, prompts=prompts)
+    qa, _ = write_answers(generator, questions, cfg.generation, seed, prompts=prompts)
     print(f"{len(qa)} QA pairs in {time.perf_counter() - t:.0f}s")
 
     trained = [{**p, "reference": p["answer"]} for p in qa]
@@ -71,6 +73,7 @@ def main() -> None:
                 build_trainer(cfg.trainer, enable_progress_bar=False),
                 cfg.seed,
                 language,
+                prompts=prompts,
             )
             scores.update(metrics if name == "eval" else {"retained": metrics["fact-recall"]})
         return scores

@@ -390,6 +390,7 @@ def generate(ctx: typer.Context) -> None:
     the base model, as generation.question_model and answer_model say (base: the adapter off)."""
     from selfevo.data import load_fragments, with_origins
     from selfevo.generate import write_answers, write_questions
+    from selfevo.prompts import prompts_for
     from selfevo.rundir import check_can_create, write_jsonl
 
     a = parse_stage(
@@ -400,18 +401,22 @@ def generate(ctx: typer.Context) -> None:
             "--adapter": ADAPTER,
             "--seed": SEED,
         },
-        ("model", "generation"),
+        ("model", "generation", "prompts"),
+        skip={"prompts": ("closed_book",)},  # what trains and evaluates
     )
+    prompts = prompts_for(a.generation.language, a.prompts)
     out = Path(a.out)
     texts, origins, duplicates = load_fragments(a.fragments)
     check_can_create(out.parent, "output")
     generator, adapter = _generator(a.model, a.generation, a.adapter, a.seed, 0)
     try:
         generator.use_adapter(adapter if a.generation.question_model == "current" else None)
-        questions, q_counts = write_questions(generator, texts, a.generation, a.seed)
+        questions, q_counts = write_questions(
+            generator, texts, a.generation, a.seed, prompts=prompts
+        )
         questions = with_origins(questions, origins)
         generator.use_adapter(adapter if a.generation.answer_model == "current" else None)
-        qa, a_drops = write_answers(generator, questions, a.generation, a.seed)
+        qa, a_drops = write_answers(generator, questions, a.generation, a.seed, prompts=prompts)
     finally:
         generator.close()
     write_jsonl(out, qa)
@@ -502,6 +507,7 @@ def evaluate_cmd(ctx: typer.Context) -> None:
     from selfevo.data import load_eval
     from selfevo.evaluate import evaluate_model
     from selfevo.hardware import build_trainer
+    from selfevo.prompts import prompts_for
     from selfevo.rundir import check_can_create, write_json, write_jsonl
 
     a = parse_stage(
@@ -520,8 +526,9 @@ def evaluate_cmd(ctx: typer.Context) -> None:
             },
             "--seed": SEED,
         },
-        ("model", "generation", "evaluation"),
+        ("model", "generation", "evaluation", "prompts"),
         skip={
+            "prompts": ("question", "fact_question", "example_terms"),  # what writes questions
             "generation": (  # what writes QA pairs
                 "batch_size",
                 "question_max_new_tokens",
@@ -536,7 +543,7 @@ def evaluate_cmd(ctx: typer.Context) -> None:
                 "standalone_answers",
                 "min_grounding",
                 "answer_model",
-            )
+            ),
         },
     )
     out = Path(a.out)
@@ -555,6 +562,7 @@ def evaluate_cmd(ctx: typer.Context) -> None:
             a.seed,
             language=a.generation.language,
             open_book=a.open_book,
+            prompts=prompts_for(a.generation.language, a.prompts),
         )
     finally:
         generator.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import string
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Literal, Optional, Union
@@ -78,7 +79,9 @@ class GenerationConfig:
     hf: Hugging Face `generate`; vllm: vLLM's offline engine (the extra selfevo[vllm]). Not part of
     a run's identity: a run begun on one may go on with the other."""
     language: Literal["en", "zh"] = "en"
-    """Language of the question and answer prompts."""
+    """Language of the question and answer prompts. The `prompts` section's presets are this
+    language's; it also says how fragments are cut into sentences, which words name something and
+    how facts are scored."""
     batch_size: int = 16
     question_max_new_tokens: int = 64
     answer_max_new_tokens: int = 256
@@ -269,6 +272,42 @@ class EvalConfig:
 
 
 @dataclass
+class PromptsConfig:
+    """The prompts the model sees; null: generation.language's preset.
+
+    Each a template with named fields in braces ({question}; a literal brace doubled, {{ and }}, as
+    in Python's str.format). Part of a run's identity: a run is not resumed with other prompts."""
+
+    question: Optional[str] = None
+    """The open-book question prompt with question_focus fragment, a chat turn: {fragment}, the
+    whole fragment."""
+    fact_question: Optional[str] = None
+    """The open-book question prompt with question_focus sentence, a plain completion (not a chat
+    turn) that ends where the question begins, best taught by examples: {focus}, one sentence of
+    the fragment."""
+    answer: Optional[str] = None
+    """The open-book answer prompt, a chat turn: {fragment} and {question}. An answer that gives
+    back its instructions is dropped ("restating")."""
+    closed_book: Optional[str] = None
+    """The closed-book prompt, a chat turn: {question}. The same for training, evaluation, the
+    retention probe and the anchors (preset: the question alone, "{question}")."""
+    example_terms: Optional[list[str]] = None
+    """Words of a custom fact_question prompt's examples that a question about another sentence
+    has no reason to use: a question that names one its fragment lacks copies the examples and is
+    dropped ("copies_example"). None: the preset's terms while fact_question is the preset, none
+    for a custom one."""
+
+
+PROMPT_FIELDS = {
+    "question": ("fragment",),
+    "fact_question": ("focus",),
+    "answer": ("fragment", "question"),
+    "closed_book": ("question",),
+}
+"""The named fields of each prompt template, all of them required."""
+
+
+@dataclass
 class EvolveConfig:
     name: str = "demo"
     """Run name: the run is written to {runs_dir}/{name} and logged to {logs_dir}/{name}."""
@@ -287,6 +326,7 @@ class EvolveConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
 
 
 class ConfigError(ValueError):
@@ -411,6 +451,7 @@ def validate(cfg: EvolveConfig) -> None:
         raise ConfigError("ifd.grounded_prompt: must contain {fragment} and {question}")
     if not cfg.ifd.answer_prefix.strip():
         raise ConfigError("ifd.answer_prefix: must not be empty")
+    check_prompts(cfg.prompts)
     for key, plugins, kind in (
         ("trainer.logger", cfg.trainer.logger or [], "lightning.pytorch.loggers.Logger"),
         ("trainer.callbacks", cfg.trainer.callbacks, "lightning.pytorch.callbacks.Callback"),
@@ -437,6 +478,49 @@ def validate(cfg: EvolveConfig) -> None:
                 "are dealt out to "
                 f"the {ranks} ranks, so it must be a multiple of {ranks}"
             )
+
+
+def template_fields(template: str) -> list[str]:
+    """The names in braces of a str.format template; ValueError for one that str.format cannot
+    read (a lone brace) or a field that is not a plain name ({}, {0}, {a.b}, {a[0]}, {a!r},
+    {a:>9})."""
+    names = []
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            whole = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"{{{whole}}} is not a plain named field")
+        names.append(name)
+    return names
+
+
+def check_prompts(cfg: PromptsConfig) -> None:
+    """Each template given can be filled with its named fields, and names each of them."""
+    for key, allowed in PROMPT_FIELDS.items():
+        template = getattr(cfg, key)
+        if template is None:
+            continue
+        fields_ = " and ".join(f"{{{f}}}" for f in allowed)
+        try:
+            names = template_fields(template)
+        except ValueError as e:
+            raise ConfigError(
+                f"prompts.{key}: not a template of {fields_} ({e}); write a literal brace twice, "
+                "{{ or }}"
+            ) from None
+        unknown = sorted(set(names) - set(allowed))
+        if unknown:
+            raise ConfigError(
+                f"prompts.{key}: unknown field {{{unknown[0]}}}; it takes {fields_} (a literal "
+                "brace is written twice, {{ or }})"
+            )
+        missing = [f for f in allowed if f not in names]
+        if missing:
+            raise ConfigError(f"prompts.{key}: must contain {{{missing[0]}}} (it takes {fields_})")
+    for term in cfg.example_terms or ():
+        if not isinstance(term, str) or not term.strip():
+            raise ConfigError(f"prompts.example_terms: must be words, got {term!r}")
 
 
 def check_class_spec(key: str, spec: object, base: str) -> None:

@@ -13,6 +13,7 @@ tokens, over the corpus) and ROUGE-L F1 with Porter stemming (per pair), x100. F
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import jieba
 import lightning as L
@@ -30,7 +31,7 @@ from selfevo.facts import FactRecall, fact_recall
 from selfevo.faults import kill_point
 from selfevo.generate import Generator
 from selfevo.hardware import halving_batch_on_oom
-from selfevo.prompts import Language, answer_prompt, closed_book_prompt
+from selfevo.prompts import Language, Prompts, answer_prompt, as_prompts, closed_book_prompt
 from selfevo.ranks import gather_in_order, share
 from selfevo.sampling import Sampling, batch_seed
 
@@ -201,14 +202,16 @@ def _percent(share: float | None) -> float | None:
 
 
 def eval_prompt(
-    tokenizer: PreTrainedTokenizerBase, record: dict, language: Language, open_book: bool
+    tokenizer: PreTrainedTokenizerBase, record: dict, prompts: Prompts | Language, open_book: bool
 ) -> str:
-    """Closed book: the question alone, as in training. Open book (the ceiling): the fragment and
-    the question in the answer prompt that wrote the training answers, so the ceiling is what the
-    loop's own teacher answers with the document in view."""
+    """Closed book: the question in the closed-book prompt, as in training. Open book (the
+    ceiling): the fragment and the question in the answer prompt that wrote the training answers,
+    so the ceiling is what the loop's own teacher answers with the document in view. `prompts`:
+    the run's, or a language for its presets."""
+    prompts = as_prompts(prompts)
     if open_book:
-        return answer_prompt(tokenizer, record["fragment"], record["question"], language)
-    return closed_book_prompt(tokenizer, record["question"])
+        return answer_prompt(tokenizer, record["fragment"], record["question"], prompts)
+    return closed_book_prompt(tokenizer, record["question"], prompts.closed_book)
 
 
 def evaluate_model(
@@ -219,14 +222,17 @@ def evaluate_model(
     seed: int = 0,
     language: Language = "en",
     open_book: bool = False,
+    prompts: Optional[Prompts] = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """(metrics, predictions) of the generator's model (set with `use_adapter` before) on the eval
-    set, closed book or open book, with the same decoding and cap either way."""
+    set, closed book or open book, with the same decoding and cap either way; asked in `prompts`
+    (the run's; None: the presets of `language`), scored in `language`."""
     records = eval_set[: cfg.limit] if cfg.limit else eval_set
+    asked = prompts or language
     items = [
         {
             "index": i,
-            "prompt": eval_prompt(generator.tokenizer, r, language, open_book),
+            "prompt": eval_prompt(generator.tokenizer, r, asked, open_book),
             "reference": r["reference"],
         }
         for i, r in enumerate(records)

@@ -25,6 +25,7 @@ from selfevo.log import progress
 from selfevo.models import adapter_switched, load_adapter_weights, resolve_model
 from selfevo.prompts import (
     Language,
+    Prompts,
     answer_fault,
     answer_prompt,
     clean_answer,
@@ -32,6 +33,7 @@ from selfevo.prompts import (
     fact_question_prompt,
     fact_sentences,
     filter_questions,
+    prompts_for,
     question_prompt,
 )
 from selfevo.ranks import Strategy, gather_in_order, share
@@ -276,24 +278,27 @@ def write_questions(
     missed: set[Unit] | None = None,
     asked_before: set[str] | None = None,
     held_out: set[tuple[int, int | None]] = frozenset(),
+    prompts: Optional[Prompts] = None,
 ) -> tuple[list[dict], dict]:
     """The questions of a generation, as `plan_questions` plans them from what earlier generations
     asked (`asked`, and word for word `asked_before`) and missed, none about `held_out` (the dev
     split's sentences or fragments); returns the kept records
     ({"id", "fragment", "question"}, with "unit" and "focus" per sentence) and the counts: planned,
     targeted (about a missed sentence), unreadable (no question in the reply) and, with
-    cfg.question_filters, what `filter_questions` dropped."""
+    cfg.question_filters, what `filter_questions` dropped. `prompts`: the run's (prompts_for;
+    None: the presets of cfg.language)."""
+    prompts = prompts or prompts_for(cfg.language)
     missed = missed or set()
     plan = plan_questions(fragments, cfg, asked or Counter(), missed, seed, held_out)
-    prompts = [
-        fact_question_prompt(r["focus"], cfg.language)
+    texts = [
+        fact_question_prompt(r["focus"], prompts)
         if "focus" in r
-        else question_prompt(generator.tokenizer, r["fragment"], cfg.language)
+        else question_prompt(generator.tokenizer, r["fragment"], prompts)
         for r in plan
     ]
     sampling = Sampling(cfg.question_max_new_tokens, True, cfg.temperature, cfg.top_p)
     raw = generator.generate(
-        prompts,
+        texts,
         sampling,
         seed=seed,
         batch_size=cfg.batch_size,
@@ -313,7 +318,9 @@ def write_questions(
         "unreadable": len(plan) - len(records),
     }
     if cfg.question_filters:
-        records, drops = filter_questions(records, fragments, asked_before or set(), cfg.language)
+        records, drops = filter_questions(
+            records, fragments, asked_before or set(), cfg.language, prompts
+        )
         counts.update(drops)
     return records, {"kept": len(records), **counts}
 
@@ -324,35 +331,42 @@ def write_answers(
     cfg: GenerationConfig,
     seed: int,
     strategy: Strategy | None = None,
+    prompts: Optional[Prompts] = None,
 ) -> tuple[list[dict], dict]:
-    """Answer each question open book (fragment in the prompt); returns the kept QA pairs and what
-    `pair_answers` counts of the dropped ones. `seed` is the questions' (the answers draw their
-    own)."""
-    prompts = [
-        answer_prompt(generator.tokenizer, r["fragment"], r["question"], cfg.language)
-        for r in questions
+    """Answer each question open book (fragment in the prompt, `prompts.answer`; None: the preset
+    of cfg.language); returns the kept QA pairs and what `pair_answers` counts of the dropped ones.
+    `seed` is the questions' (the answers draw their own)."""
+    prompts = prompts or prompts_for(cfg.language)
+    texts = [
+        answer_prompt(generator.tokenizer, r["fragment"], r["question"], prompts) for r in questions
     ]
     sampling = Sampling(cfg.answer_max_new_tokens, True, cfg.temperature, cfg.top_p)
     raw = generator.generate(
-        prompts,
+        texts,
         sampling,
         seed=answers_seed(seed),
         batch_size=cfg.batch_size,
         description="writing answers",
         strategy=strategy,
     )
-    return pair_answers(questions, raw, cfg.language, cfg.standalone_answers)
+    return pair_answers(questions, raw, cfg.language, cfg.standalone_answers, prompts)
 
 
 def pair_answers(
-    questions: list[dict], replies: list[str], language: Language, standalone: bool = False
+    questions: list[dict],
+    replies: list[str],
+    language: Language,
+    standalone: bool = False,
+    prompts: Optional[Prompts] = None,
 ) -> tuple[list[dict], dict]:
     """The QA pairs worth keeping, each question with its cleaned reply; and how many were dropped
-    and why ("looping", "restating", "echoing", "refers_to_source" where answers must stand alone,
-    "repeated"), with how often the commonest reply was given, dropped or not."""
+    and why ("looping", "restating" the answer prompt of `prompts`, "echoing", "refers_to_source"
+    where answers must stand alone, "repeated"), with how often the commonest reply was given,
+    dropped or not."""
     answers = [clean_answer(text) for text in replies]
     faults = [
-        answer_fault(a, language, standalone, r["question"]) for r, a in zip(questions, answers)
+        answer_fault(a, language, standalone, r["question"], prompts)
+        for r, a in zip(questions, answers)
     ]
     # One reply given word for word to several different questions answers none of them: it is what
     # a collapsing model writes (a stock sentence, 7 answers of generation 1 and 288 of generation

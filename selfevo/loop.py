@@ -66,7 +66,7 @@ from selfevo.models import (
     resolve_model,
     save_adapter,
 )
-from selfevo.prompts import clean_answer, closed_book_prompt, normalised_question
+from selfevo.prompts import clean_answer, closed_book_prompt, normalised_question, prompts_for
 from selfevo.ranks import Strategy, launch_ranks, on_rank_zero
 from selfevo.report import (
     best_generation,
@@ -199,6 +199,8 @@ class Loop:
         self.general = list(general)  # data.general's questions
         self.anchors = list(anchors)  # train.anchors' instructions
         self.origins = origins or [{} for _ in fragments]  # each fragment's source and position
+        # The run's prompts, the same for every stage (training's and evaluation's closed book too)
+        self.prompts = prompts_for(cfg.generation.language, cfg.prompts)
         log.info("loading %s ...", cfg.model.name)
         base, self.tokenizer = load_model(cfg.model)
         self.model = add_lora(base, cfg.lora, cfg.seed)
@@ -337,6 +339,7 @@ class Loop:
             missed=missed,
             asked_before={normalised_question(q["question"]) for q in history},
             held_out={held_out_unit(p) for p in self.dev},
+            prompts=self.prompts,
         )
         return {"questions.jsonl": with_origins(records, self.origins)}, counts
 
@@ -348,7 +351,7 @@ class Loop:
             current if self.cfg.generation.answer_model == "current" else None
         )
         records, drops = write_answers(
-            self.generator, questions, self.cfg.generation, seed, self.strategy
+            self.generator, questions, self.cfg.generation, seed, self.strategy, self.prompts
         )
         return {"answers.jsonl": [{**r, "generation": i} for r in records]}, {
             "kept": len(records),
@@ -405,6 +408,7 @@ class Loop:
             build_trainer(self.cfg.trainer),
             self.cfg.seed,
             language=self.cfg.generation.language,
+            prompts=self.prompts,
         )
         return predictions
 
@@ -452,7 +456,9 @@ class Loop:
         """The base model's own closed-book answers to the anchor instructions (greedy): what each
         generation trains on beside its QA, to keep answering outside the domain as it did."""
         self.generator.use_adapter(None)
-        prompts = [closed_book_prompt(self.tokenizer, q) for q in self.anchors]
+        prompts = [
+            closed_book_prompt(self.tokenizer, q, self.prompts.closed_book) for q in self.anchors
+        ]
         answers = self.generator.generate(
             prompts,
             Sampling(self.cfg.generation.answer_max_new_tokens),
@@ -550,6 +556,7 @@ class Loop:
             self.cfg.seed,
             language=self.cfg.generation.language,
             open_book=open_book,
+            prompts=self.prompts,
         )
         if self.writer is not None:
             tag = "eval_open_book" if open_book else "eval"
@@ -661,6 +668,7 @@ def train_adapter(
         seed,
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
+        closed_book=prompts_for(cfg.generation.language, cfg.prompts).closed_book,
     )
     name = f"train_gen_{folder.name.split('_')[-1]}"
     last = checkpoints / "last.ckpt"
@@ -769,4 +777,5 @@ def retention_probe(
         cfg.evaluation.batch_size,
         cfg.model.max_length,
         cfg.train.patience,
+        prompts_for(cfg.generation.language, cfg.prompts).closed_book,
     )

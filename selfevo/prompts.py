@@ -1,7 +1,9 @@
 """The prompts the model sees, and the clean-up of what it writes.
 
 Questions and answers are written open book (the fragment is in the prompt); training and
-evaluation are closed book (the question alone), so the knowledge must end up in the weights.
+evaluation are closed book (the question alone, or in the config's closed-book template), so the
+knowledge must end up in the weights. The templates are the config's `prompts` section, each one
+left unset the built-in preset of generation.language below (`prompts_for`).
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
-from typing import Literal, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Optional
 
 from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from selfevo.config import PromptsConfig
 
 Language = Literal["en", "zh"]
 
@@ -87,14 +93,94 @@ ANSWER_PROMPT = {
 }
 
 
-def prompts_digest(language: Language, question_focus: str = "fragment") -> str:
-    """SHA-256 of the question and answer prompts a run uses. They are code, not config, but a run
-    whose generations were written from different prompts is not one run: its snapshot records
-    this."""
-    question = FACT_QUESTION_PROMPT if question_focus == "sentence" else QUESTION_PROMPT
-    return hashlib.sha256(
-        (question[language] + "\0" + ANSWER_PROMPT[language]).encode()
-    ).hexdigest()
+CLOSED_BOOK_PROMPT = "{question}"
+"""The closed-book prompt's preset: the question alone."""
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The prompts of a run, resolved once from generation.language and the config's prompts
+    section (`prompts_for`): each template with its named fields, and the terms of the
+    fact-question prompt's examples that `filter_questions` looks for."""
+
+    language: Language
+    question: str
+    """A question about a whole fragment ({fragment}); through the chat template."""
+    fact_question: str
+    """A question about one sentence ({focus}); a plain completion."""
+    answer: str
+    """The open-book answer ({fragment}, {question}); through the chat template."""
+    closed_book: str = CLOSED_BOOK_PROMPT
+    """Training's, evaluation's, the retention probe's and the anchors' prompt ({question});
+    through the chat template."""
+    example_terms: frozenset[str] = frozenset()
+    """Terms of the fact-question prompt's examples (case-folded)."""
+
+
+PRESETS: dict[str, Prompts] = {
+    language: Prompts(
+        language,
+        QUESTION_PROMPT[language],
+        FACT_QUESTION_PROMPT[language],
+        ANSWER_PROMPT[language],
+        CLOSED_BOOK_PROMPT,
+        EXAMPLE_TERMS[language],
+    )
+    for language in ("en", "zh")
+}
+
+
+def normalised_term(term: str) -> str:
+    """An example term as `terms` gives words: NFKC, case-folded, without outer whitespace."""
+    return unicodedata.normalize("NFKC", term).casefold().strip()
+
+
+def prompts_for(language: Language, cfg: Optional[PromptsConfig] = None) -> Prompts:
+    """The prompts of a run: each template of `cfg` that is set, the built-in preset of `language`
+    for the others. The example terms: cfg.example_terms if set; else the preset's while the
+    fact-question prompt is the preset's, and none for a custom one."""
+    preset = PRESETS[language]
+    if cfg is None:
+        return preset
+    fact_question = cfg.fact_question if cfg.fact_question is not None else preset.fact_question
+    if cfg.example_terms is not None:
+        example_terms = frozenset(normalised_term(t) for t in cfg.example_terms)
+    elif fact_question == preset.fact_question:
+        example_terms = preset.example_terms
+    else:
+        example_terms = frozenset()
+    return Prompts(
+        language,
+        cfg.question if cfg.question is not None else preset.question,
+        fact_question,
+        cfg.answer if cfg.answer is not None else preset.answer,
+        cfg.closed_book if cfg.closed_book is not None else preset.closed_book,
+        example_terms,
+    )
+
+
+def as_prompts(prompts: Prompts | str) -> Prompts:
+    """`prompts`, or for a language ("en", "zh") its built-in presets."""
+    return prompts if isinstance(prompts, Prompts) else PRESETS[prompts]
+
+
+def prompts_digest(prompts: Prompts | str, question_focus: str = "fragment") -> str:
+    """SHA-256 of the prompts a run uses: the question prompt of its question_focus, the answer
+    prompt and, where they are not the language's presets, the closed-book prompt and the example
+    terms. A run whose generations were written from different prompts is not one run: its
+    snapshot records this, and a built-in preset changed in the code is caught by it. (With the
+    presets' closed-book prompt and terms the digest is the one recorded before they could be
+    set, so such runs go on.)"""
+    prompts = as_prompts(prompts)
+    question = prompts.fact_question if question_focus == "sentence" else prompts.question
+    text = question + "\0" + prompts.answer
+    preset = PRESETS[prompts.language]
+    if (prompts.closed_book, prompts.example_terms) != (
+        preset.closed_book,
+        preset.example_terms,
+    ):
+        text += "\0" + prompts.closed_book + "\0" + "\0".join(sorted(prompts.example_terms))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
@@ -106,26 +192,37 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
     return user_text + "\n"
 
 
-def question_prompt(tokenizer: PreTrainedTokenizerBase, fragment: str, language: Language) -> str:
-    return chat_prompt(tokenizer, QUESTION_PROMPT[language].format(fragment=fragment))
+def question_prompt(
+    tokenizer: PreTrainedTokenizerBase, fragment: str, prompts: Prompts | str
+) -> str:
+    """The prompt for a question about a whole fragment (prompts.question, a chat turn); a
+    language for `prompts` stands for its presets."""
+    return chat_prompt(tokenizer, as_prompts(prompts).question.format(fragment=fragment))
 
 
-def fact_question_prompt(sentence: str, language: Language) -> str:
-    """The prompt for a question about one sentence of a fragment (a plain completion)."""
-    return FACT_QUESTION_PROMPT[language].format(focus=sentence)
+def fact_question_prompt(sentence: str, prompts: Prompts | str) -> str:
+    """The prompt for a question about one sentence of a fragment (prompts.fact_question, a plain
+    completion)."""
+    return as_prompts(prompts).fact_question.format(focus=sentence)
 
 
 def answer_prompt(
-    tokenizer: PreTrainedTokenizerBase, fragment: str, question: str, language: Language
+    tokenizer: PreTrainedTokenizerBase, fragment: str, question: str, prompts: Prompts | str
 ) -> str:
+    """The open-book prompt (prompts.answer, a chat turn)."""
     return chat_prompt(
-        tokenizer, ANSWER_PROMPT[language].format(fragment=fragment, question=question)
+        tokenizer, as_prompts(prompts).answer.format(fragment=fragment, question=question)
     )
 
 
-def closed_book_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
-    """Training and evaluation prompt: the question alone."""
-    return chat_prompt(tokenizer, question)
+def closed_book_prompt(
+    tokenizer: PreTrainedTokenizerBase, question: str, template: str = CLOSED_BOOK_PROMPT
+) -> str:
+    """Training's and evaluation's prompt: the question in the closed-book template
+    (Prompts.closed_book; the preset, the question alone), through the chat template. Training,
+    evaluation, the retention probe and the anchors all pass the run's template, so that the model
+    is asked as it was taught."""
+    return chat_prompt(tokenizer, template.format(question=question))
 
 
 # Where a fragment's sentences end: after . ! ? before the next one's start (not inside "v2.3" or
@@ -216,13 +313,14 @@ def clean_question(text: str) -> Optional[str]:
     return None if is_degenerate(question) else question
 
 
-def restates_instructions(answer: str, language: Language) -> bool:
+def restates_instructions(answer: str, prompts: Prompts | str) -> bool:
     """An answer made of the answer prompt's own instructions (fewer than 8 of its characters lie
     outside 6-character windows that occur in them) says nothing about the question; trained on, it
     teaches the next model to write it again. Counting what is left over, not the share of windows,
     keeps a short answer that opens with the prompt's words ("Using the facts in the passage: port
-    7741.")."""
-    instructions = _compact(ANSWER_PROMPT[language].format(fragment="", question="")).lower()
+    7741."). `prompts`: the run's (its answer template), or a language for its presets."""
+    template = as_prompts(prompts).answer
+    instructions = _compact(template.format(fragment="", question="")).lower()
     compact = _compact(answer).lower()
     covered = [False] * len(compact)
     for i in range(len(compact) - 5):
@@ -270,15 +368,19 @@ def gives_back_question(question: str, answer: str) -> bool:
 
 
 def answer_fault(
-    answer: str, language: Language, standalone: bool = False, question: str = ""
+    answer: str,
+    language: Language,
+    standalone: bool = False,
+    question: str = "",
+    prompts: Optional[Prompts] = None,
 ) -> Optional[AnswerFault]:
     """Why a cleaned answer is not worth keeping, or None: "looping" (near-empty or repeating
-    itself), "restating" (the answer prompt's instructions given back) and, where answers must
-    stand alone (standalone; off in the paper's loop), "echoing" (its `question` given back) and
-    "refers_to_source"."""
+    itself), "restating" (the instructions of the answer prompt, `prompts.answer`, given back; None:
+    the preset of `language`) and, where answers must stand alone (standalone; off in the paper's
+    loop), "echoing" (its `question` given back) and "refers_to_source"."""
     if is_degenerate(answer):
         return "looping"
-    if restates_instructions(answer, language):
+    if restates_instructions(answer, prompts or language):
         return "restating"
     if standalone and gives_back_question(question, answer):
         return "echoing"
@@ -322,18 +424,24 @@ def normalised_question(question: str) -> str:
 
 
 def filter_questions(
-    records: list[dict], fragments: list[str], asked_before: set[str], language: Language
+    records: list[dict],
+    fragments: list[str],
+    asked_before: set[str],
+    language: Language,
+    prompts: Optional[Prompts] = None,
 ) -> tuple[list[dict], dict]:
     """The questions worth answering, and how many were dropped and why:
 
-    - "copies_example": it names a term of the question prompt's examples (`EXAMPLE_TERMS`) that
-      its fragment does not hold, even as a singular or inside a word ("day", "today");
+    - "copies_example": it names a term of the question prompt's examples (`prompts.example_terms`;
+      None: the preset's of `language`, `EXAMPLE_TERMS`) that its fragment does not hold, even as a
+      singular or inside a word ("day", "today");
     - "unspecific": it shares with its fragment no term (`terms`) that fewer than half of all
       fragments hold: it names nothing particular to its fragment;
     - "recurring": the same question (`normalised_question`) was written for two or more fragments;
     - "asked_before": an earlier generation or the dev split asked it, or it repeats a question
       kept for the same fragment this generation.
     """
+    example_terms = (prompts or PRESETS[language]).example_terms
     fragment_terms = [terms(f, language) for f in fragments]
     frequency = Counter(t for ts in fragment_terms for t in ts)
     common = len(fragments) / 2 if len(fragments) >= 4 else len(fragments) + 1
@@ -347,7 +455,7 @@ def filter_questions(
     texts = [unicodedata.normalize("NFKC", f).casefold() for f in fragments]
     for r, form in zip(records, forms):
         asked = terms(r["question"], language)
-        if any(t.rstrip("s") not in texts[r["id"]] for t in asked & EXAMPLE_TERMS[language]):
+        if any(t.rstrip("s") not in texts[r["id"]] for t in asked & example_terms):
             drops["copies_example"] += 1
         elif not any(frequency[t] < common for t in asked & fragment_terms[r["id"]]):
             drops["unspecific"] += 1

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -32,7 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from selfevo.config import EvolveConfig, identity
 from selfevo.data import DataError
 from selfevo.faults import kill_point
-from selfevo.prompts import prompts_digest
+from selfevo.prompts import prompts_digest, prompts_for
 from selfevo.ranks import Strategy, on_rank_zero
 
 log = logging.getLogger(__name__)
@@ -175,13 +176,23 @@ ADDED_KEYS = {
     ("model", "revision"): None,
     ("trainer", "gradient_clip_val"): 1.0,
     ("trainer", "callbacks"): [],
+    ("prompts", "question"): None,
+    ("prompts", "fact_question"): None,
+    ("prompts", "answer"): None,
+    ("prompts", "closed_book"): None,
+    ("prompts", "example_terms"): None,
 }
+ADDED_SECTIONS = ("prompts",)
+"""Sections added whole after runs had begun: a snapshot without one holds it with the keys of
+ADDED_KEYS (the built-in prompts, which those runs used)."""
 
 
 def with_added_keys(snapshot: dict) -> dict:
     """The snapshot's config with every key of ADDED_KEYS it lacks, at its old behaviour's
     value."""
     config = {k: dict(v) if isinstance(v, dict) else v for k, v in snapshot.items()}
+    for section in ADDED_SECTIONS:
+        config.setdefault(section, {})
     for (section, key), value in ADDED_KEYS.items():
         if isinstance(config.get(section), dict):
             config[section].setdefault(key, value)
@@ -208,11 +219,16 @@ def first_difference(a: dict, b: dict) -> str:
         a, b = a.get(key), b.get(key)
     name = ".".join(path)
     hint = (
-        f"; it was begun with {a}: add --{name} {a} to go on with it"
-        if isinstance(a, (str, int, float))
+        f"; it was begun with {a}: add --{name} {shlex.quote(str(a))} to go on with it"
+        if isinstance(a, (str, int, float)) and not (isinstance(a, str) and _long_text(a))
         else ""
     )
     return f"{name}: {a!r} -> {b!r}{hint}"
+
+
+def _long_text(value: str) -> bool:
+    """A value too long or many-lined to give back as a command-line option (a prompt)."""
+    return len(value) > 60 or any(c.isspace() and c != " " for c in value)
 
 
 def inside(run_dir: Path, folder: Path) -> Path:
@@ -259,18 +275,20 @@ def _snapshot_problem(snapshot: Path, cfg: EvolveConfig, prompts: str) -> Option
             "original back, "
             "or pass --force to set this run aside and start over"
         )
-    if old.get("prompts") != prompts:
-        return (
-            f"{snapshot.parent} was begun with other question and answer prompts (this version of "
-            "selfevo changed "
-            f"them); pass --force to set it aside and start over, or finish it with that version"
-        )
+    # The config first: a prompt set in it that changed is named as its key (prompts.answer: ...);
+    # the digest catches what the config does not say, a built-in preset changed in the code.
     begun = counted_keys(with_added_keys(old["config"]), identity(cfg))
     if begun != identity(cfg):
         return (
             f"{snapshot.parent} holds a run of a different config "
             f"({first_difference(begun, identity(cfg))}); "
             "pass --force to set it aside and start over, or choose another --name"
+        )
+    if old.get("prompts") != prompts:
+        return (
+            f"{snapshot.parent} was begun with other question and answer prompts (this version of "
+            "selfevo changed "
+            f"them); pass --force to set it aside and start over, or finish it with that version"
         )
     return None
 
@@ -288,7 +306,9 @@ def prepare(cfg: EvolveConfig, force: bool) -> Path:
                 "its own"
             )
     snapshot = run_dir / "config.json"
-    prompts = prompts_digest(cfg.generation.language, cfg.generation.question_focus)
+    prompts = prompts_digest(
+        prompts_for(cfg.generation.language, cfg.prompts), cfg.generation.question_focus
+    )
     problem = _snapshot_problem(snapshot, cfg, prompts) if snapshot.exists() else None
     if problem:
         if not force:

@@ -20,7 +20,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from selfevo.config import LoraConfig, ModelConfig, TrainConfig
+from selfevo.config import (
+    ConfigError,
+    LoraConfig,
+    ModelConfig,
+    PromptsConfig,
+    TrainConfig,
+    check_prompts,
+)
 from selfevo.data import load_qa
 from selfevo.facts import fact_recall, reference_facts
 from selfevo.faults import kill_point
@@ -34,17 +41,20 @@ from selfevo.models import (
     rescaled_logits,
     save_adapter,
 )
-from selfevo.prompts import Language, closed_book_prompt
+from selfevo.prompts import CLOSED_BOOK_PROMPT, Language, closed_book_prompt
 from selfevo.rundir import RunError, write_bytes
 
 IGNORE_INDEX = -100
 
 
-def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> dict:
-    """Token ids of prompt + answer + end-of-turn, with labels on the answer (and end) only."""
-    prompt = tokenizer(closed_book_prompt(tokenizer, question), add_special_tokens=False)[
-        "input_ids"
-    ]
+def encode_qa(
+    tokenizer, question: str, answer: str, max_length: int, closed_book: str = CLOSED_BOOK_PROMPT
+) -> dict:
+    """Token ids of prompt (the question in the `closed_book` template, as evaluation asks it) +
+    answer + end-of-turn, with labels on the answer (and end) only."""
+    prompt = tokenizer(
+        closed_book_prompt(tokenizer, question, closed_book), add_special_tokens=False
+    )["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (prompt + answer_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + answer_ids)[:max_length]
@@ -200,6 +210,7 @@ class QADataModule(L.LightningDataModule):
         group_by_length: bool = True,
         trust_remote_code: bool = False,
         revision: Optional[str] = None,
+        closed_book: str = CLOSED_BOOK_PROMPT,
     ):
         """
         Args:
@@ -212,8 +223,15 @@ class QADataModule(L.LightningDataModule):
             random order.
             trust_remote_code: let the tokenizer run code from the model folder.
             revision: the hub id's branch, tag or commit (None: main).
+            closed_book: the prompt each question is asked in, {question} in a template (the
+            evolve config's prompts.closed_book; "{question}": the question alone).
         """
         super().__init__()
+        try:
+            check_prompts(PromptsConfig(closed_book=closed_book))
+        except ConfigError as e:
+            raise ValueError(str(e).replace("prompts.closed_book", "closed_book")) from None
+        self.closed_book = closed_book
         self.train_file = train_file
         self.group_by_length = group_by_length
         self.trust_remote_code = trust_remote_code
@@ -231,7 +249,7 @@ class QADataModule(L.LightningDataModule):
         self.examples = [
             encode_text(tokenizer, r["text"], self.max_length)
             if "text" in r
-            else encode_qa(tokenizer, r["question"], r["answer"], self.max_length)
+            else encode_qa(tokenizer, r["question"], r["answer"], self.max_length, self.closed_book)
             for r in records
         ]
         # On several ranks, a step is trainer.accumulate_grad_batches micro-batches on each rank
@@ -446,16 +464,20 @@ class RetentionProbe(EarlyStopping):
         batch_size: int,
         max_length: int,
         patience: int,
+        closed_book: str = CLOSED_BOOK_PROMPT,
     ):
         super().__init__(monitor=self.MONITOR, mode="max", patience=patience, min_delta=0.0)
         self.pairs, self.tokenizer, self.language = pairs, tokenizer, language
+        self.closed_book = closed_book  # the prompt the pairs were trained in
         self.sampling, self.batch_size, self.max_length = sampling, batch_size, max_length
         self.history: list[float] = []
 
     def retention(self, model) -> float:
         from selfevo.generate import HFGenerator  # generate imports the models module too
 
-        prompts = [closed_book_prompt(self.tokenizer, p["question"]) for p in self.pairs]
+        prompts = [
+            closed_book_prompt(self.tokenizer, p["question"], self.closed_book) for p in self.pairs
+        ]
         with torch.random.fork_rng():  # generating seeds torch; training's draws stay its own
             answers = HFGenerator(model, self.tokenizer, self.max_length).generate(
                 prompts, self.sampling, seed=0, batch_size=self.batch_size, description="retention"
