@@ -82,7 +82,7 @@ def export_qa(
     name = f"{run.resolve().name}_gen{n}_{fmt}"
     path, info = out / f"{name}.json", out / "dataset_info.json"
     registry = merged_info(info, name, dataset_entry(path.name, fmt, with_fragment))  # read first
-    write_json(path, formatted(pairs, fmt, with_fragment))
+    write_json(path, formatted(pairs, fmt, with_fragment, closed_book_template(run)))
     write_json(info, registry)
     return ExportResult(path, info, n, len(pairs), dict(dropped))
 
@@ -253,14 +253,27 @@ def at_least(pairs: list[dict], min_ifd: float) -> tuple[list[dict], Counter]:
     return kept, dropped
 
 
-def formatted(pairs: list[dict], fmt: Format, with_fragment: bool) -> list[dict]:
-    """The records of the data file. Every record has the same extra fields, null where unknown:
-    a column missing from the first record would be lost to readers that take the schema from it
-    (pyarrow's from_pylist)."""
+def closed_book_template(run: Path) -> str:
+    """The run's prompts.closed_book: how its model was asked each question in training."""
+    prompts = read_json(run / "config.json")["config"].get("prompts") or {}
+    return prompts.get("closed_book") or "{question}"
+
+
+def formatted(
+    pairs: list[dict], fmt: Format, with_fragment: bool, template: str = "{question}"
+) -> list[dict]:
+    """The records of the data file, each question in the run's closed-book template (as it was
+    trained on). Every record has the same extra fields, null where unknown: a column missing from
+    the first record would be lost to readers that take the schema from it (pyarrow's
+    from_pylist)."""
     extras = [k for k in EXTRA_FIELDS if any(p.get(k) is not None for p in pairs)]
     shape = {"alpaca": alpaca, "sharegpt": sharegpt, "messages": messages}[fmt]
     return [
-        shape(p["question"], p["answer"], fragment_of(p) if with_fragment else None)
+        shape(
+            template.format(question=p["question"]),
+            p["answer"],
+            fragment_of(p) if with_fragment else None,
+        )
         | {k: p.get(k) for k in extras}
         for p in pairs
     ]

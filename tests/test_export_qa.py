@@ -113,6 +113,18 @@ def test_alpaca_by_default_the_best_generation_closed_book(run, tmp_path):
     assert result.dropped == {"fragment_texts": 6, "anchors": 3}
 
 
+def test_questions_are_exported_in_the_runs_closed_book_prompt(run, tmp_path):
+    """A run with prompts.closed_book trained on each question in that template: the dataset asks
+    as it was taught."""
+    snapshot = json.loads((run / "config.json").read_text())
+    snapshot["config"]["prompts"] = {"closed_book": "{question} Answer in one sentence."}
+    (run / "config.json").write_text(json.dumps(snapshot))
+    data = load(export_qa(run, None, "messages").path, tmp_path)
+    questions = {q for q, _ in trained_pairs(run, 0)}
+    asked = {turns[0]["content"] for turns in data["messages"]}
+    assert asked == {f"{q} Answer in one sentence." for q in questions}
+
+
 @pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "messages"])
 def test_each_format_loads_with_the_fragment_where_asked(run, tmp_path, fmt):
     expected = trained_pairs(run, 1)
