@@ -27,6 +27,7 @@ from selfevo.data import load_eval
 from selfevo.evaluate import evaluate_model
 from selfevo.hardware import build_trainer
 from selfevo.models import add_lora, load_model
+from selfevo.prompts import prompts_for
 
 MODEL = "smollm2-135m-instruct"
 
@@ -92,7 +93,7 @@ def open_book_evals(backend: str, precisions: tuple[str, ...]) -> list[tuple[flo
                 EvalConfig(batch_size=24, max_new_tokens=96),
                 build_trainer(TrainerConfig(precision=precision), enable_progress_bar=False),
                 0,
-                "en",
+                prompts=prompts_for("en"),
                 open_book=True,
             )
             results.append((time.perf_counter() - start, metrics["fact-recall"]))

@@ -45,7 +45,7 @@ from selfevo.generate import HFGenerator, Sampling
 from selfevo.hardware import build_trainer
 from selfevo.ifd import score_pairs
 from selfevo.models import add_lora, load_model
-from selfevo.prompts import question_prompt
+from selfevo.prompts import prompts_for, question_prompt
 from selfevo.train import IGNORE_INDEX, LoRAModule, QADataModule
 
 SHARED = Path(os.environ.get("SELFEVO_SHARED") or Path(__file__).resolve().parents[2] / "shared")
@@ -519,7 +519,7 @@ def main() -> None:
         r["instruction"]
         for r in json.loads((SHARED / "data" / "AIOps_data.json").read_text("utf-8"))
     ]
-    prompts = [question_prompt(tokenizer, f, "zh") for f in fragments[: args.prompts]]
+    prompts = [question_prompt(tokenizer, f, prompts_for("zh")) for f in fragments[: args.prompts]]
 
     rows = []
     if "ifd" in args.stages:

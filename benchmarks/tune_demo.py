@@ -60,7 +60,6 @@ def main() -> None:
     print(f"{len(qa)} QA pairs in {time.perf_counter() - t:.0f}s")
 
     trained = [{**p, "reference": p["answer"]} for p in qa]
-    language = cfg.generation.language
 
     def evaluate(use_adapter: bool) -> dict:
         generator.adapter_on = use_adapter  # the adapter trained in memory, or none
@@ -72,7 +71,6 @@ def main() -> None:
                 dataclasses.replace(cfg.evaluation, limit=None),
                 build_trainer(cfg.trainer, enable_progress_bar=False),
                 cfg.seed,
-                language,
                 prompts=prompts,
             )
             scores.update(metrics if name == "eval" else {"retained": metrics["fact-recall"]})

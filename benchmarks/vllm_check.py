@@ -155,6 +155,7 @@ def lightning_eval_check() -> None:
     from selfevo.evaluate import evaluate_model
     from selfevo.hardware import build_trainer
     from selfevo.models import load_model
+    from selfevo.prompts import prompts_for
     from selfevo.vllm_engine import VLLMEngine
 
     folder, eval_path = Path(sys.argv[1]), Path(sys.argv[2])
@@ -180,6 +181,7 @@ def lightning_eval_check() -> None:
             EvalConfig(batch_size=100, max_new_tokens=512),
             build_trainer(TrainerConfig(precision=precision), inference_mode=inference),
             0,
+            prompts=prompts_for("en"),
         )
         print(f"CHECK {label}: ok, {metrics}", flush=True)
     except Exception as e:  # noqa: BLE001

@@ -560,7 +560,6 @@ def evaluate_cmd(ctx: typer.Context) -> None:
             a.evaluation,
             build_trainer(TrainerConfig()),
             a.seed,
-            language=a.generation.language,
             open_book=a.open_book,
             prompts=prompts_for(a.generation.language, a.prompts),
         )

@@ -13,7 +13,6 @@ tokens, over the corpus) and ROUGE-L F1 with Porter stemming (per pair), x100. F
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import jieba
 import lightning as L
@@ -31,7 +30,7 @@ from selfevo.facts import FactRecall, fact_recall
 from selfevo.faults import kill_point
 from selfevo.generate import Generator
 from selfevo.hardware import halving_batch_on_oom
-from selfevo.prompts import Language, Prompts, answer_prompt, as_prompts, closed_book_prompt
+from selfevo.prompts import Language, Prompts, answer_prompt, closed_book_prompt
 from selfevo.ranks import gather_in_order, share
 from selfevo.sampling import Sampling, batch_seed
 
@@ -202,13 +201,11 @@ def _percent(share: float | None) -> float | None:
 
 
 def eval_prompt(
-    tokenizer: PreTrainedTokenizerBase, record: dict, prompts: Prompts | Language, open_book: bool
+    tokenizer: PreTrainedTokenizerBase, record: dict, prompts: Prompts, open_book: bool
 ) -> str:
     """Closed book: the question in the closed-book prompt, as in training. Open book (the
     ceiling): the fragment and the question in the answer prompt that wrote the training answers,
-    so the ceiling is what the loop's own teacher answers with the document in view. `prompts`:
-    the run's, or a language for its presets."""
-    prompts = as_prompts(prompts)
+    so the ceiling is what the loop's own teacher answers with the document in view."""
     if open_book:
         return answer_prompt(tokenizer, record["fragment"], record["question"], prompts)
     return closed_book_prompt(tokenizer, record["question"], prompts.closed_book)
@@ -220,19 +217,18 @@ def evaluate_model(
     cfg: EvalConfig,
     trainer: L.Trainer,
     seed: int = 0,
-    language: Language = "en",
+    *,
+    prompts: Prompts,
     open_book: bool = False,
-    prompts: Optional[Prompts] = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """(metrics, predictions) of the generator's model (set with `use_adapter` before) on the eval
     set, closed book or open book, with the same decoding and cap either way; asked in `prompts`
-    (the run's; None: the presets of `language`), scored in `language`."""
+    (the run's, prompts_for), scored in prompts.language."""
     records = eval_set[: cfg.limit] if cfg.limit else eval_set
-    asked = prompts or language
     items = [
         {
             "index": i,
-            "prompt": eval_prompt(generator.tokenizer, r, asked, open_book),
+            "prompt": eval_prompt(generator.tokenizer, r, prompts, open_book),
             "reference": r["reference"],
         }
         for i, r in enumerate(records)
@@ -261,6 +257,8 @@ def evaluate_model(
 
     evaluator = halving_batch_on_oom(run, cfg.batch_size, "evaluation")
     answers = gather_in_order(evaluator.predictions, len(records), trainer.strategy, "evaluation")
-    metrics, scores = score_answers(answers, records, language, metric_set(cfg, language))
+    metrics, scores = score_answers(
+        answers, records, prompts.language, metric_set(cfg, prompts.language)
+    )
     predictions = [{**r, "prediction": a, **pair} for r, a, pair in zip(records, answers, scores)]
     return metrics, predictions

@@ -24,7 +24,6 @@ from selfevo.hardware import halving_batch_on_oom
 from selfevo.log import progress
 from selfevo.models import adapter_switched, load_adapter_weights, resolve_model
 from selfevo.prompts import (
-    Language,
     Prompts,
     answer_fault,
     answer_prompt,
@@ -33,7 +32,6 @@ from selfevo.prompts import (
     fact_question_prompt,
     fact_sentences,
     filter_questions,
-    prompts_for,
     question_prompt,
 )
 from selfevo.ranks import Strategy, gather_in_order, share
@@ -278,16 +276,14 @@ def write_questions(
     missed: set[Unit] | None = None,
     asked_before: set[str] | None = None,
     held_out: set[tuple[int, int | None]] = frozenset(),
-    prompts: Optional[Prompts] = None,
+    prompts: Prompts,
 ) -> tuple[list[dict], dict]:
     """The questions of a generation, as `plan_questions` plans them from what earlier generations
     asked (`asked`, and word for word `asked_before`) and missed, none about `held_out` (the dev
     split's sentences or fragments); returns the kept records
     ({"id", "fragment", "question"}, with "unit" and "focus" per sentence) and the counts: planned,
     targeted (about a missed sentence), unreadable (no question in the reply) and, with
-    cfg.question_filters, what `filter_questions` dropped. `prompts`: the run's (prompts_for;
-    None: the presets of cfg.language)."""
-    prompts = prompts or prompts_for(cfg.language)
+    cfg.question_filters, what `filter_questions` dropped. `prompts`: the run's (prompts_for)."""
     missed = missed or set()
     plan = plan_questions(fragments, cfg, asked or Counter(), missed, seed, held_out)
     texts = [
@@ -318,9 +314,7 @@ def write_questions(
         "unreadable": len(plan) - len(records),
     }
     if cfg.question_filters:
-        records, drops = filter_questions(
-            records, fragments, asked_before or set(), cfg.language, prompts
-        )
+        records, drops = filter_questions(records, fragments, asked_before or set(), prompts)
         counts.update(drops)
     return records, {"kept": len(records), **counts}
 
@@ -331,12 +325,12 @@ def write_answers(
     cfg: GenerationConfig,
     seed: int,
     strategy: Strategy | None = None,
-    prompts: Optional[Prompts] = None,
+    *,
+    prompts: Prompts,
 ) -> tuple[list[dict], dict]:
-    """Answer each question open book (fragment in the prompt, `prompts.answer`; None: the preset
-    of cfg.language); returns the kept QA pairs and what `pair_answers` counts of the dropped ones.
-    `seed` is the questions' (the answers draw their own)."""
-    prompts = prompts or prompts_for(cfg.language)
+    """Answer each question open book (fragment in the prompt, `prompts.answer`); returns the kept
+    QA pairs and what `pair_answers` counts of the dropped ones. `seed` is the questions' (the
+    answers draw their own)."""
     texts = [
         answer_prompt(generator.tokenizer, r["fragment"], r["question"], prompts) for r in questions
     ]
@@ -349,15 +343,14 @@ def write_answers(
         description="writing answers",
         strategy=strategy,
     )
-    return pair_answers(questions, raw, cfg.language, cfg.standalone_answers, prompts)
+    return pair_answers(questions, raw, prompts, cfg.standalone_answers)
 
 
 def pair_answers(
     questions: list[dict],
     replies: list[str],
-    language: Language,
+    prompts: Prompts,
     standalone: bool = False,
-    prompts: Optional[Prompts] = None,
 ) -> tuple[list[dict], dict]:
     """The QA pairs worth keeping, each question with its cleaned reply; and how many were dropped
     and why ("looping", "restating" the answer prompt of `prompts`, "echoing", "refers_to_source"
@@ -365,8 +358,7 @@ def pair_answers(
     dropped or not."""
     answers = [clean_answer(text) for text in replies]
     faults = [
-        answer_fault(a, language, standalone, r["question"], prompts)
-        for r, a in zip(questions, answers)
+        answer_fault(a, prompts, standalone, r["question"]) for r, a in zip(questions, answers)
     ]
     # One reply given word for word to several different questions answers none of them: it is what
     # a collapsing model writes (a stock sentence, 7 answers of generation 1 and 288 of generation

@@ -351,7 +351,12 @@ class Loop:
             current if self.cfg.generation.answer_model == "current" else None
         )
         records, drops = write_answers(
-            self.generator, questions, self.cfg.generation, seed, self.strategy, self.prompts
+            self.generator,
+            questions,
+            self.cfg.generation,
+            seed,
+            self.strategy,
+            prompts=self.prompts,
         )
         return {"answers.jsonl": [{**r, "generation": i} for r in records]}, {
             "kept": len(records),
@@ -407,7 +412,6 @@ class Loop:
             dataclasses.replace(self.cfg.evaluation, limit=None),
             build_trainer(self.cfg.trainer),
             self.cfg.seed,
-            language=self.cfg.generation.language,
             prompts=self.prompts,
         )
         return predictions
@@ -554,7 +558,6 @@ class Loop:
             self.cfg.evaluation,
             build_trainer(self.cfg.trainer),
             self.cfg.seed,
-            language=self.cfg.generation.language,
             open_book=open_book,
             prompts=self.prompts,
         )

@@ -159,19 +159,13 @@ def prompts_for(language: Language, cfg: Optional[PromptsConfig] = None) -> Prom
     )
 
 
-def as_prompts(prompts: Prompts | str) -> Prompts:
-    """`prompts`, or for a language ("en", "zh") its built-in presets."""
-    return prompts if isinstance(prompts, Prompts) else PRESETS[prompts]
-
-
-def prompts_digest(prompts: Prompts | str, question_focus: str = "fragment") -> str:
+def prompts_digest(prompts: Prompts, question_focus: str = "fragment") -> str:
     """SHA-256 of the prompts a run uses: the question prompt of its question_focus, the answer
     prompt and, where they are not the language's presets, the closed-book prompt and the example
     terms. A run whose generations were written from different prompts is not one run: its
     snapshot records this, and a built-in preset changed in the code is caught by it. (With the
     presets' closed-book prompt and terms the digest is the one recorded before they could be
     set, so such runs go on.)"""
-    prompts = as_prompts(prompts)
     question = prompts.fact_question if question_focus == "sentence" else prompts.question
     text = question + "\0" + prompts.answer
     preset = PRESETS[prompts.language]
@@ -192,27 +186,22 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
     return user_text + "\n"
 
 
-def question_prompt(
-    tokenizer: PreTrainedTokenizerBase, fragment: str, prompts: Prompts | str
-) -> str:
-    """The prompt for a question about a whole fragment (prompts.question, a chat turn); a
-    language for `prompts` stands for its presets."""
-    return chat_prompt(tokenizer, as_prompts(prompts).question.format(fragment=fragment))
+def question_prompt(tokenizer: PreTrainedTokenizerBase, fragment: str, prompts: Prompts) -> str:
+    """The prompt for a question about a whole fragment (prompts.question, a chat turn)."""
+    return chat_prompt(tokenizer, prompts.question.format(fragment=fragment))
 
 
-def fact_question_prompt(sentence: str, prompts: Prompts | str) -> str:
+def fact_question_prompt(sentence: str, prompts: Prompts) -> str:
     """The prompt for a question about one sentence of a fragment (prompts.fact_question, a plain
     completion)."""
-    return as_prompts(prompts).fact_question.format(focus=sentence)
+    return prompts.fact_question.format(focus=sentence)
 
 
 def answer_prompt(
-    tokenizer: PreTrainedTokenizerBase, fragment: str, question: str, prompts: Prompts | str
+    tokenizer: PreTrainedTokenizerBase, fragment: str, question: str, prompts: Prompts
 ) -> str:
     """The open-book prompt (prompts.answer, a chat turn)."""
-    return chat_prompt(
-        tokenizer, as_prompts(prompts).answer.format(fragment=fragment, question=question)
-    )
+    return chat_prompt(tokenizer, prompts.answer.format(fragment=fragment, question=question))
 
 
 def closed_book_prompt(
@@ -313,14 +302,13 @@ def clean_question(text: str) -> Optional[str]:
     return None if is_degenerate(question) else question
 
 
-def restates_instructions(answer: str, prompts: Prompts | str) -> bool:
+def restates_instructions(answer: str, prompts: Prompts) -> bool:
     """An answer made of the answer prompt's own instructions (fewer than 8 of its characters lie
     outside 6-character windows that occur in them) says nothing about the question; trained on, it
     teaches the next model to write it again. Counting what is left over, not the share of windows,
     keeps a short answer that opens with the prompt's words ("Using the facts in the passage: port
-    7741."). `prompts`: the run's (its answer template), or a language for its presets."""
-    template = as_prompts(prompts).answer
-    instructions = _compact(template.format(fragment="", question="")).lower()
+    7741.")."""
+    instructions = _compact(prompts.answer.format(fragment="", question="")).lower()
     compact = _compact(answer).lower()
     covered = [False] * len(compact)
     for i in range(len(compact) - 5):
@@ -368,23 +356,21 @@ def gives_back_question(question: str, answer: str) -> bool:
 
 
 def answer_fault(
-    answer: str,
-    language: Language,
-    standalone: bool = False,
-    question: str = "",
-    prompts: Optional[Prompts] = None,
+    answer: str, prompts: Prompts, standalone: bool = False, question: str = ""
 ) -> Optional[AnswerFault]:
     """Why a cleaned answer is not worth keeping, or None: "looping" (near-empty or repeating
-    itself), "restating" (the instructions of the answer prompt, `prompts.answer`, given back; None:
-    the preset of `language`) and, where answers must stand alone (standalone; off in the paper's
-    loop), "echoing" (its `question` given back) and "refers_to_source"."""
+    itself), "restating" (the instructions of the answer prompt, `prompts.answer`, given back) and,
+    where answers must stand alone (standalone; off in the paper's loop), "echoing" (its `question`
+    given back) and "refers_to_source" (in prompts.language)."""
     if is_degenerate(answer):
         return "looping"
-    if restates_instructions(answer, prompts or language):
+    if restates_instructions(answer, prompts):
         return "restating"
     if standalone and gives_back_question(question, answer):
         return "echoing"
-    return "refers_to_source" if standalone and refers_to_source(answer, language) else None
+    if standalone and refers_to_source(answer, prompts.language):
+        return "refers_to_source"
+    return None
 
 
 # --- which questions are worth answering ------------------------------------------------------
@@ -427,21 +413,19 @@ def filter_questions(
     records: list[dict],
     fragments: list[str],
     asked_before: set[str],
-    language: Language,
-    prompts: Optional[Prompts] = None,
+    prompts: Prompts,
 ) -> tuple[list[dict], dict]:
     """The questions worth answering, and how many were dropped and why:
 
-    - "copies_example": it names a term of the question prompt's examples (`prompts.example_terms`;
-      None: the preset's of `language`, `EXAMPLE_TERMS`) that its fragment does not hold, even as a
-      singular or inside a word ("day", "today");
+    - "copies_example": it names a term of the question prompt's examples (`prompts.example_terms`)
+      that its fragment does not hold, even as a singular or inside a word ("day", "today");
     - "unspecific": it shares with its fragment no term (`terms`) that fewer than half of all
       fragments hold: it names nothing particular to its fragment;
     - "recurring": the same question (`normalised_question`) was written for two or more fragments;
     - "asked_before": an earlier generation or the dev split asked it, or it repeats a question
       kept for the same fragment this generation.
     """
-    example_terms = (prompts or PRESETS[language]).example_terms
+    language, example_terms = prompts.language, prompts.example_terms
     fragment_terms = [terms(f, language) for f in fragments]
     frequency = Counter(t for ts in fragment_terms for t in ts)
     common = len(fragments) / 2 if len(fragments) >= 4 else len(fragments) + 1

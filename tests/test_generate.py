@@ -1,7 +1,9 @@
 from selfevo.config import GenerationConfig, ModelConfig
 from selfevo.generate import HFGenerator, Sampling, pair_answers, write_answers, write_questions
 from selfevo.models import load_model
-from selfevo.prompts import chat_prompt
+from selfevo.prompts import chat_prompt, prompts_for
+
+EN, ZH = prompts_for("en"), prompts_for("zh")
 
 
 def test_batched_greedy_equals_one_at_a_time_in_input_order(tiny_model):
@@ -42,13 +44,13 @@ def test_questions_then_answers_keep_fragment_and_count_drops(tiny_model):
             questions_per_fragment=2,
             phrasings=1,
         )
-        questions, counts = write_questions(generator, fragments, cfg, seed=0)
+        questions, counts = write_questions(generator, fragments, cfg, seed=0, prompts=EN)
         assert counts["planned"] == (4 if focus == "fragment" else 2)  # one sentence each
         reasons = ("unreadable", "copies_example", "unspecific", "recurring", "asked_before")
         dropped = sum(counts[r] for r in reasons)
         assert counts["kept"] == len(questions) == counts["planned"] - dropped
         assert all(q["fragment"] == fragments[q["id"]] and q["question"] for q in questions)
-    qa, drops = write_answers(generator, questions, cfg, seed=0)
+    qa, drops = write_answers(generator, questions, cfg, seed=0, prompts=EN)
     assert len(qa) + drops["dropped"] == len(questions)
     faults = ("looping", "restating", "echoing", "refers_to_source", "repeated")
     assert drops["dropped"] == sum(drops[f] for f in faults)
@@ -70,7 +72,7 @@ def test_one_reply_given_to_several_questions_is_dropped_from_all_of_them():
         "",
         "Answer accurately and concisely, using the facts in the passage.",
     ]
-    pairs, drops = pair_answers(questions, replies, "en")
+    pairs, drops = pair_answers(questions, replies, EN)
     # the reply given three times goes; the one given twice (two questions on one topic) stays
     assert [(p["id"], p["answer"]) for p in pairs] == [(1, port), (3, port)]
     assert drops == {
@@ -91,15 +93,13 @@ def test_answers_that_speak_of_their_source_are_dropped_where_answers_must_stand
         "qmeshd listens on TCP port 7741 by default.",
         "The text says that the port is 7742.",
     ]
-    kept, drops = pair_answers(questions, replies, "en", standalone=True)
+    kept, drops = pair_answers(questions, replies, EN, standalone=True)
     assert [p["id"] for p in kept] == [1]
     assert drops["refers_to_source"] == 2
-    kept, _ = pair_answers(
-        questions, replies, "en", standalone=False
-    )  # the paper's loop keeps them
+    kept, _ = pair_answers(questions, replies, EN, standalone=False)  # the paper's loop keeps them
     assert len(kept) == 3
     zh = pair_answers(
-        questions[:2], ["根据文档，端口是7741。", "端口是7741。"], "zh", standalone=True
+        questions[:2], ["根据文档，端口是7741。", "端口是7741。"], ZH, standalone=True
     )
     assert [p["id"] for p in zh[0]] == [1]
 

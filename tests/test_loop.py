@@ -238,6 +238,7 @@ def test_answer_model_base_has_the_base_model_answer_the_current_models_question
     from selfevo.config import GenerationConfig, LoraConfig, ModelConfig
     from selfevo.generate import HFGenerator, write_answers
     from selfevo.models import add_lora, load_model
+    from selfevo.prompts import prompts_for
 
     inputs = toy_domain_inputs(tmp_path)
     fast = ("--train.learning_rate", "5e-2")  # an adapter that changes what the tiny model writes
@@ -270,7 +271,7 @@ def test_answer_model_base_has_the_base_model_answer_the_current_models_question
     def answers_by(adapter_of) -> list[str]:
         generator.use_adapter(None if adapter_of is None else adapter_of / "gen_0" / "adapter")
         written, _ = write_answers(
-            generator, questions, sampling, seed=1
+            generator, questions, sampling, seed=1, prompts=prompts_for("en")
         )  # the loop's seed for gen_1
         return [a["answer"] for a in written]
 

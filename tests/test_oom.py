@@ -16,7 +16,7 @@ from selfevo.generate import HFGenerator, Sampling
 from selfevo.hardware import build_trainer, halving_batch_on_oom
 from selfevo.ifd import score_pairs
 from selfevo.models import load_model
-from selfevo.prompts import chat_prompt
+from selfevo.prompts import chat_prompt, prompts_for
 
 
 def failing_above(fn, limit, rows_of):
@@ -73,14 +73,16 @@ def test_evaluation_halves_with_equal_predictions(tiny, toy_inputs, monkeypatch)
     eval_set = load_eval(toy_inputs[1])
     cfg = EvalConfig(batch_size=1, max_new_tokens=6)
     generator = HFGenerator(model, tokenizer, max_length=256)
-    expected = evaluate_model(generator, eval_set, cfg, build_trainer(TrainerConfig()))
+    en = prompts_for("en")
+    expected = evaluate_model(generator, eval_set, cfg, build_trainer(TrainerConfig()), prompts=en)
     monkeypatch.setattr(
         selfevo.generate,
         "generate_batch",
         failing_above(selfevo.generate.generate_batch, 1, lambda m, t, p, *a: len(p)),
     )
     cfg.batch_size = 4
-    assert evaluate_model(generator, eval_set, cfg, build_trainer(TrainerConfig())) == expected
+    trainer = build_trainer(TrainerConfig())
+    assert evaluate_model(generator, eval_set, cfg, trainer, prompts=en) == expected
 
 
 def test_batch_of_one_that_does_not_fit_is_an_error():

@@ -3,7 +3,15 @@ import json
 import pytest
 import yaml
 
-from selfevo.prompts import answer_fault, clean_answer, clean_question, is_degenerate
+from selfevo.prompts import (
+    answer_fault,
+    clean_answer,
+    clean_question,
+    is_degenerate,
+    prompts_for,
+)
+
+EN, ZH = prompts_for("en"), prompts_for("zh")
 
 
 def test_question_is_cut_to_one_question():
@@ -20,8 +28,8 @@ def test_question_without_mark_keeps_first_line():
 def test_empty_and_degenerate_outputs_are_dropped():
     assert clean_question("") is None
     assert clean_question("   \n ") is None
-    assert answer_fault(clean_answer("??"), "en") == "looping"
-    assert answer_fault(clean_answer("the the the the " * 20), "en") == "looping"
+    assert answer_fault(clean_answer("??"), EN) == "looping"
+    assert answer_fault(clean_answer("the the the the " * 20), EN) == "looping"
     assert is_degenerate("abababababababababababababababababababababab")
     assert not is_degenerate("The daemon listens on TCP port 7741 for peer traffic.")
 
@@ -41,66 +49,66 @@ def test_answers_that_repeat_their_lines_under_new_numbers_are_dropped():
         f"{i}. **{'查询License版本号' if i % 2 else '填写申请单'}**：用户在此时选择“无”。"
         for i in range(1, 9)
     )
-    assert answer_fault(looped, "zh") == "looping"
+    assert answer_fault(looped, ZH) == "looping"
     code = (
         "```python\n# 1. 选择用户和抄送人\n# 2. 选择相关组和人员\n# 3. 选择相关组和人员\n"
         "# 4. 选择相关组和人员\n# 5. 选择相关组和人员"
     )
-    assert answer_fault(code, "zh") == "looping"
+    assert answer_fault(code, ZH) == "looping"
     steps = (
         "1. 使用admin账号登陆TECS，选择系统管理→项目。\n2. 单击添加项目按钮，打开添加项目页面。\n"
         "3. 根据资源规划填写参数。\n4. 单击创建按钮，完成创建。"
     )
-    assert answer_fault(steps, "zh") is None  # numbered steps that differ stay
+    assert answer_fault(steps, ZH) is None  # numbered steps that differ stay
     # short rows of one shape stay too
     table = "参数A：必填。\n参数B：必填。\n参数C：可选。\n参数D：可选。"
-    assert answer_fault(table, "zh") is None
+    assert answer_fault(table, ZH) is None
 
 
 def test_answers_that_restate_the_answer_prompt_are_dropped():
     # the sentence the second attempt's models gave for every question (docs/results.md), and others
     assert (
-        answer_fault("写出文档中与问题相关的操作步骤、条件和结果，不要添加文档中没有的内容。", "zh")
+        answer_fault("写出文档中与问题相关的操作步骤、条件和结果，不要添加文档中没有的内容。", ZH)
         == "restating"
     )
     assert (
         answer_fault(
-            "把文档中与问题相关的操作步骤、条件和结果都写出来，不要添加文档中没有的内容。", "zh"
+            "把文档中与问题相关的操作步骤、条件和结果都写出来，不要添加文档中没有的内容。", ZH
         )
         == "restating"
     )
     assert (
-        answer_fault(clean_answer("回答：文档中与问题相关的操作步骤、条件和结果是：配置。"), "zh")
+        answer_fault(clean_answer("回答：文档中与问题相关的操作步骤、条件和结果是：配置。"), ZH)
         == "restating"
     )
     assert (
-        answer_fault("Answer accurately and concisely, using the facts in the passage.", "en")
+        answer_fault("Answer accurately and concisely, using the facts in the passage.", EN)
         == "restating"
     )
     # a few words of content of its own (8 characters or more) keep an answer
-    assert answer_fault("文档中与问题相关的操作步骤、条件和结果是：配置NFS偶联数。", "zh") is None
-    assert answer_fault("Using the facts in the passage: port 7741.", "en") is None
+    assert answer_fault("文档中与问题相关的操作步骤、条件和结果是：配置NFS偶联数。", ZH) is None
+    assert answer_fault("Using the facts in the passage: port 7741.", EN) is None
     steps = "操作步骤：登录CSC系统，选择License申请并上传申请模板。适用条件：合同号已在系统中登记。"
-    assert answer_fault(steps, "zh") is None
+    assert answer_fault(steps, ZH) is None
     opening = (
         "文档中与问题相关的操作步骤如下：1. 使用admin账号登陆TECS，选择系统管理→项目。"
         "2. 单击添加项目按钮，填写参数后单击创建按钮。"
     )
-    assert answer_fault(opening, "zh") is None  # the prompt's words as an opening, then content
+    assert answer_fault(opening, ZH) is None  # the prompt's words as an opening, then content
 
 
 def test_an_answer_that_gives_back_its_question_is_dropped():
     question = "For how many days does the BlackConnect plugin work?"
-    assert answer_fault(question, "en", True, question) == "echoing"
-    assert answer_fault(question + " 1", "en", True, question) == "echoing"
+    assert answer_fault(question, EN, True, question) == "echoing"
+    assert answer_fault(question + " 1", EN, True, question) == "echoing"
     assert (
-        answer_fault("qmeshd 默认监听哪个端口？", "zh", True, "qmeshd默认监听哪个端口") == "echoing"
+        answer_fault("qmeshd 默认监听哪个端口？", ZH, True, "qmeshd默认监听哪个端口") == "echoing"
     )
     # the question's words and a fact after them: an answer
     asked = "For how many days does the Orvin router keep its logs?"
-    assert answer_fault(asked + " For 30 days.", "en", True, asked) is None
-    assert answer_fault("It listens on port 7742.", "en", True, "Which port?") is None
-    assert answer_fault(question, "en", False, question) is None  # the paper's loop keeps it
+    assert answer_fault(asked + " For 30 days.", EN, True, asked) is None
+    assert answer_fault("It listens on port 7742.", EN, True, "Which port?") is None
+    assert answer_fault(question, EN, False, question) is None  # the paper's loop keeps it
 
 
 # --- prompts from the config (the prompts section) -------------------------------------------
@@ -215,10 +223,10 @@ def test_an_answer_that_restates_the_custom_answer_prompt_is_dropped_not_the_pre
 
     german = prompts_for("en", PromptsConfig(answer=GERMAN["answer"]))
     restated = "Antworte genau und knapp, mit den Fakten des Abschnitts."
-    assert answer_fault(restated, "en", prompts=german) == "restating"
-    assert answer_fault(restated, "en") is None
+    assert answer_fault(restated, german) == "restating"
+    assert answer_fault(restated, EN) is None
     preset = "Answer accurately and concisely, using the facts in the passage."
-    assert answer_fault(preset, "en", prompts=german) is None
+    assert answer_fault(preset, german) is None
 
 
 def test_the_example_terms_of_a_custom_fact_question_prompt_drop_the_questions_that_copy_them():
@@ -234,13 +242,13 @@ def test_the_example_terms_of_a_custom_fact_question_prompt_drop_the_questions_t
         {"id": 1, "question": "Where does Quillmesh store its state?"},
     ]
     own = PromptsConfig(fact_question=GERMAN["fact_question"], example_terms=["Zephyr"])
-    kept, drops = filter_questions(records, fragments, set(), "en", prompts_for("en", own))
+    kept, drops = filter_questions(records, fragments, set(), prompts_for("en", own))
     assert kept == records[1:] and drops["copies_example"] == 1
     # the preset's terms (backups) are not a custom prompt's
     no_terms = prompts_for("en", PromptsConfig(fact_question=GERMAN["fact_question"]))
-    kept, drops = filter_questions(records, fragments, set(), "en", no_terms)
+    kept, drops = filter_questions(records, fragments, set(), no_terms)
     assert kept == records and drops["copies_example"] == 0
-    kept, drops = filter_questions(records, fragments, set(), "en")  # the preset's: backups
+    kept, drops = filter_questions(records, fragments, set(), EN)  # the preset's: backups
     assert kept == records[1:] and drops["copies_example"] == 1
 
 

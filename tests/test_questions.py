@@ -7,8 +7,10 @@ import pytest
 
 from selfevo.config import GenerationConfig
 from selfevo.generate import plan_questions
-from selfevo.prompts import fact_sentences, filter_questions
+from selfevo.prompts import fact_sentences, filter_questions, prompts_for
 from selfevo.select import split_dev
+
+EN, ZH = prompts_for("en"), prompts_for("zh")
 
 FRAGMENTS = [
     "Quillmesh nodes talk over TCP port 7741 by default. The control API listens on TCP port "
@@ -115,7 +117,7 @@ def test_questions_that_name_nothing_recur_or_were_asked_before_are_dropped_by_r
         q(1, "After how many seconds is a silent peer lost?"),
     ]
     asked_before = {"afterhowmanysecondsisasilentpeerlost"}
-    kept, drops = filter_questions(records, fragments, asked_before, "en")
+    kept, drops = filter_questions(records, fragments, asked_before, EN)
     assert [r["question"] for r in kept] == [
         "Which TCP port does the Quillmesh control API listen on?",
         "How often is a QPULSE heartbeat sent?",
@@ -158,7 +160,7 @@ COPIES = {  # per language: fragments, then questions of which the first two cop
 def test_questions_that_copy_the_prompts_examples_onto_other_sentences_are_dropped(language):
     fragments, asked = COPIES[language]
     records = [{"id": fid, "question": q} for fid, q in asked]
-    kept, drops = filter_questions(records, fragments, set(), language)
+    kept, drops = filter_questions(records, fragments, set(), prompts_for(language))
     assert [r["question"] for r in kept] == [r["question"] for r in records[2:]]
     assert drops["copies_example"] == 2
 
@@ -174,7 +176,7 @@ def test_chinese_questions_are_specific_through_the_han_character_pairs_they_sha
         {"id": 0, "fragment": fragments[0], "question": "如何查看磁盘告警阈值？"},
         {"id": 1, "fragment": fragments[1], "question": "TECSDirector是什么？"},
     ]
-    kept, drops = filter_questions(records, fragments, set(), "zh")
+    kept, drops = filter_questions(records, fragments, set(), ZH)
     assert [r["id"] for r in kept] == [0] and drops["unspecific"] == 1
 
 

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from selfevo.cli import app
 from selfevo.evaluate import eval_prompt
+from selfevo.prompts import prompts_for
 from selfevo.report import (
     collect,
     cut_to_length,
@@ -211,8 +212,8 @@ def test_open_book_prompt_holds_the_fragment_and_the_closed_book_one_does_not(ti
 
     tokenizer = load_tokenizer(tiny_model)
     record = RECORDS[3]
-    assert record["fragment"] in eval_prompt(tokenizer, record, "en", open_book=True)
-    closed = eval_prompt(tokenizer, record, "en", open_book=False)
+    assert record["fragment"] in eval_prompt(tokenizer, record, prompts_for("en"), open_book=True)
+    closed = eval_prompt(tokenizer, record, prompts_for("en"), open_book=False)
     assert record["question"] in closed and record["fragment"] not in closed
 
 

@@ -25,6 +25,7 @@ from selfevo.generate import HFGenerator
 from selfevo.hardware import build_trainer
 from selfevo.ifd import score_pairs
 from selfevo.models import load_model
+from selfevo.prompts import prompts_for
 from selfevo.rundir import RunError
 from selfevo.train import PlannedBatches
 from tests.helpers import ROOT, evolve_args, run_files, toy_domain_inputs, write_records
@@ -90,6 +91,7 @@ import torch
 
 from selfevo.config import EvalConfig, IFDConfig, ModelConfig, TrainerConfig
 from selfevo.data import load_eval
+from selfevo.prompts import prompts_for
 from selfevo.evaluate import evaluate_model
 from selfevo.generate import HFGenerator
 from selfevo.ifd import score_pairs
@@ -108,7 +110,7 @@ scored = score_pairs(
 )
 metrics, predictions = evaluate_model(HFGenerator(model, tokenizer, 256), eval_set,
                                       EvalConfig(batch_size=len(eval_set), max_new_tokens=8),
-                                      build_trainer(hardware), seed=1)
+                                      build_trainer(hardware), seed=1, prompts=prompts_for("en"))
 if strategy.global_rank == 0:
     json.dump({"scored": scored, "metrics": metrics, "predictions": predictions}, open(out, "w"))
 '''
@@ -289,6 +291,7 @@ def test_two_ranks_score_and_evaluate_fewer_batches_than_ranks(tiny_model, tmp_p
         EvalConfig(batch_size=3, max_new_tokens=8),
         build_trainer(TrainerConfig()),
         seed=1,
+        prompts=prompts_for("en"),
     )
     assert two["predictions"] == predictions
     assert two["metrics"] == metrics

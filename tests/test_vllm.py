@@ -16,7 +16,7 @@ from selfevo.cli import app
 from selfevo.config import GenerationConfig, ModelConfig
 from selfevo.generate import HFGenerator, Sampling
 from selfevo.models import load_model, load_tokenizer
-from selfevo.prompts import answer_prompt, question_prompt
+from selfevo.prompts import answer_prompt, prompts_for, question_prompt
 
 pytestmark = pytest.mark.vllm
 KV_CACHE_GIB = "0.25"  # plenty for the tiny model; the machine is shared
@@ -221,8 +221,9 @@ def run_prompts(run_dir: Path, tokenizer) -> list[str]:
     qa = [
         json.loads(line) for line in (run_dir / "gen_0" / "answers.jsonl").read_text().splitlines()
     ]
-    return [question_prompt(tokenizer, p["fragment"], "en") for p in qa[:3]] + [
-        answer_prompt(tokenizer, p["fragment"], p["question"], "en") for p in qa[:3]
+    en = prompts_for("en")
+    return [question_prompt(tokenizer, p["fragment"], en) for p in qa[:3]] + [
+        answer_prompt(tokenizer, p["fragment"], p["question"], en) for p in qa[:3]
     ]
 
 
@@ -267,7 +268,10 @@ def test_evaluation_through_the_engine_equals_hf_evaluation(vllm_run, tiny_vllm_
     )
     eval_set = load_eval(run_dir.parents[1] / "eval.json")
     trainer = build_trainer(TrainerConfig(), logger=False, enable_progress_bar=False)
-    metrics, predictions = evaluate_model(adapted, eval_set, EvalConfig(max_new_tokens=12), trainer)
+    en = prompts_for("en")
+    metrics, predictions = evaluate_model(
+        adapted, eval_set, EvalConfig(max_new_tokens=12), trainer, prompts=en
+    )
     on_vllm = [
         json.loads(line)
         for line in (run_dir / "gen_1" / "predictions.jsonl").read_text().splitlines()
@@ -277,7 +281,7 @@ def test_evaluation_through_the_engine_equals_hf_evaluation(vllm_run, tiny_vllm_
     # the open-book ceiling too: the base model with each question's fragment in view
     adapted.use_adapter(None)  # the adapter off: the base model
     metrics, predictions = evaluate_model(
-        adapted, eval_set, EvalConfig(max_new_tokens=12), trainer, open_book=True
+        adapted, eval_set, EvalConfig(max_new_tokens=12), trainer, prompts=en, open_book=True
     )
     open_book = run_dir / "base" / "open_book"
     on_vllm = [
