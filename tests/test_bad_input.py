@@ -128,7 +128,7 @@ FILE_CASES = {
         b'[{"instruction": "ok"}, {"instruction": "\\u200b\\u2060 "}]',
         "record 1: field 'instruction' is empty once invisible characters are",
     ),
-    "fragments: nested too deeply": (F, b"[" * 5000, "not valid JSON: nested too deeply"),
+    "fragments: nested too deeply": (F, b"[" * 100_000, "not valid JSON: nested too deeply"),
     "fragments: duplicate keys": (
         F,
         b'[{"instruction": "a", "instruction": "b"}]',
