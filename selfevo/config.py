@@ -397,6 +397,10 @@ def validate(cfg: EvolveConfig) -> None:
             f"train.max_epochs: must be >= train.epochs ({cfg.train.epochs}), got "
             f"{cfg.train.max_epochs}"
         )
+    if cfg.trainer.gradient_clip_val is not None and not cfg.trainer.gradient_clip_val > 0:
+        raise ConfigError(
+            f"trainer.gradient_clip_val: must be > 0 or null, got {cfg.trainer.gradient_clip_val}"
+        )
     if cfg.train.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every: must be >= 0, got {cfg.train.checkpoint_every}")
     positive = {
@@ -576,4 +580,6 @@ def identity(cfg: EvolveConfig) -> dict:
     del d["generation"]["backend"]  # the same stages and sampling seeds on either engine
     for key in ("devices", "strategy", "num_nodes", "logger"):
         del d["trainer"][key]  # where results are logged is no part of them
+    if cfg.data.eval:
+        del d["data"]["eval_share"]  # used only without a labelled eval set
     return d

@@ -341,6 +341,11 @@ class Loop:
             held_out={held_out_unit(p) for p in self.dev},
             prompts=self.prompts,
         )
+        if not self.cfg.data.eval:  # the held-out eval's questions, word for word, whatever filters
+            held = {normalised_question(r["question"]) for r in self.eval_set}
+            kept = [r for r in records if normalised_question(r["question"]) not in held]
+            counts |= {"kept": len(kept), "eval_question": len(records) - len(kept)}
+            records = kept
         return {"questions.jsonl": with_origins(records, self.origins)}, counts
 
     def answers(
@@ -397,6 +402,11 @@ class Loop:
         """Without a labelled eval set: one pair of a seeded share of the sentences, its question
         never trained on, its open-book answer the reference (select.split_eval)."""
         train, held = split_eval(qa, self.cfg.data.eval_share, seed)
+        if not held:
+            raise RunError(
+                f"{self.run_dir / 'gen_0'}: generation 0 kept {len(qa)} QA pairs, too few to hold "
+                "an eval out of; give a labelled eval set (data.eval) or more fragments"
+            )
         keep = ("id", "unit", "source", "position", "fragment", "question")
         records = [{k: p[k] for k in keep if k in p} | {"reference": p["answer"]} for p in held]
         return {"eval.jsonl": records}, {"eval": len(records), "train": len(train)}
@@ -676,16 +686,17 @@ def train_adapter(
     name = f"train_gen_{folder.name.split('_')[-1]}"
     last = checkpoints / "last.ckpt"
     probe = retention_probe(cfg, tokenizer, pairs, seed)
+    loggers = training_loggers(cfg.trainer.logger, log_dir, name)
     trainer = build_trainer(
         dataclasses.replace(cfg.trainer, precision=training_precision(cfg.trainer)),
         min_epochs=cfg.train.epochs,
         max_epochs=cfg.train.max_epochs if probe else cfg.train.epochs,
         accumulate_grad_batches=cfg.train.grad_accum // strategy.world_size,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
-        logger=training_loggers(cfg.trainer.logger, log_dir, name),
+        logger=loggers,
         log_every_n_steps=1,
         callbacks=[
-            LearningRateMonitor(logging_interval="step"),
+            *([LearningRateMonitor(logging_interval="step")] if loggers else []),  # needs a logger
             StepCheckpoint(last, cfg.train.checkpoint_every),
             *([probe] if probe else []),
             *(instantiate_class((), spec) for spec in cfg.trainer.callbacks),

@@ -46,7 +46,7 @@ def split_eval(pairs: list[dict], share: float, seed: int) -> tuple[list[dict], 
     phrased = [k for k, members in groups.items() if len(members) > 1]
     keys = phrased or list(groups)
     room = len(keys) if phrased else len(keys) - 1  # a pair about each sentence left to train on
-    n = min(room, max(1, round(len(groups) * share))) if share > 0 else 0
+    n = max(0, min(room, max(1, round(len(groups) * share)))) if share > 0 else 0
     # A draw of its own, not split_dev's: the same seed would pick the same sentences.
     held = {groups[k][0] for k in random.Random(f"eval-{seed}").sample(keys, n)}
     return (

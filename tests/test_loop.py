@@ -524,6 +524,16 @@ def test_without_an_eval_set_generation_0_holds_one_out_and_sources_reach_the_tr
     assert "no labelled eval set was given" in (run_dir / "summary.md").read_text()
 
 
+def test_training_without_any_logger(tiny_model, tmp_path):
+    """trainer.logger []: no training logs (Lightning's learning-rate monitor needs a logger, so it
+    is left out with them); the loop's own events are still written."""
+    args = evolve_args(tiny_model, toy_domain_inputs(tmp_path), tmp_path, "t", "--end", "1")
+    result = run([*args, "--trainer.logger", "[]"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "t" / "gen_0" / "adapter").is_dir()
+    assert [p.name for p in (tmp_path / "logs" / "t").iterdir()] == ["evolve"]
+
+
 def test_an_eval_share_without_room_is_refused(tiny_model, tmp_path):
     inputs = toy_domain_inputs(tmp_path)
     args = evolve_args(tiny_model, inputs, tmp_path)
@@ -569,6 +579,7 @@ def test_the_trainer_section_takes_loggers_callbacks_and_clipping(tiny_model, tm
             '[{"class_path": "lightning.pytorch.loggers.CSVLogger"}]',
             "trainer.callbacks[0]: lightning.pytorch.loggers.CSVLogger is not a Callback",
         ),
+        ("gradient_clip_val", "-1", "trainer.gradient_clip_val: must be > 0 or null"),
     ],
 )
 def test_a_bad_logger_or_callback_stops_the_run_in_one_line(

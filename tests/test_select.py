@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from selfevo.select import draw_anchors, select_replay
+from selfevo.select import draw_anchors, select_replay, split_eval
 
 
 def history(n=10):
@@ -68,3 +68,19 @@ def test_anchors_are_a_number_or_a_share_of_the_training_set_repeated_as_needed(
     assert len(twelve) == 12 and sorted(twelve.count(i) for i in range(5)) == [2, 2, 2, 3, 3]
     assert len(drawn(share=0.2, trained=4)) == 1  # 1 of 5
     assert drawn(pairs=0) == []
+
+
+def test_the_held_out_eval_takes_one_phrasing_of_a_sentence_and_leaves_one_to_train_on():
+    pairs = [{"id": f, "unit": u, "question": f"q{f}{u}"} for f in range(4) for u in range(2)]
+    pairs = [{**p, "question": p["question"] + str(k)} for p in pairs for k in range(2)]
+    train, held = split_eval(pairs, 0.25, seed=0)
+    assert len(held) == 2 and len(train) == len(pairs) - 2  # 2 of 8 sentences, one pair each
+    for h in held:  # the sentence's other phrasing is trained on
+        assert any((p["id"], p["unit"]) == (h["id"], h["unit"]) for p in train)
+    assert split_eval(pairs, 0.25, seed=0) == (train, held)
+
+
+def test_nothing_to_hold_out_of_too_few_pairs():
+    assert split_eval([], 0.1, seed=0) == ([], [])
+    one = [{"id": 0, "unit": 0, "question": "q"}]
+    assert split_eval(one, 0.1, seed=0) == (one, [])  # its only pair must stay to train on
