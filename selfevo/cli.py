@@ -578,7 +578,7 @@ def export(ctx: typer.Context) -> None:
     By default the best generation: the highest fact recall on the dev split (summary.json)."""
     from selfevo.config import ModelConfig
     from selfevo.models import check_adapter_folder, export_merged
-    from selfevo.report import best_generation
+    from selfevo.report import best_generation_number
     from selfevo.rundir import RunError, read_json
 
     a = parse_stage(
@@ -598,15 +598,8 @@ def export(ctx: typer.Context) -> None:
         raise RunError(f"{snapshot}: missing; not a selfevo run directory")
     generation = a.generation
     if generation is None:
-        summary = run / "summary.json"
-        best = best_generation(read_json(summary)) if summary.is_file() else None
-        if best is None:
-            raise RunError(
-                f"{run}: no best generation (no dev split, or none evaluated yet): "
-                "pass --generation N"
-            )
-        generation = int(best.removeprefix("gen_"))
-        typer.echo(f"the best generation by the dev split: {best}")
+        generation = best_generation_number(run)
+        typer.echo(f"the best generation by the dev split: gen_{generation}")
     adapter = run / f"gen_{generation}" / "adapter"
     if not adapter.is_dir():
         raise RunError(f"{adapter}: missing; generation {generation} has not finished training")

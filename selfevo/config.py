@@ -502,29 +502,31 @@ def template_fields(template: str) -> list[str]:
 def check_prompts(cfg: PromptsConfig) -> None:
     """Each template given can be filled with its named fields, and names each of them."""
     for key, allowed in PROMPT_FIELDS.items():
-        template = getattr(cfg, key)
-        if template is None:
-            continue
-        fields_ = " and ".join(f"{{{f}}}" for f in allowed)
-        try:
-            names = template_fields(template)
-        except ValueError as e:
-            raise ConfigError(
-                f"prompts.{key}: not a template of {fields_} ({e}); write a literal brace twice, "
-                "{{ or }}"
-            ) from None
-        unknown = sorted(set(names) - set(allowed))
-        if unknown:
-            raise ConfigError(
-                f"prompts.{key}: unknown field {{{unknown[0]}}}; it takes {fields_} (a literal "
-                "brace is written twice, {{ or }})"
-            )
-        missing = [f for f in allowed if f not in names]
-        if missing:
-            raise ConfigError(f"prompts.{key}: must contain {{{missing[0]}}} (it takes {fields_})")
+        if getattr(cfg, key) is not None:
+            check_template(f"prompts.{key}", getattr(cfg, key), allowed)
     for term in cfg.example_terms or ():
         if not isinstance(term, str) or not term.strip():
             raise ConfigError(f"prompts.example_terms: must be words, got {term!r}")
+
+
+def check_template(key: str, template: str, allowed: tuple[str, ...]) -> None:
+    """`template` (the config's `key`) names each of the fields `allowed`, and no other."""
+    fields_ = " and ".join(f"{{{f}}}" for f in allowed)
+    try:
+        names = template_fields(template)
+    except ValueError as e:
+        raise ConfigError(
+            f"{key}: not a template of {fields_} ({e}); write a literal brace twice, {{{{ or }}}}"
+        ) from None
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{key}: unknown field {{{unknown[0]}}}; it takes {fields_} (a literal brace is "
+            "written twice, {{ or }})"
+        )
+    missing = [f for f in allowed if f not in names]
+    if missing:
+        raise ConfigError(f"{key}: must contain {{{missing[0]}}} (it takes {fields_})")
 
 
 def check_class_spec(key: str, spec: object, base: str) -> None:

@@ -11,18 +11,17 @@ of older runs holds nothing else.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 from selfevo.data import DataError
-from selfevo.report import best_generation
+from selfevo.report import best_generation_number
 from selfevo.rundir import RunError, Stages, check_can_create, read_json, read_jsonl, write_json
 
 Format = Literal["alpaca", "sharegpt", "messages"]
-FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "messages")
+FORMATS: tuple[str, ...] = get_args(Format)
 EXTRA_FIELDS = ("source", "position", "ifd", "generation")
 """Kept beside each pair where known: its fragment's file and place there, its IFD, and the
 generation that wrote it."""
@@ -96,24 +95,6 @@ def check_run_folder(run: Path) -> None:
         raise RunError(f"{snapshot}: missing; not a selfevo run directory")
 
 
-def best_generation_number(run: Path) -> int:
-    """The generation with the highest fact recall on the dev split, as `selfevo export` finds it
-    (summary.json)."""
-    summary = run / "summary.json"
-    rows = read_json(summary) if summary.is_file() else []
-    if not isinstance(rows, list):
-        raise DataError(f"{summary}: damaged (not a list of rows); run selfevo report {run}")
-    best = best_generation([r for r in rows if isinstance(r, dict)])
-    if best is None:
-        raise RunError(
-            f"{run}: no best generation (no dev split, or none evaluated yet): pass --generation N"
-        )
-    number = re.fullmatch(r"gen_(\d+)", str(best))
-    if number is None:
-        raise DataError(f"{summary}: damaged (best model {best!r}); run selfevo report {run}")
-    return int(number[1])
-
-
 def generation_stages(run: Path, n: int) -> Stages:
     folder = run / f"gen_{n}"
     if n < 0 or not folder.is_dir():
@@ -134,19 +115,11 @@ def read_training_set(run: Path, n: int) -> list[dict]:
     path = stages.folder / "train.jsonl"
     if not path.is_file():
         raise RunError(f"{path}: missing; generation {n}'s training set is gone")
-    records = read_run_jsonl(path)
+    records = read_jsonl(path)
     for lineno, r in enumerate(records, 1):
         if not (is_text(r) or is_pair(r)):
             raise DataError(f"{path}: line {lineno}: neither a QA pair nor a fragment text")
     return records
-
-
-def read_run_jsonl(path: Path) -> list[dict]:
-    """rundir.read_jsonl, with bytes that are not UTF-8 reported in one line, too."""
-    try:
-        return read_jsonl(path)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: damaged (not UTF-8 at byte {e.start})") from None
 
 
 def is_text(record: Any) -> bool:
@@ -176,7 +149,7 @@ def pairs_by_key(run: Path, n: int) -> dict[Key, dict]:
         stages = generation_stages(run, j)
         found = (intact_file(stages, stage, name) for stage, name in PAIR_FILES)
         path = next((p for p in found if p is not None), None)
-        for p in read_run_jsonl(path) if path else []:
+        for p in read_jsonl(path) if path else []:
             if is_pair(p):
                 out[(p["question"], p["answer"])] = {"generation": j, **p}
     return out
@@ -190,7 +163,7 @@ def anchor_keys(run: Path) -> set[Key]:
         return set()
     stages = Stages(run, "base")
     stages.done("anchors", ("anchors.jsonl",))  # a changed file stops here, with what to delete
-    return {(p["question"], p["answer"]) for p in read_run_jsonl(path) if is_pair(p)}
+    return {(p["question"], p["answer"]) for p in read_jsonl(path) if is_pair(p)}
 
 
 # --- what is exported -----------------------------------------------------------------------------

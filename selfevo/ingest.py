@@ -79,6 +79,11 @@ class IngestResult:
     fragments: int = 0
     duplicates: int = 0
 
+    def skip(self, path: Any, reason: str) -> None:
+        """A file left out: named on the terminal with why, and counted."""
+        self.files_skipped[str(path)] = reason
+        log.warning("%s: skipped: %s", escape(str(path)), escape(reason))
+
 
 # --- reading --------------------------------------------------------------------------------------
 
@@ -368,18 +373,14 @@ def find_documents(paths: list[Path], result: IngestResult) -> list[Document]:
     found: list[Document] = []
     seen: set[Path] = set()
 
-    def skip(path: Any, reason: str) -> None:
-        result.files_skipped[str(path)] = reason
-        log.warning("%s: skipped: %s", escape(str(path)), escape(reason))
-
     for arg in paths:
         if arg.is_dir():
-            listing = walk(arg, lambda e: skip(e.filename, e.strerror or str(e)))
+            listing = walk(arg, lambda e: result.skip(e.filename, e.strerror or str(e)))
             files = [(p, Path(arg.resolve().name) / p.relative_to(arg)) for p in listing]
         elif arg.is_file():
             files = [(arg, Path(arg.name))]
         else:
-            skip(arg, "not a file" if arg.exists() else "no such file or folder")
+            result.skip(arg, "not a file" if arg.exists() else "no such file or folder")
             continue
         for path, relative in files:
             if path.suffix.lower() not in READERS:
@@ -387,7 +388,9 @@ def find_documents(paths: list[Path], result: IngestResult) -> list[Document]:
                     suffix = path.suffix.lower() or "(none)"
                     result.unsupported[suffix] = result.unsupported.get(suffix, 0) + 1
                 else:
-                    skip(path, f"unsupported type; selfevo ingest reads {', '.join(SUFFIXES)}")
+                    result.skip(
+                        path, f"unsupported type; selfevo ingest reads {', '.join(SUFFIXES)}"
+                    )
                 continue
             key = path.resolve()
             if key not in seen:  # a file named again, or inside a folder also named
@@ -705,8 +708,7 @@ def ingest(
                     records += fragment_records(document, chunker, seen, result)
                     result.files_read += 1
                 except Unreadable as e:
-                    result.files_skipped[str(document.path)] = str(e)
-                    log.warning("%s: skipped: %s", escape(str(document.path)), escape(str(e)))
+                    result.skip(document.path, str(e))
                 advance(1)
     if not records:
         raise DataError(

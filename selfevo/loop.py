@@ -37,7 +37,6 @@ from typing import Optional
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import TensorBoardLogger
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.tensorboard import SummaryWriter
@@ -699,7 +698,7 @@ def train_adapter(
             *([LearningRateMonitor(logging_interval="step")] if loggers else []),  # needs a logger
             StepCheckpoint(last, cfg.train.checkpoint_every),
             *([probe] if probe else []),
-            *(instantiate_class((), spec) for spec in cfg.trainer.callbacks),
+            *(built(spec) for spec in cfg.trainer.callbacks),
         ],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(folder),
@@ -748,14 +747,16 @@ def training_loggers(specs: Optional[list[dict]], log_dir: Path, name: str) -> l
     name; None: TensorBoard, at log_dir/name."""
     if specs is None:
         return [TensorBoardLogger(save_dir=str(log_dir), name="", version=name)]
-    loggers = []
-    for spec in specs:
-        init = dict(spec.get("init_args") or {})
-        cls = import_class(spec["class_path"])
-        if "name" in inspect.signature(cls).parameters:
-            init.setdefault("name", name)
-        loggers.append(cls(**init))
-    return loggers
+    return [built(spec, name=name) for spec in specs]
+
+
+def built(spec: dict, **defaults) -> object:
+    """The object a {class_path, init_args} of LightningCLI's names (checked by
+    config.check_class_spec), with `defaults` for the arguments its class takes and init_args does
+    not give."""
+    cls = import_class(spec["class_path"])
+    taken = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in defaults.items() if k in taken}, **spec.get("init_args", {}))
 
 
 def probe_new_tokens(tokenizer: PreTrainedTokenizerBase, sample: list[dict], cap: int) -> int:

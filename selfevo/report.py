@@ -34,7 +34,7 @@ from selfevo.data import DataError, load_eval
 from selfevo.evaluate import score_answers
 from selfevo.facts import NO, YES, reference_facts, states
 from selfevo.prompts import Language
-from selfevo.rundir import read_json, read_jsonl, write_bytes, write_json, write_text
+from selfevo.rundir import RunError, read_json, read_jsonl, write_bytes, write_json, write_text
 
 METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 """The seed's metrics, in every run."""
@@ -390,6 +390,24 @@ def comparison_markdown(rows: list[dict]) -> str:
 def best_generation(rows: list[dict]) -> Optional[str]:
     """The generation with the highest fact recall on the dev split, or None without a dev split."""
     return next((r["model"] for r in rows if r.get("best")), None)
+
+
+def best_generation_number(run: Path) -> int:
+    """The number of a run's best generation by the dev split, as its summary.json marks it; one
+    line that asks for --generation N where there is none (`selfevo export`, `export-qa`)."""
+    summary = run / "summary.json"
+    rows = read_json(summary) if summary.is_file() else []
+    if not isinstance(rows, list):
+        raise DataError(f"{summary}: damaged (not a list of rows); run selfevo report {run}")
+    best = best_generation([r for r in rows if isinstance(r, dict)])
+    if best is None:
+        raise RunError(
+            f"{run}: no best generation (no dev split, or none evaluated yet): pass --generation N"
+        )
+    number = re.fullmatch(r"gen_(\d+)", str(best))
+    if number is None:
+        raise DataError(f"{summary}: damaged (best model {best!r}); run selfevo report {run}")
+    return int(number[1])
 
 
 def _against_base(

@@ -126,7 +126,10 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: damaged (not UTF-8 at byte {e.start})") from None
     if text and not text.endswith("\n"):
         raise DataError(f"{path}: truncated (no newline after the last record)")
     out = []
@@ -182,19 +185,14 @@ ADDED_KEYS = {
     ("prompts", "closed_book"): None,
     ("prompts", "example_terms"): None,
 }
-ADDED_SECTIONS = ("prompts",)
-"""Sections added whole after runs had begun: a snapshot without one holds it with the keys of
-ADDED_KEYS (the built-in prompts, which those runs used)."""
 
 
 def with_added_keys(snapshot: dict) -> dict:
     """The snapshot's config with every key of ADDED_KEYS it lacks, at its old behaviour's
-    value."""
+    value (a section added whole, such as prompts, with all of its keys)."""
     config = {k: dict(v) if isinstance(v, dict) else v for k, v in snapshot.items()}
-    for section in ADDED_SECTIONS:
-        config.setdefault(section, {})
     for (section, key), value in ADDED_KEYS.items():
-        if isinstance(config.get(section), dict):
+        if isinstance(config.setdefault(section, {}), dict):
             config[section].setdefault(key, value)
     return config
 

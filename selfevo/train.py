@@ -20,14 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from selfevo.config import (
-    ConfigError,
-    LoraConfig,
-    ModelConfig,
-    PromptsConfig,
-    TrainConfig,
-    check_prompts,
-)
+from selfevo.config import PROMPT_FIELDS, LoraConfig, ModelConfig, TrainConfig, check_template
 from selfevo.data import load_qa
 from selfevo.facts import fact_recall, reference_facts
 from selfevo.faults import kill_point
@@ -227,10 +220,7 @@ class QADataModule(L.LightningDataModule):
             evolve config's prompts.closed_book; "{question}": the question alone).
         """
         super().__init__()
-        try:
-            check_prompts(PromptsConfig(closed_book=closed_book))
-        except ConfigError as e:
-            raise ValueError(str(e).replace("prompts.closed_book", "closed_book")) from None
+        check_template("closed_book", closed_book, PROMPT_FIELDS["closed_book"])  # a ValueError
         self.closed_book = closed_book
         self.train_file = train_file
         self.group_by_length = group_by_length
